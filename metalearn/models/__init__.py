@@ -1,0 +1,12 @@
+"""Plain nn.Modules, vmap-safe: no running statistics, no in-place state."""
+
+from torch import nn
+
+from metalearn.models.conv4 import Conv4, Conv4Config
+from metalearn.models.mlp import MLP, MLPConfig
+
+# name -> (config class, module class); build.py is the only reader.
+MODELS: dict[str, tuple[type, type[nn.Module]]] = {
+    "conv4": (Conv4Config, Conv4),
+    "mlp": (MLPConfig, MLP),
+}

@@ -1,0 +1,25 @@
+"""Per-task loss and score for each task kind: classification (accuracy) or regression (MSE)."""
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+Objective = Callable[[Tensor, Tensor], Tensor]
+
+
+def loss_fn(kind: str) -> Objective:
+    """The training loss: cross-entropy on labels, or mean squared error on values."""
+    return F.cross_entropy if kind == "classification" else F.mse_loss
+
+
+def metric_name(kind: str) -> str:
+    """The primary metric that results.json reports for this kind of task."""
+    return "accuracy" if kind == "classification" else "mse"
+
+
+def score(kind: str, prediction: Tensor, target: Tensor) -> Tensor:
+    """The primary metric of one task (higher accuracy or lower MSE is better)."""
+    if kind == "classification":
+        return (prediction.argmax(dim=-1) == target).float().mean()
+    return F.mse_loss(prediction, target)

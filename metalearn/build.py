@@ -1,0 +1,146 @@
+"""The one place config names become objects: typed, validated configs and the run they describe."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from metalearn.algos import ALGOS
+from metalearn.algos.objectives import metric_name
+from metalearn.config import as_dict, from_dict
+from metalearn.data.images import OmniglotConfig, omniglot_tasks
+from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
+from metalearn.errors import CheckpointError, ConfigError
+from metalearn.evaluate import EvalConfig
+from metalearn.hardware import HardwareConfig, select_device
+from metalearn.logger import LoggerConfig
+from metalearn.models import MODELS
+from metalearn.train import TrainerConfig
+
+# name -> (config class, function(config, device) -> task source)
+DATASETS: dict[str, tuple[type, Any]] = {
+    "omniglot": (OmniglotConfig, omniglot_tasks),
+    "sinusoid": (SinusoidConfig, SinusoidTasks),
+}
+# How a user's own images become model inputs, exactly as the cached training data was made.
+PREPROCESS = {"omniglot": {"mode": "L", "invert": True, "resample": "lanczos"}}
+SECTIONS = ("algo", "data", "model", "hardware", "logger", "trainer", "eval", "seed")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, typed and validated."""
+
+    algo: Any
+    data: Any
+    model: Any
+    hardware: HardwareConfig
+    logger: LoggerConfig
+    trainer: TrainerConfig
+    eval: EvalConfig
+    seed: int
+
+
+@dataclass
+class Run:
+    """A built run: validated config, device, task source, model and algorithm."""
+
+    config: RunConfig
+    config_dict: dict  # the resolved config, as saved in checkpoints and logged to W&B
+    device: torch.device
+    tasks: Any
+    model: nn.Module
+    algo: Any
+    train_shape: tuple[int, int, int]  # (ways, shots, query) of meta-training tasks
+    test_shape: tuple[int, int, int]  # (ways, shots, query) of validation and test tasks
+    test_steps: int  # inner steps at validation and test (0 without an inner loop)
+    metric: str  # 'accuracy' or 'mse'
+    preprocess: dict | None  # user images -> inputs (image data sets only)
+    name: str  # run name: algo-data-ways-shots-seed
+
+    def load_algo_state(self, state: dict, path: Any) -> None:
+        """Load weights saved by a compatible run, or say why they do not fit."""
+        try:
+            self.algo.load_state_dict(state["algo_state"])
+        except (RuntimeError, KeyError) as error:
+            raise CheckpointError(
+                f"the weights in {path} do not fit this model ({error}); evaluate with the "
+                f"checkpoint's own model settings"
+            ) from error
+
+
+def _pick(registry: dict, section: str, raw: dict) -> tuple:
+    name = raw.get("name")
+    if name not in registry:
+        raise ConfigError(f"unknown {section} {name!r}; valid names: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def parse_config(raw: dict) -> RunConfig:
+    """Validate a plain resolved config dict into a RunConfig (errors name the bad key)."""
+    missing = [s for s in SECTIONS if s not in raw]
+    if missing:
+        raise ConfigError(f"config lacks section(s) {', '.join(missing)}")
+    extra = sorted(set(raw) - set(SECTIONS) - {"checkpoint", "episode"})
+    if extra:
+        raise ConfigError(
+            f"unknown top-level key(s) {', '.join(extra)}; valid: {', '.join(SECTIONS)}"
+        )
+    if not isinstance(raw["seed"], int):
+        raise ConfigError(f"seed must be an integer, got {raw['seed']!r}")
+    return RunConfig(
+        algo=from_dict(_pick(ALGOS, "algo", raw["algo"])[0], raw["algo"], "algo"),
+        data=from_dict(_pick(DATASETS, "data", raw["data"])[0], raw["data"], "data"),
+        model=from_dict(_pick(MODELS, "model", raw["model"])[0], raw["model"], "model"),
+        hardware=from_dict(HardwareConfig, raw["hardware"], "hardware"),
+        logger=from_dict(LoggerConfig, raw["logger"], "logger"),
+        trainer=from_dict(TrainerConfig, raw["trainer"], "trainer"),
+        eval=from_dict(EvalConfig, raw["eval"], "eval"),
+        seed=raw["seed"],
+    )
+
+
+def build_run(raw: dict) -> Run:
+    """Parse the config, then build data, model and algorithm; check task shapes before training."""
+    config = parse_config(raw)
+    if config.algo.name == "fomaml" and not config.algo.first_order:
+        raise ConfigError(
+            "algo=fomaml is first-order by definition; use algo=maml for second order"
+        )
+    device = select_device(config.hardware)
+    torch.manual_seed(config.seed)
+    data, algo_cfg = config.data, config.algo
+    train_shape = (algo_cfg.train_ways or data.ways, data.shots, algo_cfg.train_query or data.query)
+    test_shape = (data.ways, data.shots, config.eval.query or data.query)
+    tasks = DATASETS[data.name][1](data, device)
+    tasks.check("train", *train_shape)
+    for split in ("val", "test"):
+        for shots in {data.shots, *config.eval.shots}:
+            tasks.check(split, test_shape[0], shots, test_shape[2])
+    algo_cls = ALGOS[algo_cfg.name][1]
+    if algo_cls.needs_head and tasks.kind == "classification" and train_shape[0] != test_shape[0]:
+        raise ConfigError(
+            f"algo={algo_cfg.name} ends in a {train_shape[0]}-way linear head, so it cannot be "
+            f"tested on {test_shape[0]}-way tasks; set algo.train_ways equal to data.ways"
+        )
+    out_features = (
+        (train_shape[0] if tasks.kind == "classification" else 1) if algo_cls.needs_head else 0
+    )
+    model_cls = MODELS[config.model.name][1]
+    model = model_cls(config.model, tasks.in_shape, out_features).to(device)
+    algo = algo_cls(algo_cfg, model, tasks.kind, config.hardware.task_batching)
+    return Run(
+        config=config, config_dict=as_dict(config), device=device, tasks=tasks, model=model,
+        algo=algo, train_shape=train_shape, test_shape=test_shape,
+        test_steps=getattr(algo_cfg, "test_inner_steps", 0), metric=metric_name(tasks.kind),
+        preprocess=_preprocess(data),
+        name=f"{algo_cfg.name}-{data.name}-{data.ways}w{data.shots}s-seed{config.seed}",
+    )  # fmt: skip
+
+
+def _preprocess(data: Any) -> dict | None:
+    """How user images become inputs for this data set (None: not an image data set)."""
+    if data.name not in PREPROCESS:
+        return None
+    return {**PREPROCESS[data.name], "size": data.image_size}

@@ -1,0 +1,76 @@
+"""`metalearn train|eval`: Hydra entry points, nothing else."""
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn.errors import MetalearnError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+USAGE = """usage: metalearn <command> [overrides] [--help]
+
+commands:
+  train   meta-train, validate and test (default: MAML on sinusoid regression)
+  eval    re-test a checkpoint, or classify your own episode: eval checkpoint=PATH ...
+
+`metalearn <command> --help` lists the config groups and their options."""
+
+
+def _train(cfg: DictConfig) -> float:
+    """Train one run; return the best validation metric (what a Hydra sweeper optimises)."""
+    from metalearn.build import build_run
+    from metalearn.train import train
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    results = train(build_run(raw), Path(HydraConfig.get().runtime.output_dir))
+    return results["val"][results["metric"]]["mean"]
+
+
+def _eval(cfg: DictConfig) -> float:
+    """Re-test a checkpoint (or classify one user episode) into this run's directory."""
+    from metalearn.reevaluate import evaluate_checkpoint
+
+    hydra_cfg = HydraConfig.get()
+    results = evaluate_checkpoint(
+        composed=OmegaConf.to_container(cfg, resolve=True),
+        overrides=list(hydra_cfg.overrides.task),
+        run_dir=Path(hydra_cfg.runtime.output_dir),
+    )
+    return results["test"][results["metric"]]["mean"] if "test" in results else float("nan")
+
+
+def _reported(entry):
+    """Turn a MetalearnError into one clear line on stderr and exit status 1, no traceback."""
+
+    def run(cfg: DictConfig):
+        try:
+            return entry(cfg)
+        except MetalearnError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+
+    run.__name__ = entry.__name__
+    return run
+
+
+ENTRIES = {"train": _train, "eval": _eval}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in ENTRIES:
+        print(USAGE, file=sys.stderr)
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    if not CONFIG_DIR.is_dir():
+        sys.exit(f"error: configs not found at {CONFIG_DIR}; install metalearn from its source "
+                 f"tree with `make install` (pip install -e .)")  # fmt: skip
+    command = sys.argv[1]
+    sys.argv = [f"metalearn {command}", *sys.argv[2:]]
+    entry = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=command)
+    entry(_reported(ENTRIES[command]))()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Where a run computes: device choice, CPU threads and how a meta-batch's tasks are batched."""
+
+from dataclasses import dataclass
+
+import torch
+
+from metalearn.errors import ConfigError
+
+
+@dataclass
+class HardwareConfig:
+    """Device and parallelism settings."""
+
+    device: str = "cpu"  # 'cpu', 'cuda' or 'auto' (CUDA when available)
+    threads: int | None = None  # CPU threads for torch (None: torch's default, all cores)
+    task_batching: str = "vmap"  # 'vmap': one batched computation; 'loop': one task at a time
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"hardware.device must be cpu, cuda or auto, got {self.device!r}")
+        if self.task_batching not in ("vmap", "loop"):
+            raise ConfigError(
+                f"hardware.task_batching must be vmap or loop, got {self.task_batching!r}"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"hardware.threads must be positive, got {self.threads}")
+
+
+def select_device(cfg: HardwareConfig) -> torch.device:
+    """Resolve 'auto' and fail early when CUDA is asked for but absent."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("hardware=cuda but no CUDA device is visible; use hardware=cpu or auto")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)

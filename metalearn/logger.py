@@ -1,0 +1,210 @@
+"""Run logging: metrics.jsonl always, plus a W&B run (offline unless told otherwise)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from metalearn.errors import ConfigError, MetalearnError
+
+KINDS = ("wandb", "none")
+MODES = ("online", "offline", "disabled")
+METRICS_FILE = "metrics.jsonl"
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+@dataclass
+class LoggerConfig:
+    """How runs are logged: metrics.jsonl always; W&B when kind == 'wandb'."""
+
+    kind: str = "wandb"  # 'wandb' or 'none' (metrics.jsonl only)
+    project: str = "metalearn"  # W&B project
+    entity: str | None = None  # W&B user or team; None: the account's default
+    mode: str | None = None  # online|offline|disabled; None: $WANDB_MODE, else offline
+    group: str | None = None  # W&B group (the runs of one sweep share one)
+    tags: list[str] = field(default_factory=list)  # W&B tags
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"logger.kind={self.kind!r} is unknown; use one of {list(KINDS)}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ConfigError(
+                f"logger.mode={self.mode!r} is unknown; use one of {list(MODES)} "
+                "or leave it unset (null) to use $WANDB_MODE, else 'offline'"
+            )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested dict into 'a/b/c' keys (the W&B convention for sections)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _read_kept_lines(path: Path, resume_step: int) -> list[str]:
+    """Lines of a metrics.jsonl whose step is <= resume_step."""
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(keepends=True), start=1):
+        if not line.endswith("\n"):
+            break  # a last line cut off by the crash we are resuming from
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise MetalearnError(
+                f"{path}:{number} is not a metrics line ({error}); "
+                "fix or delete the file, or start a fresh run instead of resuming"
+            ) from error
+        if step <= resume_step:
+            kept.append(line)
+    return kept
+
+
+class Logger:
+    """Write metrics to run_dir/metrics.jsonl and, when configured, to a W&B run."""
+
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        *,
+        run_name: str,
+        config: dict[str, Any],
+        resume_step: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        if resume_step is not None and self.metrics_path.exists():
+            # Drop what was logged after the checkpoint we resume from, so the file ends up
+            # identical to an uninterrupted run's; write-then-rename so a crash here loses nothing.
+            tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(_read_kept_lines(self.metrics_path, resume_step)))
+            os.replace(tmp, self.metrics_path)
+        # A fresh run starts a fresh file; a resumed one continues the truncated one.
+        self._file = self.metrics_path.open("a" if resume_step is not None else "w")
+        self._last_step: int | None = resume_step
+        self._run: Any = None  # the wandb Run; None when W&B is off
+        self._closed = False
+        if cfg.kind == "wandb":
+            self._start_wandb(run_name, config, resume=resume_step is not None)
+
+    @property
+    def wandb_enabled(self) -> bool:
+        """Whether metrics still go to W&B (False after a failure or with kind='none')."""
+        return self._run is not None
+
+    def _start_wandb(self, run_name: str, config: dict[str, Any], *, resume: bool) -> None:
+        """Start (or, when resuming, continue) the W&B run; on failure carry on without it."""
+        mode = self.cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+        id_file = self.run_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+        try:
+            import wandb  # lazy: runs with kind='none' never pay for (or need) wandb
+
+            # show_info=False hides W&B's banners but keeps its warnings (a dropped step, say)
+            # and errors, which silent=True would hide too. It must go to wandb.setup: the
+            # terminal is configured once per process, so init's settings come too late.
+            wandb.setup(settings=wandb.Settings(show_info=False, mode=mode))
+            self._run = wandb.init(
+                project=self.cfg.project,
+                entity=self.cfg.entity,
+                group=self.cfg.group,
+                tags=list(self.cfg.tags),
+                name=run_name,
+                config=config,
+                dir=self.run_dir,  # the offline run lands in run_dir/wandb/
+                mode=mode,
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
+            if mode != "disabled":  # a disabled run's id names nothing worth resuming
+                id_file.write_text(self._run.id + "\n")
+        except Exception as error:  # any failure: see _wandb_failed
+            self._wandb_failed("wandb.init", error, stacklevel=4)  # point at Logger(...)
+
+    def _wandb_failed(self, action: str, error: Exception, stacklevel: int = 3) -> None:
+        """Turn W&B off for the rest of the run, saying so once (at the caller's line)."""
+        # Broad excepts are right here and only here: W&B is a mirror of metrics.jsonl, so no
+        # failure of it (network, disk, a bug in wandb) may stop a training run.
+        warnings.warn(
+            f"{action} failed ({type(error).__name__}: {error}); W&B logging is off for this "
+            f"run, local logs continue in {self.metrics_path}",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+        run, self._run = self._run, None
+        if run is not None and action != "wandb.finish":
+            try:  # best effort: close the W&B run as failed rather than leave it dangling
+                run.finish(exit_code=1)
+            except Exception:  # already warned; W&B is off either way
+                pass
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Append {"step": step, **metrics} to metrics.jsonl and log the metrics to W&B."""
+        # float() turns 0-d tensors and numpy scalars into JSON numbers; ints stay ints.
+        values = {k: v if isinstance(v, int | float) else float(v) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()  # a crash loses at most the line being written
+        self._last_step = step
+        if self._run is not None:
+            try:
+                self._run.log(values, step=step)
+            except Exception as error:  # any failure: see _wandb_failed
+                self._wandb_failed("wandb.log", error)
+
+    def log_summary(self, results: dict[str, Any]) -> None:
+        """Put the final results (nested, like results.json) in the W&B run summary."""
+        if self._run is None:
+            return  # results.json (written by report.py) is the local record
+        try:
+            self._run.summary.update(flatten(results))
+        except Exception as error:  # any failure: see _wandb_failed
+            self._wandb_failed("wandb summary update", error)
+
+    def log_images(self, paths: list[Path]) -> None:
+        """Log PNG plots to W&B as images under 'plots/<stem>', at the last logged step."""
+        if self._run is None or not paths:
+            return  # the PNGs themselves stay in run_dir/plots/
+        try:
+            import wandb
+
+            images = {f"plots/{Path(p).stem}": wandb.Image(str(p)) for p in paths}
+            # At the last step logged, since W&B drops rows whose step goes backwards.
+            self._run.log(images, step=self._last_step)
+        except Exception as error:  # any failure: see _wandb_failed
+            self._wandb_failed("wandb image logging", error)
+
+    def close(self, exit_code: int = 0) -> None:
+        """Close metrics.jsonl and finish the W&B run (exit_code != 0 marks it failed)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._file.close()
+        if self._run is not None:
+            try:
+                self._run.finish(exit_code=exit_code)
+            except Exception as error:  # any failure: see _wandb_failed
+                self._wandb_failed("wandb.finish", error)
+            self._run = None
+
+    def __enter__(self) -> Logger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close(exit_code=0 if exc_type is None else 1)

@@ -1,0 +1,39 @@
+"""A plain ReLU multilayer perceptron (MAML's sinusoid network is 1-40-40-1)."""
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from metalearn.errors import ConfigError
+
+
+@dataclass
+class MLPConfig:
+    """Fully connected layers with ReLU between them."""
+
+    name: str = "mlp"
+    hidden_sizes: list[int] = field(default_factory=lambda: [40, 40])  # widths of hidden layers
+
+    def __post_init__(self) -> None:
+        if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
+            raise ConfigError(
+                f"model.hidden_sizes must be positive widths, got {self.hidden_sizes}"
+            )
+
+
+class MLP(nn.Module):
+    """x (B, in) -> (B, out); with out_features == 0 it returns the last hidden layer."""
+
+    def __init__(self, cfg: MLPConfig, in_shape: tuple[int, ...], out_features: int) -> None:
+        super().__init__()
+        sizes = [in_shape[0], *cfg.hidden_sizes]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        if out_features > 0:
+            layers.append(nn.Linear(sizes[-1], out_features))
+        self.net = nn.Sequential(*layers)
+        self.embedding_dim = sizes[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

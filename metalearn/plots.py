@@ -1,0 +1,62 @@
+"""PNG plots of a run: learning curves, and adapted curves for sinusoid test tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from metalearn.data.tasks import Split  # noqa: E402
+
+if TYPE_CHECKING:
+    from metalearn.build import Run
+
+
+def plot_learning_curves(metrics: Path, path: Path) -> Path:
+    """Training loss, training query score and validation score against the iteration."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    keys = sorted({k for row in rows for k in row if k.startswith(("train/", "val/"))
+                   and not k.endswith(("_ci95", "outer_lr"))})  # fmt: skip
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        ax.plot(*zip(*points, strict=True), marker="." if key.startswith("val/") else None)
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_sinusoid_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
+    """True sinusoid, the K support points and the prediction after 0, 1 and 10 inner steps."""
+    ways, shots, query = run.test_shape
+    batch = next(run.tasks.episodes("test", tasks, ways, shots, query,
+                                    seed=run.config.eval.seed, batch_size=tasks))  # fmt: skip
+    x = torch.linspace(-5, 5, 200, device=run.device)[:, None]
+    fig, axes = plt.subplots(1, tasks, figsize=(4 * tasks, 3.2), squeeze=False)
+    for t, ax in enumerate(axes[0]):
+        amplitude, phase = batch.info["amplitude"][t], batch.info["phase"][t]
+        ax.plot(x.cpu(), (amplitude * torch.sin(x - phase)).cpu(), "k", label="true")
+        support = Split(batch.support.x[t], batch.support.y[t])
+        for steps in sorted({0, 1, 10, run.test_steps}):
+            ax.plot(
+                x.cpu(), run.algo.predict(support, x, steps=steps).cpu(), label=f"{steps} steps"
+            )
+        ax.plot(support.x.cpu(), support.y.cpu(), "o", color="tab:red", label=f"K={shots}")
+        ax.set_title(f"A={amplitude:.2f}, phase={phase:.2f}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

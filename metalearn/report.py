@@ -1,0 +1,130 @@
+"""The end of a run: test the best weights, write results.json, plots and the terminal table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from metalearn import checkpoint
+from metalearn.evaluate import mean_ci95, run_episodes
+from metalearn.plots import plot_learning_curves, plot_sinusoid_tasks
+
+if TYPE_CHECKING:
+    from metalearn.build import Run
+    from metalearn.logger import Logger
+
+
+def test(run: Run) -> dict[str, Any]:
+    """The headline test at the run's own setting, plus test.breakdown over other shots/steps."""
+    cfg, (ways, shots, query) = run.config.eval, run.test_shape
+    bilevel = hasattr(run.config.algo, "test_inner_steps")
+    steps = sorted({run.test_steps, *cfg.steps}) if bilevel else [run.test_steps]
+    breakdown, headline = [], None
+    for k in sorted({shots, *cfg.shots}):
+        out = run_episodes(run.algo, run.tasks, "test", cfg, episodes=cfg.episodes, ways=ways,
+                           shots=k, query=query, steps=steps)  # fmt: skip
+        for column, step in enumerate(steps):
+            entry = {"ways": ways, "shots": k, "query": query, "inner_steps": step,
+                     run.metric: mean_ci95(out["score"][:, column]),
+                     "loss": mean_ci95(out["loss"][:, column])}  # fmt: skip
+            breakdown.append(entry)
+            if k == shots and step == run.test_steps:
+                headline = entry
+    return {run.metric: headline[run.metric], "loss": headline["loss"], "episodes": cfg.episodes,
+            "breakdown": breakdown}  # fmt: skip
+
+
+def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | None) -> dict:
+    """results.json, the contract that scripts, sweeps and table makers read (DESIGN.md)."""
+    config, (ways, shots, query) = run.config, run.test_shape
+    algo = config.algo
+    return {
+        "algo": algo.name, "data": config.data.name, "model": config.model.name,
+        "task": {"ways": ways, "shots": shots, "query": query},
+        "metric": run.metric, "test": test_result, "val": val, "train": train,
+        "protocol": {
+            "split": getattr(config.data, "split", None),
+            "image_size": getattr(config.data, "image_size", None),
+            "train_ways": run.train_shape[0], "train_shots": run.train_shape[1],
+            "train_query": run.train_shape[2],
+            "test_inner_steps": getattr(algo, "test_inner_steps", None),
+            "test_inner_lr": getattr(algo, "test_inner_lr", None),
+            "first_order": getattr(algo, "first_order", None),
+            "transductive_bn": run.config.model.name == "conv4",  # per-task batch statistics
+            "eval_seed": config.eval.seed,
+        },
+        "hardware": {"device": run.device.type, "threads": torch.get_num_threads(),
+                     "torch": torch.__version__, "cpu": platform.processor() or platform.machine()},
+        "git": git_info(), "seed": config.seed,
+    }  # fmt: skip
+
+
+def git_info() -> dict[str, Any]:
+    """Commit and dirtiness of the source tree this package runs from (None outside git)."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic write: a reader never sees half a results.json."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
+    """Test the best checkpoint, then write results.json and plots, print and log them."""
+    best = run_dir / "checkpoints" / "best.pt"
+    run.load_algo_state(checkpoint.load(best), best)
+    seconds = progress.seconds
+    train = {"iterations": progress.iteration, "wall_seconds": round(seconds, 2),
+             "tasks_per_second": round(progress.iteration * run.config.trainer.meta_batch_size
+                                       / max(seconds, 1e-9), 2),
+             "stopped_by": progress.stopped_by}  # fmt: skip
+    results = results_dict(run, test(run), progress.best_val, train)
+    write_json(run_dir / "results.json", results)
+    plots = write_plots(run, run_dir)
+    print(format_table(results))
+    logger.log_summary(results)
+    logger.log_images(plots)
+    return results
+
+
+def write_plots(run: Run, run_dir: Path) -> list[Path]:
+    plots = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        plots.append(plot_learning_curves(metrics, run_dir / "plots" / "learning_curves.png"))
+    if run.config.data.name == "sinusoid":
+        plots.append(plot_sinusoid_tasks(run, run_dir / "plots" / "adapted_curves.png"))
+    return plots
+
+
+def format_table(results: dict) -> str:
+    """The test result as a terminal table: one row per shots, one column per inner steps."""
+    metric, test_result = results["metric"], results["test"]
+    percent = metric == "accuracy"
+    steps = sorted({e["inner_steps"] for e in test_result["breakdown"]})
+    shots = sorted({e["shots"] for e in test_result["breakdown"]})
+    cells = {(e["shots"], e["inner_steps"]): e[metric] for e in test_result["breakdown"]}
+    fmt = (lambda v: f"{100 * v['mean']:.2f} ± {100 * v['ci95']:.2f}%") if percent else (
+        lambda v: f"{v['mean']:.3f} ± {v['ci95']:.3f}")  # fmt: skip
+    task = results["task"]
+    title = (f"test {metric} ({results['algo']} on {results['data']}, {task['ways']}-way, "
+             f"{test_result['episodes']} fixed tasks, 95% CI)")  # fmt: skip
+    header = f"{'':>8}" + "".join(f"{f'{s} steps':>20}" for s in steps)
+    rows = [f"{f'K={k}':>8}" + "".join(f"{fmt(cells[(k, s)]):>20}" for s in steps) for k in shots]
+    return "\n".join([title, header, *rows])

@@ -1,0 +1,199 @@
+"""The outer loop: sample -> algo.meta_loss -> step -> log -> validate and checkpoint on schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from metalearn import checkpoint
+from metalearn.config import as_dict
+from metalearn.errors import ConfigError, TrainingError
+from metalearn.evaluate import mean_ci95, run_episodes
+from metalearn.logger import Logger
+from metalearn.report import finish_run
+
+if TYPE_CHECKING:
+    from metalearn.build import Run
+
+
+@dataclass
+class TrainerConfig:
+    """Budget, schedule and checkpointing of meta-training."""
+
+    iterations: int = 1000  # outer (meta) iterations
+    max_minutes: float | None = None  # wall-clock budget: stop, validate and test when spent
+    meta_batch_size: int = 32  # tasks per outer step
+    eval_every: int = 500  # validate (and checkpoint) every this many iterations
+    log_every: int = 20  # write training metrics every this many iterations
+    resume: bool = False  # continue from <run dir>/checkpoints/last.pt if it exists
+    lr_decay_every: int | None = None  # multiply the outer learning rate by lr_decay this often
+    lr_decay: float = 0.5  # step decay factor (ProtoNets halve it every 2000 episodes)
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        for key in ("iterations", "meta_batch_size", "eval_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"trainer.max_minutes must be positive, got {self.max_minutes}")
+        if self.lr_decay_every is not None and self.lr_decay_every < 1:
+            raise ConfigError(f"trainer.lr_decay_every must be positive, got {self.lr_decay_every}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"trainer.lr_decay must be in (0, 1], got {self.lr_decay}")
+
+
+@dataclass
+class Progress:
+    """What the loop must remember across a restart (saved in every checkpoint)."""
+
+    iteration: int = 0
+    seconds: float = 0.0  # training wall time so far, summed over restarts
+    best_value: float | None = None  # best validation score so far
+    best_iteration: int | None = None
+    best_val: dict | None = None  # the best validation's summary for results.json
+    validated_at: int = -1  # iteration of the latest validation
+    stopped_by: str = "iterations"  # or "max_minutes"
+
+
+def train(run: Run, run_dir: Path) -> dict:
+    """Meta-train, validate, keep the best checkpoint, test it; return results.json's dict."""
+    trainer = run.config.trainer
+    optimizer = torch.optim.Adam(run.algo.parameters(), lr=run.config.algo.outer_lr)
+    generator = torch.Generator(run.device).manual_seed(run.config.seed)
+    progress = Progress()
+    last_path = run_dir / "checkpoints" / "last.pt"
+    resumed = trainer.resume and last_path.is_file()
+    if resumed:
+        progress = _restore(run, optimizer, generator, last_path)
+    logger = Logger(
+        run.config.logger, run_dir, run_name=run.name, config=run.config_dict,
+        resume_step=progress.iteration if resumed else None,
+    )  # fmt: skip
+    try:
+        _loop(run, optimizer, generator, progress, logger, run_dir)
+        results = finish_run(run, progress, run_dir, logger)
+    except BaseException:
+        logger.close(exit_code=1)
+        raise
+    logger.close()
+    return results
+
+
+def _loop(
+    run: Run, optimizer, generator, progress: Progress, logger: Logger, run_dir: Path
+) -> None:
+    trainer, shape = run.config.trainer, run.train_shape
+    budget = math.inf if trainer.max_minutes is None else 60.0 * trainer.max_minutes
+    bar = tqdm(
+        total=trainer.iterations, initial=progress.iteration, disable=not trainer.progress,
+        desc=run.name, dynamic_ncols=True,
+    )  # fmt: skip
+    window_start, window_tasks = time.perf_counter(), 0
+    while progress.iteration < trainer.iterations:
+        started = time.perf_counter()
+        _set_lr(optimizer, run.config.algo.outer_lr, trainer, progress.iteration)
+        batch = run.tasks.sample("train", generator, trainer.meta_batch_size, *shape)
+        loss, metrics = run.algo.meta_loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the meta-training loss became {loss.item()} at iteration {progress.iteration + 1}; "
+                f"the last good checkpoint is kept at {run_dir / 'checkpoints' / 'last.pt'}. Lower "
+                f"algo.outer_lr or algo.inner_lr, then resume with trainer.resume=true"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress.iteration += 1
+        window_tasks += batch.tasks
+        progress.seconds += time.perf_counter() - started
+        bar.update(1)
+        if progress.iteration % trainer.log_every == 0:
+            rate = window_tasks / (time.perf_counter() - window_start)
+            _log_train(run, logger, bar, metrics, optimizer, rate, progress.iteration)
+            window_start, window_tasks = time.perf_counter(), 0
+        over_budget = progress.seconds >= budget
+        if progress.iteration % trainer.eval_every == 0 or over_budget:
+            started = time.perf_counter()
+            validate(run, progress, logger, run_dir, optimizer, generator)
+            progress.seconds += time.perf_counter() - started
+        if over_budget:
+            progress.stopped_by = "max_minutes"
+            break
+    bar.close()
+    if progress.validated_at != progress.iteration:  # the best checkpoint must see the last weights
+        validate(run, progress, logger, run_dir, optimizer, generator)
+
+
+def _set_lr(optimizer, outer_lr: float, trainer: TrainerConfig, iteration: int) -> None:
+    """Step decay, computed from the iteration so that a resumed run follows the same schedule."""
+    decays = iteration // trainer.lr_decay_every if trainer.lr_decay_every else 0
+    for group in optimizer.param_groups:
+        group["lr"] = outer_lr * trainer.lr_decay**decays
+
+
+def _log_train(run: Run, logger, bar, metrics, optimizer, rate: float, iteration: int) -> None:
+    loss, score = metrics["loss"].item(), metrics["score"].item()
+    name = "query_acc" if run.metric == "accuracy" else "query_mse"
+    logger.log(
+        {"train/loss": loss, f"train/{name}": score, "perf/tasks_per_s": rate,
+         "train/outer_lr": optimizer.param_groups[0]["lr"]},
+        step=iteration,
+    )  # fmt: skip
+    bar.set_postfix(
+        {"loss": f"{loss:.3f}", run.metric[:3]: f"{score:.3f}", "tasks/s": f"{rate:.0f}"}
+    )
+
+
+def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, generator) -> None:
+    """Score the fixed validation episodes; save last.pt always and best.pt when it improves."""
+    ways, shots, query = run.test_shape
+    out = run_episodes(
+        run.algo, run.tasks, "val", run.config.eval, episodes=run.config.eval.val_episodes,
+        ways=ways, shots=shots, query=query, steps=[run.test_steps],
+    )  # fmt: skip
+    score, loss = mean_ci95(out["score"][:, 0]), mean_ci95(out["loss"][:, 0])
+    short = "acc" if run.metric == "accuracy" else "mse"
+    logger.log({f"val/{short}": score["mean"], f"val/{short}_ci95": score["ci95"],
+                "val/loss": loss["mean"]}, step=progress.iteration)  # fmt: skip
+    sign = 1.0 if run.metric == "accuracy" else -1.0  # higher accuracy, lower MSE is better
+    if progress.best_value is None or sign * score["mean"] > sign * progress.best_value:
+        progress.best_value, progress.best_iteration = score["mean"], progress.iteration
+        progress.best_val = {
+            run.metric: score,
+            "loss": loss,
+            "episodes": run.config.eval.val_episodes,
+            "best_iteration": progress.iteration,
+        }
+    progress.validated_at = progress.iteration
+    if progress.best_iteration == progress.iteration:
+        checkpoint.save(run_dir / "checkpoints" / "best.pt", _state(run, progress))
+    checkpoint.save(
+        run_dir / "checkpoints" / "last.pt",
+        _state(run, progress) | {"optimizer": optimizer.state_dict(),
+                                 "generator": generator.get_state()},
+    )  # fmt: skip
+
+
+def _state(run: Run, progress: Progress) -> dict:
+    return {
+        "config": run.config_dict, "algo_state": run.algo.state_dict(),
+        "progress": as_dict(progress), "preprocess": run.preprocess,
+        "torch_rng": torch.get_rng_state(),
+    }  # fmt: skip
+
+
+def _restore(run: Run, optimizer, generator, path: Path) -> Progress:
+    """Load last.pt: weights, optimiser, sampler RNG and progress, after checking compatibility."""
+    state = checkpoint.load(path)
+    checkpoint.check_compatible(state, run.config.algo.name, run.config.model.name, path)
+    run.load_algo_state(state, path)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return Progress(**state["progress"])
