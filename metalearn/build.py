@@ -13,7 +13,7 @@ from metalearn.data.images import OmniglotConfig, omniglot_tasks
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalearn.errors import CheckpointError, ConfigError
 from metalearn.evaluate import EvalConfig
-from metalearn.hardware import HardwareConfig, select_device
+from metalearn.hardware import HardwareConfig, autocast, select_device
 from metalearn.logger import LoggerConfig
 from metalearn.models import MODELS
 from metalearn.train import TrainerConfig
@@ -58,6 +58,10 @@ class Run:
     metric: str  # 'accuracy' or 'mse'
     preprocess: dict | None  # user images -> inputs (image data sets only)
     name: str  # run name: algo-data-ways-shots-seed
+
+    def autocast(self):
+        """The precision context of forward passes (hardware.precision)."""
+        return autocast(self.config.hardware, self.device)
 
     def load_algo_state(self, state: dict, path: Any) -> None:
         """Load weights saved by a compatible run, or say why they do not fit."""
@@ -124,11 +128,21 @@ def build_run(raw: dict) -> Run:
             f"algo={algo_cfg.name} ends in a {train_shape[0]}-way linear head, so it cannot be "
             f"tested on {test_shape[0]}-way tasks; set algo.train_ways equal to data.ways"
         )
+    if config.hardware.channels_last and algo_cls.differentiates_inner_loop and (
+        config.hardware.task_batching == "vmap"
+    ):
+        raise ConfigError(
+            "hardware.channels_last cannot be used inside vmap (algo="
+            f"{algo_cfg.name}); set hardware.task_batching=loop or hardware.channels_last=false"
+        )
     out_features = (
         (train_shape[0] if tasks.kind == "classification" else 1) if algo_cls.needs_head else 0
     )
     model_cls = MODELS[config.model.name][1]
-    model = model_cls(config.model, tasks.in_shape, out_features).to(device)
+    model = model_cls(
+        config.model, tasks.in_shape, out_features, channels_last=config.hardware.channels_last,
+        fused_batchnorm=not algo_cls.differentiates_inner_loop,  # see TaskBatchNorm2d
+    ).to(device)  # fmt: skip
     algo = algo_cls(algo_cfg, model, tasks.kind, config.hardware.task_batching)
     return Run(
         config=config, config_dict=as_dict(config), device=device, tasks=tasks, model=model,

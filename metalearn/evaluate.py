@@ -42,16 +42,17 @@ def mean_ci95(values: torch.Tensor) -> dict[str, float]:
 
 
 def run_episodes(
-    algo, tasks, split: str, cfg: EvalConfig, *, episodes: int, ways: int, shots: int,
-    query: int, steps: list[int],
-) -> dict[str, torch.Tensor]:  # fmt: skip
+    run, split: str, *, episodes: int, ways: int, shots: int, query: int, steps: list[int]
+) -> dict[str, torch.Tensor]:
     """Per-episode query loss and score after each number of inner steps: (episodes, len(steps))."""
+    cfg: EvalConfig = run.config.eval
     parts: dict[str, list[torch.Tensor]] = {"loss": [], "score": []}
     seed = cfg.seed + SPLIT_SEED_OFFSET[split]
-    for batch in tasks.episodes(
+    for batch in run.tasks.episodes(
         split, episodes, ways, shots, query, seed=seed, batch_size=cfg.batch_size
     ):
-        out = algo.evaluate(batch, steps)
+        with run.autocast():
+            out = run.algo.evaluate(batch, steps)
         for key in parts:
             parts[key].append(out[key].detach().cpu())
     return {key: torch.cat(values) for key, values in parts.items()}

@@ -1,5 +1,6 @@
 """Where a run computes: device choice, CPU threads and how a meta-batch's tasks are batched."""
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,10 @@ class HardwareConfig:
     device: str = "cpu"  # 'cpu', 'cuda' or 'auto' (CUDA when available)
     threads: int | None = None  # CPU threads for torch (None: torch's default, all cores)
     task_batching: str = "vmap"  # 'vmap': one batched computation; 'loop': one task at a time
+    precision: str = (
+        "fp32"  # 'fp32', or 'bf16': autocast to bfloat16 (CUDA, or CPUs with AVX512-BF16)
+    )
+    channels_last: bool = False  # NHWC image activations (faster convolutions on CPU)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
@@ -22,6 +27,8 @@ class HardwareConfig:
             raise ConfigError(
                 f"hardware.task_batching must be vmap or loop, got {self.task_batching!r}"
             )
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"hardware.precision must be fp32 or bf16, got {self.precision!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"hardware.threads must be positive, got {self.threads}")
 
@@ -35,3 +42,10 @@ def select_device(cfg: HardwareConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+def autocast(cfg: HardwareConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast of the forward pass when asked for; parameters and optimiser stay fp32."""
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

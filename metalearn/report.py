@@ -27,7 +27,7 @@ def test(run: Run) -> dict[str, Any]:
     steps = sorted({run.test_steps, *cfg.steps}) if bilevel else [run.test_steps]
     breakdown, headline = [], None
     for k in sorted({shots, *cfg.shots}):
-        out = run_episodes(run.algo, run.tasks, "test", cfg, episodes=cfg.episodes, ways=ways,
+        out = run_episodes(run, "test", episodes=cfg.episodes, ways=ways,
                            shots=k, query=query, steps=steps)  # fmt: skip
         for column, step in enumerate(steps):
             entry = {"ways": ways, "shots": k, "query": query, "inner_steps": step,

@@ -99,7 +99,8 @@ def _loop(
         started = time.perf_counter()
         _set_lr(optimizer, run.config.algo.outer_lr, trainer, progress.iteration)
         batch = run.tasks.sample("train", generator, trainer.meta_batch_size, *shape)
-        loss, metrics = run.algo.meta_loss(batch)
+        with run.autocast():
+            loss, metrics = run.algo.meta_loss(batch)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"the meta-training loss became {loss.item()} at iteration {progress.iteration + 1}; "
@@ -154,7 +155,7 @@ def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, gen
     """Score the fixed validation episodes; save last.pt always and best.pt when it improves."""
     ways, shots, query = run.test_shape
     out = run_episodes(
-        run.algo, run.tasks, "val", run.config.eval, episodes=run.config.eval.val_episodes,
+        run, "val", episodes=run.config.eval.val_episodes,
         ways=ways, shots=shots, query=query, steps=[run.test_steps],
     )  # fmt: skip
     score, loss = mean_ci95(out["score"][:, 0]), mean_ci95(out["loss"][:, 0])

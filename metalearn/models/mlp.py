@@ -24,7 +24,9 @@ class MLPConfig:
 class MLP(nn.Module):
     """x (B, in) -> (B, out); with out_features == 0 it returns the last hidden layer."""
 
-    def __init__(self, cfg: MLPConfig, in_shape: tuple[int, ...], out_features: int) -> None:
+    def __init__(
+        self, cfg: MLPConfig, in_shape: tuple[int, ...], out_features: int, **_layout: bool
+    ) -> None:  # layout flags (fused_batchnorm, channels_last) do not apply to an MLP
         super().__init__()
         sizes = [in_shape[0], *cfg.hidden_sizes]
         layers: list[nn.Module] = []

@@ -45,6 +45,7 @@ class MAML:
     """Meta-learns an initialisation; tasks of a meta-batch run under `vmap` or a Python loop."""
 
     needs_head = True  # the model ends in a linear layer with one output per way
+    differentiates_inner_loop = True  # second-order: the model must use exact primitive BatchNorm
 
     def __init__(self, cfg: MAMLConfig, model: nn.Module, kind: str, task_batching: str) -> None:
         self.cfg = cfg

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metalearn.algos.objectives import score
 from metalearn.data.tasks import Split, TaskBatch
@@ -33,17 +32,21 @@ def prototype_logits(support_z: Tensor, support_y: Tensor, query_z: Tensor, ways
 
     support_z (T, N*K, D), support_y (T, N*K), query_z (T, M, D) -> logits (T, M, N).
     """
-    onehot = F.one_hot(support_y, ways).to(support_z.dtype)  # (T, N*K, N)
-    prototypes = onehot.transpose(1, 2) @ support_z / onehot.sum(1).unsqueeze(-1)  # (T, N, D)
-    # |q - p|^2 = |q|^2 - 2 q.p + |p|^2, as one batched matmul instead of an (M, N, D) tensor
-    cross = query_z @ prototypes.transpose(1, 2)  # (T, M, N)
-    return 2 * cross - query_z.square().sum(-1, keepdim=True) - prototypes.square().sum(-1)[:, None]
+    with torch.autocast(support_z.device.type, enabled=False):  # distances in fp32 under bf16
+        support_z, query_z = support_z.float(), query_z.float()
+        onehot = F.one_hot(support_y, ways).float()  # (T, N*K, N)
+        prototypes = onehot.transpose(1, 2) @ support_z / onehot.sum(1).unsqueeze(-1)  # (T, N, D)
+        # |q - p|^2 = |q|^2 - 2 q.p + |p|^2: one batched matmul instead of an (M, N, D) tensor
+        cross = query_z @ prototypes.transpose(1, 2)  # (T, M, N)
+        query_sq = query_z.square().sum(-1, keepdim=True)  # (T, M, 1)
+        return 2 * cross - query_sq - prototypes.square().sum(-1)[:, None]
 
 
 class ProtoNet:
     """The forward pass over the support set is the inner loop; nothing is adapted per task."""
 
     needs_head = False  # the model is the embedding
+    differentiates_inner_loop = False  # no gradient through gradients: fused BatchNorm is safe
 
     def __init__(
         self, cfg: ProtoNetConfig, model: nn.Module, kind: str, task_batching: str
@@ -59,13 +62,11 @@ class ProtoNet:
 
     def _embed(self, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
         """Embed each task's support and query together: BatchNorm sees one task's batch."""
-        params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
         shots = support_x.shape[1]
-
-        def embed(x: Tensor) -> Tensor:
-            return functional_call(self.model, (params, buffers), (x,))
-
-        z = torch.vmap(embed)(torch.cat([support_x, query_x], dim=1))  # (T, N*K + M, D)
+        x = torch.cat([support_x, query_x], dim=1)  # (T, N*K + M, ...)
+        # A loop, not vmap: a meta-batch is usually one large episode, and a plain batch keeps
+        # the channels-last layout that makes CPU convolutions fast.
+        z = torch.stack([self.model(task) for task in x])  # (T, N*K + M, D)
         return z[:, :shots], z[:, shots:]
 
     def logits(self, batch: TaskBatch) -> Tensor:
@@ -81,7 +82,7 @@ class ProtoNet:
     def evaluate(self, batch: TaskBatch, steps: list[int]) -> dict[str, Tensor]:
         """Per-task query loss and accuracy, (T, 1); `steps` does not apply (no inner loop)."""
         with torch.no_grad():
-            logits = self.logits(batch)
+            logits = self.logits(batch).float()
         losses = torch.stack(
             [F.cross_entropy(lg, y) for lg, y in zip(logits, batch.query.y, strict=True)]
         )

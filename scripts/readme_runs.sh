@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The runs behind the README's results table, one after another (they share the CPU cores).
+# Usage: METALEARN_DATA=../shared/data scripts/readme_runs.sh [name ...]   (default: all)
+# Each run writes outputs/readme/<name>/results.json; scripts/results_table.py turns them into
+# the README table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+metalearn=${METALEARN:-.venv/bin/metalearn}
+
+declare -A RUNS=(
+  [protonet_5w1s]="experiment=protonet_omniglot_5w1s trainer.max_minutes=15 hardware.channels_last=true hardware.precision=bf16"
+  [protonet_5w5s]="experiment=protonet_omniglot_5w5s trainer.max_minutes=15 hardware.channels_last=true hardware.precision=bf16"
+  [maml_5w1s_8min]="experiment=maml_omniglot_5w1s trainer.max_minutes=8"
+  [fomaml_5w1s_8min]="experiment=fomaml_omniglot_5w1s trainer.max_minutes=8"
+  [maml_sinusoid]="experiment=maml_sinusoid"
+  [maml_5w1s_60min]="experiment=maml_omniglot_5w1s trainer.max_minutes=60"
+)
+ORDER=(protonet_5w1s protonet_5w5s maml_5w1s_8min fomaml_5w1s_8min maml_sinusoid maml_5w1s_60min)
+
+for name in "${@:-${ORDER[@]}}"; do
+  echo "=== $name: metalearn train ${RUNS[$name]}"
+  start=$(date +%s)
+  $metalearn train ${RUNS[$name]} hydra.run.dir=outputs/readme/$name
+  echo "=== $name done in $(( $(date +%s) - start )) s"
+done
