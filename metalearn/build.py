@@ -10,6 +10,7 @@ from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
 from metalearn.config import as_dict, from_dict
 from metalearn.data.images import OmniglotConfig, omniglot_tasks
+from metalearn.data.omniglot import PREPROCESS as OMNIGLOT_PREPROCESS
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalearn.errors import CheckpointError, ConfigError
 from metalearn.evaluate import EvalConfig
@@ -24,7 +25,7 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "sinusoid": (SinusoidConfig, SinusoidTasks),
 }
 # How a user's own images become model inputs, exactly as the cached training data was made.
-PREPROCESS = {"omniglot": {"mode": "L", "invert": True, "resample": "lanczos"}}
+PREPROCESS = {"omniglot": OMNIGLOT_PREPROCESS}
 SECTIONS = ("algo", "data", "model", "hardware", "logger", "trainer", "eval", "seed")
 
 

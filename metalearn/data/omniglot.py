@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from metalearn.data.classes import ClassSet, gather_classes, read_class_list, with_rotations
 from metalearn.data.download import download as download_file
+from metalearn.data.preprocess import image_array
 from metalearn.data.root import cache_dir, fingerprint, load_cache, resolve_root, save_cache
 from metalearn.errors import ConfigError, DataError
 
@@ -29,6 +30,8 @@ class Archive:
 
 
 _OFFICIAL = "https://github.com/brendenlake/omniglot/raw/master/python"
+# Black ink on white, 105x105 -> grey ink = 255 at the cache's size; user images get the same.
+PREPROCESS = {"mode": "L", "invert": True}
 ARCHIVES = {
     "background": Archive(f"{_OFFICIAL}/images_background.zip", "68d2efa1b9178cc56df9314c21c6e718"),
     "evaluation": Archive(f"{_OFFICIAL}/images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811"),
@@ -136,14 +139,11 @@ class _Source:
         try:
             data = self.zip.read(name) if self.zip else (self.path.parent / name).read_bytes()
             with Image.open(io.BytesIO(data)) as image:
-                ink = ImageOps.invert(image.convert("L"))
+                return image_array(image, **PREPROCESS, size=size)
         except _READ_ERRORS as err:
             if self.zip is None:  # in a folder the broken PNG is itself the file to replace
                 raise _corrupt(self.path.parent / name, f"{type(err).__name__}: {err}") from err
             raise _corrupt(self.path, f"member {name}: {type(err).__name__}: {err}") from err
-        if ink.size != (size, size):  # 105 -> 28 with LANCZOS, as Prototypical Networks did
-            ink = ink.resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(ink)
 
     def close(self) -> None:
         if self.zip is not None:

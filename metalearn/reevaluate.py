@@ -1,0 +1,63 @@
+"""`metalearn eval`: the checkpoint's own config, changed only by the overrides the user typed."""
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from metalearn import checkpoint
+from metalearn.build import build_run
+from metalearn.episode import classify_episode
+from metalearn.errors import CheckpointError
+from metalearn.report import format_table, results_dict, test, write_json
+
+FIXED_GROUPS = ("algo", "model")  # the weights decide these; asking for others is an error
+SWAPPABLE_GROUPS = ("data", "hardware", "logger")  # a new choice replaces the whole section
+IGNORED = ("checkpoint", "episode", "hydra", "debug", "experiment")
+
+
+def merge_config(saved: dict, composed: dict, overrides: list[str], path: Path) -> dict:
+    """Apply the command line's overrides (values as Hydra parsed them) to the saved config."""
+    merged = copy.deepcopy(saved)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0] in IGNORED:
+            continue
+        if key in FIXED_GROUPS:
+            if composed[key]["name"] != saved[key]["name"]:
+                raise CheckpointError(
+                    f"{path} holds a {key}={saved[key]['name']} model, not {key}="
+                    f"{composed[key]['name']}; drop the {key}= override or pick another checkpoint"
+                )
+        elif key in SWAPPABLE_GROUPS:
+            merged[key] = composed[key]
+        else:
+            *parents, leaf = key.split(".")
+            target, source = merged, composed
+            for part in parents:
+                target, source = target.setdefault(part, {}), source[part]
+            target[leaf] = source[leaf]
+    return merged
+
+
+def evaluate_checkpoint(composed: dict[str, Any], overrides: list[str], run_dir: Path) -> dict:
+    """Re-test the checkpoint (or classify one user episode); write results.json in run_dir."""
+    path = Path(composed["checkpoint"]).expanduser()
+    state = checkpoint.load(path)
+    run = build_run(merge_config(state["config"], composed, overrides, path))
+    checkpoint.check_compatible(state, run.config.algo.name, run.config.model.name, path)
+    run.load_algo_state(state, path)
+    episode = composed.get("episode") or {}
+    if episode.get("support") or episode.get("query"):
+        if not (episode.get("support") and episode.get("query")):
+            raise CheckpointError("give both episode.support=DIR and episode.query=DIR")
+        output = Path(episode.get("output") or run_dir / "predictions.csv")
+        summary = classify_episode(run, Path(episode["support"]), Path(episode["query"]), output)
+        results = {"checkpoint": str(path), "episode": summary}
+        accuracy = summary["accuracy"]
+        print(f"{summary['query_images']} query images -> {output}"
+              + (f"; accuracy {100 * accuracy:.2f}%" if accuracy is not None else ""))  # fmt: skip
+    else:
+        results = results_dict(run, test(run), val=None, train=None) | {"checkpoint": str(path)}
+        print(format_table(results))
+    write_json(run_dir / "results.json", results)
+    return results
