@@ -129,8 +129,10 @@ def build_run(raw: dict) -> Run:
             f"algo={algo_cfg.name} ends in a {train_shape[0]}-way linear head, so it cannot be "
             f"tested on {test_shape[0]}-way tasks; set algo.train_ways equal to data.ways"
         )
-    if config.hardware.channels_last and algo_cls.differentiates_inner_loop and (
-        config.hardware.task_batching == "vmap"
+    if (
+        config.hardware.channels_last
+        and algo_cls.differentiates_inner_loop
+        and (config.hardware.task_batching == "vmap")
     ):
         raise ConfigError(
             "hardware.channels_last cannot be used inside vmap (algo="
@@ -141,17 +143,27 @@ def build_run(raw: dict) -> Run:
     )
     model_cls = MODELS[config.model.name][1]
     model = model_cls(
-        config.model, tasks.in_shape, out_features, channels_last=config.hardware.channels_last,
+        config.model,
+        tasks.in_shape,
+        out_features,
+        channels_last=config.hardware.channels_last,
         fused_batchnorm=not algo_cls.differentiates_inner_loop,  # see TaskBatchNorm2d
-    ).to(device)  # fmt: skip
+    ).to(device)
     algo = algo_cls(algo_cfg, model, tasks.kind, config.hardware.task_batching)
     return Run(
-        config=config, config_dict=as_dict(config), device=device, tasks=tasks, model=model,
-        algo=algo, train_shape=train_shape, test_shape=test_shape,
-        test_steps=getattr(algo_cfg, "test_inner_steps", 0), metric=metric_name(tasks.kind),
+        config=config,
+        config_dict=as_dict(config),
+        device=device,
+        tasks=tasks,
+        model=model,
+        algo=algo,
+        train_shape=train_shape,
+        test_shape=test_shape,
+        test_steps=getattr(algo_cfg, "test_inner_steps", 0),
+        metric=metric_name(tasks.kind),
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{data.ways}w{data.shots}s-seed{config.seed}",
-    )  # fmt: skip
+    )
 
 
 def _preprocess(data: Any) -> dict | None:

@@ -10,7 +10,7 @@ from metalearn.errors import CheckpointError
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
@@ -38,5 +38,5 @@ def check_compatible(state: dict[str, Any], algo: str, model: str, path: Path) -
     if (saved_algo, saved_model) != (algo, model):
         raise CheckpointError(
             f"{path} was trained with algo={saved_algo} model={saved_model}, but this run asks for "
-            f"algo={algo} model={model}; drop the algo/model overrides or pick a matching checkpoint"
+            f"algo={algo} model={model}; drop the algo/model overrides or use a matching checkpoint"
         )

@@ -64,8 +64,10 @@ def main() -> None:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
     if not CONFIG_DIR.is_dir():
-        sys.exit(f"error: configs not found at {CONFIG_DIR}; install metalearn from its source "
-                 f"tree with `make install` (pip install -e .)")  # fmt: skip
+        sys.exit(
+            f"error: configs not found at {CONFIG_DIR}; install metalearn from its source "
+            f"tree with `make install` (pip install -e .)"
+        )
     command = sys.argv[1]
     sys.argv = [f"metalearn {command}", *sys.argv[2:]]
     entry = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=command)

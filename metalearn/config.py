@@ -16,7 +16,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{where}.{k}' for k in unknown)}; "
+            f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
             f"valid keys of {where}: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)

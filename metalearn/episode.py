@@ -32,7 +32,9 @@ def _load(paths: list[Path], preprocess: dict, device: torch.device) -> torch.Te
             with Image.open(path) as image:
                 arrays.append(image_array(image, **preprocess))
         except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"cannot read image {path} ({error}); remove it or convert it") from error
+            raise DataError(
+                f"cannot read image {path} ({error}); remove it or convert it"
+            ) from error
     x = torch.from_numpy(np.stack(arrays)).to(device)
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (B, channels, H, W)
     return x.float() / 255.0
@@ -64,16 +66,19 @@ def read_episode(support_dir: Path, query_dir: Path, preprocess: dict, device: t
     unknown = sorted({t for t in query_true if t is not None} - set(classes))
     if unknown:
         raise DataError(f"query subfolders {unknown} name no support class ({classes})")
-    support = Split(_load(support_paths, preprocess, device),
-                    torch.tensor(support_y, device=device))  # fmt: skip
+    support = Split(
+        _load(support_paths, preprocess, device), torch.tensor(support_y, device=device)
+    )
     return classes, support, query_paths, _load(query_paths, preprocess, device), query_true
 
 
 def classify_episode(run: Run, support_dir: Path, query_dir: Path, output: Path) -> dict:
     """Adapt to the support folders, predict every query image, write a CSV; return a summary."""
     if run.preprocess is None:
-        raise DataError(f"data={run.config.data.name} has no images: episode folders apply to "
-                        f"image data sets only")  # fmt: skip
+        raise DataError(
+            f"data={run.config.data.name} has no images: episode folders apply to "
+            f"image data sets only"
+        )
     classes, support, paths, query_x, truth = read_episode(
         Path(support_dir), Path(query_dir), run.preprocess, run.device
     )
@@ -94,6 +99,11 @@ def classify_episode(run: Run, support_dir: Path, query_dir: Path, output: Path)
             writer.writerow([str(path), classes[p], f"{row[p].item():.4f}", t or ""])
     labelled = [(classes[p], t) for p, t in zip(predicted, truth, strict=True) if t is not None]
     accuracy = sum(p == t for p, t in labelled) / len(labelled) if labelled else None
-    return {"classes": classes, "support_images": len(support.y), "query_images": len(paths),
-            "labelled_query_images": len(labelled), "accuracy": accuracy,
-            "predictions": str(output)}  # fmt: skip
+    return {
+        "classes": classes,
+        "support_images": len(support.y),
+        "query_images": len(paths),
+        "labelled_query_images": len(labelled),
+        "accuracy": accuracy,
+        "predictions": str(output),
+    }

@@ -21,8 +21,14 @@ if TYPE_CHECKING:
 def plot_learning_curves(metrics: Path, path: Path) -> Path:
     """Training loss, training query score and validation score against the iteration."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    keys = sorted({k for row in rows for k in row if k.startswith(("train/", "val/"))
-                   and not k.endswith(("_ci95", "outer_lr"))})  # fmt: skip
+    keys = sorted(
+        {
+            k
+            for row in rows
+            for k in row
+            if k.startswith(("train/", "val/")) and not k.endswith(("_ci95", "outer_lr"))
+        }
+    )
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         points = [(row["step"], row[key]) for row in rows if key in row]
@@ -40,8 +46,11 @@ def plot_learning_curves(metrics: Path, path: Path) -> Path:
 def plot_sinusoid_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
     """True sinusoid, the K support points and the prediction after 0, 1 and 10 inner steps."""
     ways, shots, query = run.test_shape
-    batch = next(run.tasks.episodes("test", tasks, ways, shots, query,
-                                    seed=run.config.eval.seed, batch_size=tasks))  # fmt: skip
+    batch = next(
+        run.tasks.episodes(
+            "test", tasks, ways, shots, query, seed=run.config.eval.seed, batch_size=tasks
+        )
+    )
     x = torch.linspace(-5, 5, 200, device=run.device)[:, None]
     fig, axes = plt.subplots(1, tasks, figsize=(4 * tasks, 3.2), squeeze=False)
     for t, ax in enumerate(axes[0]):

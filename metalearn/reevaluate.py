@@ -7,7 +7,7 @@ from typing import Any
 from metalearn import checkpoint
 from metalearn.build import build_run
 from metalearn.episode import classify_episode
-from metalearn.errors import CheckpointError
+from metalearn.errors import CheckpointError, ConfigError
 from metalearn.report import format_table, results_dict, test, write_json
 
 FIXED_GROUPS = ("algo", "model")  # the weights decide these; asking for others is an error
@@ -49,13 +49,15 @@ def evaluate_checkpoint(composed: dict[str, Any], overrides: list[str], run_dir:
     episode = composed.get("episode") or {}
     if episode.get("support") or episode.get("query"):
         if not (episode.get("support") and episode.get("query")):
-            raise CheckpointError("give both episode.support=DIR and episode.query=DIR")
+            raise ConfigError("give both episode.support=DIR and episode.query=DIR")
         output = Path(episode.get("output") or run_dir / "predictions.csv")
         summary = classify_episode(run, Path(episode["support"]), Path(episode["query"]), output)
         results = {"checkpoint": str(path), "episode": summary}
         accuracy = summary["accuracy"]
-        print(f"{summary['query_images']} query images -> {output}"
-              + (f"; accuracy {100 * accuracy:.2f}%" if accuracy is not None else ""))  # fmt: skip
+        print(
+            f"{summary['query_images']} query images -> {output}"
+            + (f"; accuracy {100 * accuracy:.2f}%" if accuracy is not None else "")
+        )
     else:
         results = results_dict(run, test(run), val=None, train=None) | {"checkpoint": str(path)}
         print(format_table(results))

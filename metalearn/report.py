@@ -27,17 +27,27 @@ def test(run: Run) -> dict[str, Any]:
     steps = sorted({run.test_steps, *cfg.steps}) if bilevel else [run.test_steps]
     breakdown, headline = [], None
     for k in sorted({shots, *cfg.shots}):
-        out = run_episodes(run, "test", episodes=cfg.episodes, ways=ways,
-                           shots=k, query=query, steps=steps)  # fmt: skip
+        out = run_episodes(
+            run, "test", episodes=cfg.episodes, ways=ways, shots=k, query=query, steps=steps
+        )
         for column, step in enumerate(steps):
-            entry = {"ways": ways, "shots": k, "query": query, "inner_steps": step,
-                     run.metric: mean_ci95(out["score"][:, column]),
-                     "loss": mean_ci95(out["loss"][:, column])}  # fmt: skip
+            entry = {
+                "ways": ways,
+                "shots": k,
+                "query": query,
+                "inner_steps": step,
+                run.metric: mean_ci95(out["score"][:, column]),
+                "loss": mean_ci95(out["loss"][:, column]),
+            }
             breakdown.append(entry)
             if k == shots and step == run.test_steps:
                 headline = entry
-    return {run.metric: headline[run.metric], "loss": headline["loss"], "episodes": cfg.episodes,
-            "breakdown": breakdown}  # fmt: skip
+    return {
+        run.metric: headline[run.metric],
+        "loss": headline["loss"],
+        "episodes": cfg.episodes,
+        "breakdown": breakdown,
+    }
 
 
 def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | None) -> dict:
@@ -45,13 +55,19 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
     config, (ways, shots, query) = run.config, run.test_shape
     algo = config.algo
     return {
-        "algo": algo.name, "data": config.data.name, "model": config.model.name,
+        "algo": algo.name,
+        "data": config.data.name,
+        "model": config.model.name,
         "task": {"ways": ways, "shots": shots, "query": query},
-        "metric": run.metric, "test": test_result, "val": val, "train": train,
+        "metric": run.metric,
+        "test": test_result,
+        "val": val,
+        "train": train,
         "protocol": {
             "split": getattr(config.data, "split", None),
             "image_size": getattr(config.data, "image_size", None),
-            "train_ways": run.train_shape[0], "train_shots": run.train_shape[1],
+            "train_ways": run.train_shape[0],
+            "train_shots": run.train_shape[1],
             "train_query": run.train_shape[2],
             "test_inner_steps": getattr(algo, "test_inner_steps", None),
             "test_inner_lr": getattr(algo, "test_inner_lr", None),
@@ -59,20 +75,33 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "transductive_bn": run.config.model.name == "conv4",  # per-task batch statistics
             "eval_seed": config.eval.seed,
         },
-        "hardware": {"device": run.device.type, "threads": torch.get_num_threads(),
-                     "torch": torch.__version__, "cpu": platform.processor() or platform.machine()},
-        "git": git_info(), "seed": config.seed,
-    }  # fmt: skip
+        "hardware": {
+            "device": run.device.type,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+        },
+        "git": git_info(),
+        "seed": config.seed,
+    }
 
 
 def git_info() -> dict[str, Any]:
     """Commit and dirtiness of the source tree this package runs from (None outside git)."""
     source = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": bool(status.strip())}
@@ -80,6 +109,7 @@ def git_info() -> dict[str, Any]:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic write: a reader never sees half a results.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
@@ -90,10 +120,14 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     best = run_dir / "checkpoints" / "best.pt"
     run.load_algo_state(checkpoint.load(best), best)
     seconds = progress.seconds
-    train = {"iterations": progress.iteration, "wall_seconds": round(seconds, 2),
-             "tasks_per_second": round(progress.iteration * run.config.trainer.meta_batch_size
-                                       / max(seconds, 1e-9), 2),
-             "stopped_by": progress.stopped_by}  # fmt: skip
+    train = {
+        "iterations": progress.iteration,
+        "wall_seconds": round(seconds, 2),
+        "tasks_per_second": round(
+            progress.iteration * run.config.trainer.meta_batch_size / max(seconds, 1e-9), 2
+        ),
+        "stopped_by": progress.stopped_by,
+    }
     results = results_dict(run, test(run), progress.best_val, train)
     write_json(run_dir / "results.json", results)
     plots = write_plots(run, run_dir)
@@ -120,11 +154,17 @@ def format_table(results: dict) -> str:
     steps = sorted({e["inner_steps"] for e in test_result["breakdown"]})
     shots = sorted({e["shots"] for e in test_result["breakdown"]})
     cells = {(e["shots"], e["inner_steps"]): e[metric] for e in test_result["breakdown"]}
-    fmt = (lambda v: f"{100 * v['mean']:.2f} ± {100 * v['ci95']:.2f}%") if percent else (
-        lambda v: f"{v['mean']:.3f} ± {v['ci95']:.3f}")  # fmt: skip
+    fmt = (
+        (lambda v: f"{100 * v['mean']:.2f} ± {100 * v['ci95']:.2f}%")
+        if percent
+        else (lambda v: f"{v['mean']:.3f} ± {v['ci95']:.3f}")
+    )
     task = results["task"]
-    title = (f"test {metric} ({results['algo']} on {results['data']}, {task['ways']}-way, "
-             f"{test_result['episodes']} fixed tasks, 95% CI)")  # fmt: skip
-    header = f"{'':>8}" + "".join(f"{f'{s} steps':>20}" for s in steps)
+    title = (
+        f"test {metric} ({results['algo']} on {results['data']}, {task['ways']}-way, "
+        f"{test_result['episodes']} fixed tasks, 95% CI)"
+    )
+    inner_loop = results["protocol"]["test_inner_steps"] is not None
+    header = f"{'':>8}" + "".join(f"{f'{s} steps' if inner_loop else metric:>20}" for s in steps)
     rows = [f"{f'K={k}':>8}" + "".join(f"{fmt(cells[(k, s)]):>20}" for s in steps) for k in shots]
     return "\n".join([title, header, *rows])

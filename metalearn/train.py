@@ -1,4 +1,4 @@
-"""The outer loop: sample -> algo.meta_loss -> step -> log -> validate and checkpoint on schedule."""
+"""The outer loop: sample -> meta_loss -> step -> log, then validate and checkpoint on schedule."""
 
 from __future__ import annotations
 
@@ -72,9 +72,12 @@ def train(run: Run, run_dir: Path) -> dict:
     if resumed:
         progress = _restore(run, optimizer, generator, last_path)
     logger = Logger(
-        run.config.logger, run_dir, run_name=run.name, config=run.config_dict,
+        run.config.logger,
+        run_dir,
+        run_name=run.name,
+        config=run.config_dict,
         resume_step=progress.iteration if resumed else None,
-    )  # fmt: skip
+    )
     try:
         _loop(run, optimizer, generator, progress, logger, run_dir)
         results = finish_run(run, progress, run_dir, logger)
@@ -91,9 +94,12 @@ def _loop(
     trainer, shape = run.config.trainer, run.train_shape
     budget = math.inf if trainer.max_minutes is None else 60.0 * trainer.max_minutes
     bar = tqdm(
-        total=trainer.iterations, initial=progress.iteration, disable=not trainer.progress,
-        desc=run.name, dynamic_ncols=True,
-    )  # fmt: skip
+        total=trainer.iterations,
+        initial=progress.iteration,
+        disable=not trainer.progress,
+        desc=run.name,
+        dynamic_ncols=True,
+    )
     window_start, window_tasks = time.perf_counter(), 0
     while progress.iteration < trainer.iterations:
         started = time.perf_counter()
@@ -103,9 +109,8 @@ def _loop(
             loss, metrics = run.algo.meta_loss(batch)
         if not torch.isfinite(loss):
             raise TrainingError(
-                f"the meta-training loss became {loss.item()} at iteration {progress.iteration + 1}; "
-                f"the last good checkpoint is kept at {run_dir / 'checkpoints' / 'last.pt'}. Lower "
-                f"algo.outer_lr or algo.inner_lr, then resume with trainer.resume=true"
+                f"the meta-training loss became {loss.item()} at iteration "
+                f"{progress.iteration + 1}; {_kept(run_dir)}"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,12 +128,22 @@ def _loop(
             started = time.perf_counter()
             validate(run, progress, logger, run_dir, optimizer, generator)
             progress.seconds += time.perf_counter() - started
+            window_start, window_tasks = time.perf_counter(), 0  # tasks/s counts training only
         if over_budget:
             progress.stopped_by = "max_minutes"
             break
     bar.close()
     if progress.validated_at != progress.iteration:  # the best checkpoint must see the last weights
         validate(run, progress, logger, run_dir, optimizer, generator)
+
+
+def _kept(run_dir: Path) -> str:
+    """What the user still has after a divergence, and what to do next."""
+    last = run_dir / "checkpoints" / "last.pt"
+    advice = "lower algo.outer_lr or the inner learning rates (algo.inner_lr, algo.test_inner_lr)"
+    if last.is_file():
+        return f"the last good checkpoint is kept at {last}; {advice}, then trainer.resume=true"
+    return f"no checkpoint was saved yet; {advice} and start again"
 
 
 def _set_lr(optimizer, outer_lr: float, trainer: TrainerConfig, iteration: int) -> None:
@@ -142,10 +157,14 @@ def _log_train(run: Run, logger, bar, metrics, optimizer, rate: float, iteration
     loss, score = metrics["loss"].item(), metrics["score"].item()
     name = "query_acc" if run.metric == "accuracy" else "query_mse"
     logger.log(
-        {"train/loss": loss, f"train/{name}": score, "perf/tasks_per_s": rate,
-         "train/outer_lr": optimizer.param_groups[0]["lr"]},
+        {
+            "train/loss": loss,
+            f"train/{name}": score,
+            "perf/tasks_per_s": rate,
+            "train/outer_lr": optimizer.param_groups[0]["lr"],
+        },
         step=iteration,
-    )  # fmt: skip
+    )
     bar.set_postfix(
         {"loss": f"{loss:.3f}", run.metric[:3]: f"{score:.3f}", "tasks/s": f"{rate:.0f}"}
     )
@@ -155,13 +174,29 @@ def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, gen
     """Score the fixed validation episodes; save last.pt always and best.pt when it improves."""
     ways, shots, query = run.test_shape
     out = run_episodes(
-        run, "val", episodes=run.config.eval.val_episodes,
-        ways=ways, shots=shots, query=query, steps=[run.test_steps],
-    )  # fmt: skip
+        run,
+        "val",
+        episodes=run.config.eval.val_episodes,
+        ways=ways,
+        shots=shots,
+        query=query,
+        steps=[run.test_steps],
+    )
     score, loss = mean_ci95(out["score"][:, 0]), mean_ci95(out["loss"][:, 0])
+    if not math.isfinite(score["mean"]) or not math.isfinite(loss["mean"]):
+        raise TrainingError(
+            f"validation at iteration {progress.iteration} gave a non-finite "
+            f"{run.metric} ({score['mean']}) or loss ({loss['mean']}); {_kept(run_dir)}"
+        )
     short = "acc" if run.metric == "accuracy" else "mse"
-    logger.log({f"val/{short}": score["mean"], f"val/{short}_ci95": score["ci95"],
-                "val/loss": loss["mean"]}, step=progress.iteration)  # fmt: skip
+    logger.log(
+        {
+            f"val/{short}": score["mean"],
+            f"val/{short}_ci95": score["ci95"],
+            "val/loss": loss["mean"],
+        },
+        step=progress.iteration,
+    )
     sign = 1.0 if run.metric == "accuracy" else -1.0  # higher accuracy, lower MSE is better
     if progress.best_value is None or sign * score["mean"] > sign * progress.best_value:
         progress.best_value, progress.best_iteration = score["mean"], progress.iteration
@@ -176,17 +211,19 @@ def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, gen
         checkpoint.save(run_dir / "checkpoints" / "best.pt", _state(run, progress))
     checkpoint.save(
         run_dir / "checkpoints" / "last.pt",
-        _state(run, progress) | {"optimizer": optimizer.state_dict(),
-                                 "generator": generator.get_state()},
-    )  # fmt: skip
+        _state(run, progress)
+        | {"optimizer": optimizer.state_dict(), "generator": generator.get_state()},
+    )
 
 
 def _state(run: Run, progress: Progress) -> dict:
     return {
-        "config": run.config_dict, "algo_state": run.algo.state_dict(),
-        "progress": as_dict(progress), "preprocess": run.preprocess,
+        "config": run.config_dict,
+        "algo_state": run.algo.state_dict(),
+        "progress": as_dict(progress),
+        "preprocess": run.preprocess,
         "torch_rng": torch.get_rng_state(),
-    }  # fmt: skip
+    }
 
 
 def _restore(run: Run, optimizer, generator, path: Path) -> Progress:

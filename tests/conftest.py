@@ -39,3 +39,29 @@ def compose_config(overrides: list[str], config_name: str = "train") -> dict:
 def quiet_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+# A tiny ProtoNet run on real Omniglot: 5-way training episodes, two iterations, two episodes.
+TINY_PROTONET = [
+    "experiment=protonet_omniglot_5w1s",
+    "debug=smoke",
+    "hardware.threads=1",
+    "algo.train_ways=5",
+    "trainer.iterations=2",
+    "eval.episodes=2",
+    "eval.val_episodes=2",
+]
+
+
+@pytest.fixture(scope="session")
+def protonet_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained tiny ProtoNet run dir (checkpoints/{last,best}.pt); tests must not modify it."""
+    from metalearn.build import build_run
+    from metalearn.train import train
+
+    root = real_data_root()
+    if root is None:
+        pytest.skip("real Omniglot not found: set METALEARN_DATA to the folder holding omniglot/")
+    run_dir = tmp_path_factory.mktemp("protonet_run")
+    train(build_run(compose_config([*TINY_PROTONET, f"data.root={root}"])), run_dir)
+    return run_dir

@@ -24,8 +24,7 @@ def float64():
 def tiny_conv(fused: bool = False, seed: int = 0) -> Conv4:
     """A conv4 with BatchNorm, small enough for finite differences: 4 filters, 8x8 inputs."""
     torch.manual_seed(seed)
-    return Conv4(Conv4Config(hidden=4, downsample="stride"), (1, 8, 8), WAYS,
-                 fused_batchnorm=fused)  # fmt: skip
+    return Conv4(Conv4Config(hidden=4, downsample="stride"), (1, 8, 8), WAYS, fused_batchnorm=fused)
 
 
 def image_tasks(seed: int = 1) -> TaskBatch:
@@ -60,11 +59,15 @@ def reference_meta_grad(model, batch: TaskBatch, steps: int, lr: float, first_or
     for t in range(batch.tasks):
         fast = theta
         for _ in range(steps):
-            with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, fast))):
+            with torch.nn.utils.stateless._reparametrize_module(
+                model, dict(zip(names, fast, strict=True))
+            ):
                 inner = F.cross_entropy(model(batch.support.x[t]), batch.support.y[t])
             grads = torch.autograd.grad(inner, fast, create_graph=not first_order)
-            fast = [p - lr * g for p, g in zip(fast, grads)]
-        with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, fast))):
+            fast = [p - lr * g for p, g in zip(fast, grads, strict=True)]
+        with torch.nn.utils.stateless._reparametrize_module(
+            model, dict(zip(names, fast, strict=True))
+        ):
             total = total + F.cross_entropy(model(batch.query.x[t]), batch.query.y[t])
     grads = torch.autograd.grad(total / batch.tasks, theta)
     return torch.cat([g.flatten() for g in grads])
@@ -75,15 +78,18 @@ def test_adapt_equals_hand_written_sgd():
     model = MLP(MLPConfig(hidden_sizes=[8, 8]), (1,), 1)
     x, y = torch.randn(10, 1), torch.randn(10, 1)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    fast = adapt(model, params, {}, Split(x, y), steps=3, lr=0.05, first_order=False,
-                 loss=F.mse_loss)  # fmt: skip
+    fast = adapt(
+        model, params, {}, Split(x, y), steps=3, lr=0.05, first_order=False, loss=F.mse_loss
+    )
     reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
     for _ in range(3):
         h = torch.relu(x @ reference[0].T + reference[1])
         h = torch.relu(h @ reference[2].T + reference[3])
         loss = F.mse_loss(h @ reference[4].T + reference[5], y)
         grads = torch.autograd.grad(loss, reference)
-        reference = [(p - 0.05 * g).detach().requires_grad_() for p, g in zip(reference, grads)]
+        reference = [
+            (p - 0.05 * g).detach().requires_grad_() for p, g in zip(reference, grads, strict=True)
+        ]
     for got, want in zip(fast.values(), reference, strict=True):
         torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
 
@@ -101,9 +107,12 @@ def test_vmapped_meta_loss_and_gradient_equal_python_loop_over_tasks():
     loss_v, _ = maml(model, batching="vmap").meta_loss(batch)
     loss_l, _ = maml(model, batching="loop").meta_loss(batch)
     torch.testing.assert_close(loss_v, loss_l, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(meta_grad(maml(model, batching="vmap"), batch),
-                               meta_grad(maml(model, batching="loop"), batch),
-                               rtol=1e-10, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(
+        meta_grad(maml(model, batching="vmap"), batch),
+        meta_grad(maml(model, batching="loop"), batch),
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_second_order_meta_gradient_matches_central_finite_differences():
@@ -148,10 +157,20 @@ def test_fomaml_gradient_is_the_query_gradient_at_the_detached_adapted_parameter
     total = torch.zeros_like(got)
     for t in range(batch.tasks):
         params = {k: v.detach() for k, v in model.named_parameters()}
-        fast = adapt(model, params, {}, Split(batch.support.x[t], batch.support.y[t]), steps=2,
-                     lr=0.3, first_order=True, loss=F.cross_entropy)  # fmt: skip
+        fast = adapt(
+            model,
+            params,
+            {},
+            Split(batch.support.x[t], batch.support.y[t]),
+            steps=2,
+            lr=0.3,
+            first_order=True,
+            loss=F.cross_entropy,
+        )
         fast = [fast[n].detach().requires_grad_() for n in names]
-        with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, fast))):
+        with torch.nn.utils.stateless._reparametrize_module(
+            model, dict(zip(names, fast, strict=True))
+        ):
             loss = F.cross_entropy(model(batch.query.x[t]), batch.query.y[t])
         total += torch.cat([g.flatten() for g in torch.autograd.grad(loss, fast)])
     torch.testing.assert_close(got, total / batch.tasks, rtol=1e-10, atol=1e-12)
@@ -174,10 +193,19 @@ def test_evaluate_reports_the_loss_after_each_number_of_steps():
     for column, steps in enumerate([3, 0, 1]):
         for t in range(TASKS):
             params = {k: v.detach() for k, v in model.named_parameters()}
-            fast = adapt(model, params, {}, Split(batch.support.x[t], batch.support.y[t]),
-                         steps=steps, lr=0.3, first_order=True, loss=F.cross_entropy)  # fmt: skip
-            want = F.cross_entropy(torch.func.functional_call(model, fast, (batch.query.x[t],)),
-                                   batch.query.y[t])  # fmt: skip
+            fast = adapt(
+                model,
+                params,
+                {},
+                Split(batch.support.x[t], batch.support.y[t]),
+                steps=steps,
+                lr=0.3,
+                first_order=True,
+                loss=F.cross_entropy,
+            )
+            want = F.cross_entropy(
+                torch.func.functional_call(model, fast, (batch.query.x[t],)), batch.query.y[t]
+            )
             torch.testing.assert_close(out["loss"][t, column], want)
 
 

@@ -31,12 +31,16 @@ def test_meta_loss_gradient_reaches_the_embedding_and_evaluate_has_one_column():
     algo = ProtoNet(ProtoNetConfig(), model, "classification", "vmap")
     ways, shots, query = 4, 2, 3
     batch = TaskBatch(
-        support=Split(torch.rand(2, ways * shots, 1, 28, 28),
-                      torch.arange(ways).repeat_interleave(shots).expand(2, -1)),
-        query=Split(torch.rand(2, ways * query, 1, 28, 28),
-                    torch.arange(ways).repeat_interleave(query).expand(2, -1)),
+        support=Split(
+            torch.rand(2, ways * shots, 1, 28, 28),
+            torch.arange(ways).repeat_interleave(shots).expand(2, -1),
+        ),
+        query=Split(
+            torch.rand(2, ways * query, 1, 28, 28),
+            torch.arange(ways).repeat_interleave(query).expand(2, -1),
+        ),
         ways=ways,
-    )  # fmt: skip
+    )
     loss, metrics = algo.meta_loss(batch)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -34,8 +34,11 @@ def test_task_shapes_labels_and_disjoint_support_and_query(sampler):
     for t in range(50):
         # a label is one class within a task, and the classes of a task are distinct
         label_to_class = {}
-        for label, cls in zip(batch.support.y[t].tolist() + batch.query.y[t].tolist(),
-                              s_class[t].tolist() + q_class[t].tolist(), strict=True):  # fmt: skip
+        for label, cls in zip(
+            batch.support.y[t].tolist() + batch.query.y[t].tolist(),
+            s_class[t].tolist() + q_class[t].tolist(),
+            strict=True,
+        ):
             assert label_to_class.setdefault(label, cls) == cls
         assert len(set(label_to_class.values())) == 5 and sorted(label_to_class) == list(range(5))
         assert torch.bincount(batch.support.y[t]).tolist() == [2] * 5

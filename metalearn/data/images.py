@@ -31,7 +31,8 @@ class OmniglotConfig:
     def __post_init__(self) -> None:
         if self.split not in OMNIGLOT_SPLITS:
             raise ConfigError(
-                f"data.split={self.split!r} is not an Omniglot split; valid: {', '.join(OMNIGLOT_SPLITS)}"
+                f"data.split={self.split!r} is not an Omniglot split; "
+                f"valid: {', '.join(OMNIGLOT_SPLITS)}"
             )
         for key in ("ways", "shots", "query", "image_size"):
             if getattr(self, key) < 1:
@@ -41,7 +42,10 @@ class OmniglotConfig:
 def omniglot_tasks(cfg: OmniglotConfig, device: torch.device) -> ClassTasks:
     """Load (decoding once, then from the cache) and hold every split's images on the device."""
     sets = load_omniglot(
-        resolve_root(cfg.root), cfg.split, image_size=cfg.image_size, seed=cfg.split_seed,
+        resolve_root(cfg.root),
+        cfg.split,
+        image_size=cfg.image_size,
+        seed=cfg.split_seed,
         download=cfg.download,
-    )  # fmt: skip
+    )
     return ClassTasks({split: s.images for split, s in sets.items()}, device)

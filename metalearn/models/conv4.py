@@ -11,7 +11,7 @@ from metalearn.models.layers import TaskBatchNorm2d
 
 @dataclass
 class Conv4Config:
-    """Four blocks of 3x3 conv -> BatchNorm -> ReLU -> downsampling, then an optional linear head."""
+    """Four blocks of 3x3 conv, BatchNorm, ReLU and downsampling; then an optional linear head."""
 
     name: str = "conv4"
     hidden: int = 64  # filters per block (64 for Omniglot and ProtoNets, 32 for MAML miniImageNet)
@@ -35,10 +35,20 @@ class Conv4(nn.Module):
     """
 
     def __init__(
-        self, cfg: Conv4Config, in_shape: tuple[int, ...], out_features: int, *,
-        fused_batchnorm: bool = False, channels_last: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: Conv4Config,
+        in_shape: tuple[int, ...],
+        out_features: int,
+        *,
+        fused_batchnorm: bool = False,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
+        if len(in_shape) != 3:
+            raise ConfigError(
+                f"model=conv4 takes images (channels, height, width), but this data set's inputs "
+                f"have shape {tuple(in_shape)}; use model=mlp for vector inputs such as sinusoid"
+            )
         self.channels_last = channels_last  # NHWC activations: faster convolutions on CPU
         channels, height, width = in_shape
         blocks: list[nn.Module] = []

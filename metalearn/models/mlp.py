@@ -1,5 +1,6 @@
 """A plain ReLU multilayer perceptron (MAML's sinusoid network is 1-40-40-1)."""
 
+import math
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -28,7 +29,7 @@ class MLP(nn.Module):
         self, cfg: MLPConfig, in_shape: tuple[int, ...], out_features: int, **_layout: bool
     ) -> None:  # layout flags (fused_batchnorm, channels_last) do not apply to an MLP
         super().__init__()
-        sizes = [in_shape[0], *cfg.hidden_sizes]
+        sizes = [math.prod(in_shape), *cfg.hidden_sizes]  # images are flattened
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -37,5 +38,5 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
         self.embedding_dim = sizes[-1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor) -> Tensor:  # (B, *in_shape) -> (B, out)
+        return self.net(x.flatten(1))

@@ -54,8 +54,7 @@ def adapt(
     loss: Objective,
 ) -> Params:
     """Take `steps` SGD steps on the support loss; return the adapted (fast) parameters."""
-    for fast_params in adapt_steps(
+    *_, fast_params = adapt_steps(
         model, params, buffers, support, steps=steps, lr=lr, first_order=first_order, loss=loss
-    ):
-        pass
+    )
     return fast_params

@@ -73,9 +73,15 @@ class MAML:
 
         def task(params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
             fast = adapt(
-                self.model, params, buffers, Split(sx, sy), steps=self.cfg.inner_steps,
-                lr=self.cfg.inner_lr, first_order=self.cfg.first_order, loss=self.loss,
-            )  # fmt: skip
+                self.model,
+                params,
+                buffers,
+                Split(sx, sy),
+                steps=self.cfg.inner_steps,
+                lr=self.cfg.inner_lr,
+                first_order=self.cfg.first_order,
+                loss=self.loss,
+            )
             prediction = functional_call(self.model, (fast, buffers), (qx,))
             return self.loss(prediction, qy), score(self.kind, prediction, qy)
 
@@ -89,9 +95,15 @@ class MAML:
         def task(params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
             losses, scores = [], []
             trajectory = adapt_steps(
-                self.model, params, buffers, Split(sx, sy), steps=wanted[-1],
-                lr=self.cfg.test_inner_lr, first_order=True, loss=self.loss,
-            )  # fmt: skip
+                self.model,
+                params,
+                buffers,
+                Split(sx, sy),
+                steps=wanted[-1],
+                lr=self.cfg.test_inner_lr,
+                first_order=True,
+                loss=self.loss,
+            )
             for step, fast in enumerate(trajectory):
                 if step in wanted:
                     prediction = functional_call(self.model, (fast, buffers), (qx,))
@@ -111,10 +123,15 @@ class MAML:
         params, buffers = self._params()
         params = {k: v.detach() for k, v in params.items()}
         fast = adapt(
-            self.model, params, buffers, support,
+            self.model,
+            params,
+            buffers,
+            support,
             steps=self.cfg.test_inner_steps if steps is None else steps,
-            lr=self.cfg.test_inner_lr, first_order=True, loss=self.loss,
-        )  # fmt: skip
+            lr=self.cfg.test_inner_lr,
+            first_order=True,
+            loss=self.loss,
+        )
         with torch.no_grad():
             return functional_call(self.model, (fast, buffers), (query_x,))
 

@@ -1,0 +1,33 @@
+# metalearn: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export METALEARN_DATA ?= $(abspath ../shared/data)
+
+.PHONY: help install test test-all lint format reproduce clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+install:  ## create .venv and install metalearn editable with its dev extras
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]'
+
+test:  ## run the test suite (a few minutes on 2 cores; real Omniglot from $$METALEARN_DATA)
+	$(BIN)/python -m pytest
+
+lint:  ## ruff lint and format check
+	$(BIN)/ruff check metalearn tests
+	$(BIN)/ruff format --check metalearn tests
+
+format:  ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff check --fix metalearn tests
+	$(BIN)/ruff format metalearn tests
+
+reproduce:  ## the long real-data runs behind the README table (about 1.5 hours on 2 cores)
+	PATH=$(abspath $(BIN)):$$PATH scripts/readme_runs.sh
+	$(BIN)/python scripts/results_table.py outputs/readme
+
+clean:  ## remove caches (not outputs/)
+	rm -rf .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,56 @@
+"""Turn the README runs' results.json files into the README's markdown results table.
+
+Usage: python scripts/results_table.py outputs/readme
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+# run name -> (what it reproduces, the published number with its source)
+PUBLISHED = {
+    "protonet_5w1s": ("ProtoNet, Omniglot 5-way 1-shot", "98.8% (Snell et al. 2017)"),
+    "protonet_5w5s": ("ProtoNet, Omniglot 5-way 5-shot", "99.7% (Snell et al. 2017)"),
+    "maml_5w1s_8min": ("MAML, Omniglot 5-way 1-shot", "98.7 ± 0.4% (Finn et al. 2017)"),
+    "fomaml_5w1s_8min": ("FOMAML, Omniglot 5-way 1-shot", "98.3 ± 0.5% (Finn et al. 2017)"),
+    "maml_5w1s_60min": ("MAML, Omniglot 5-way 1-shot", "98.7 ± 0.4% (Finn et al. 2017)"),
+    "maml_sinusoid": ("MAML sinusoid, K=10 trained, K=5 tested", "0.67 / 0.38 / 0.35 (1 / 5 / 10 steps)"),
+}
+
+
+def cell(value: dict, percent: bool) -> str:
+    if percent:
+        return f"{100 * value['mean']:.2f} ± {100 * value['ci95']:.2f}%"
+    return f"{value['mean']:.3f} ± {value['ci95']:.3f}"
+
+
+def row(name: str, run_dir: Path) -> str:
+    results = json.loads((run_dir / "results.json").read_text())
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    command = "metalearn train " + " ".join(o for o in overrides if not o.startswith("hydra."))
+    train, hardware = results["train"], results["hardware"]
+    if results["metric"] == "mse":
+        cells = {(e["shots"], e["inner_steps"]): e["mse"] for e in results["test"]["breakdown"]}
+        ours = " / ".join(cell(cells[(5, s)], False) for s in (1, 5, 10))
+    else:
+        ours = cell(results["test"]["accuracy"], True)
+    what, published = PUBLISHED[name]
+    minutes = train["wall_seconds"] / 60
+    where = f"{hardware['threads']} CPU threads ({hardware['cpu']}), torch {hardware['torch']}"
+    return (f"| {what} | `{command}` | {where} | {minutes:.1f} min, {train['iterations']} it "
+            f"| {ours} | {published} |")
+
+
+def main() -> None:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/readme")
+    print("| benchmark | command | hardware | training | ours (95% CI) | published |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in PUBLISHED:
+        if (root / name / "results.json").is_file():
+            print(row(name, root / name))
+
+
+if __name__ == "__main__":
+    main()

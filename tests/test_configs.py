@@ -1,0 +1,190 @@
+"""Every config group, experiment and (algo, data) pair composes, validates and builds."""
+
+import dataclasses
+import subprocess
+import sys
+import types
+import typing
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS, REPO, compose_config, real_data_root
+from omegaconf import OmegaConf
+
+from metalearn.build import build_run, parse_config
+from metalearn.config import as_dict
+from metalearn.errors import ConfigError
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+ALGOS = sorted(p.stem for p in (CONFIGS / "algo").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
+# A tiny run: a few iterations and episodes, no W&B, one CPU thread.
+SMOKE = ["debug=smoke", "hardware.threads=1"]
+# Pairs that cannot work, and the words the error must contain.
+IMPOSSIBLE = {("protonet", "sinusoid"): ["protonet", "classification", "omniglot"]}
+# The groups `metalearn train --help` must list, with their options.
+GROUPS = {
+    "algo": ["fomaml", "maml", "protonet"],
+    "data": ["omniglot", "sinusoid"],
+    "model": ["conv4", "mlp"],
+    "hardware": ["auto", "cpu", "cuda"],
+    "logger": ["none", "wandb"],
+    "debug": ["smoke"],
+    "experiment": EXPERIMENTS,
+}
+
+
+def load_yaml(path: Path) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def test_the_config_folders_hold_what_the_tests_expect():
+    assert ALGOS == ["fomaml", "maml", "protonet"]
+    assert DATASETS == ["omniglot", "sinusoid"]
+    assert len(EXPERIMENTS) >= 10
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds(experiment: str, omniglot_root: Path):
+    run = build_run(
+        compose_config([f"experiment={experiment}", *SMOKE, f"data.root={omniglot_root}"])
+    )
+    built = run.config_dict
+    preset = load_yaml(CONFIGS / "experiment" / f"{experiment}.yaml")
+    smoke = load_yaml(CONFIGS / "debug" / "smoke.yaml")
+    for entry in preset.pop("defaults"):  # e.g. {"override /algo": "maml"}
+        ((key, choice),) = entry.items()
+        assert built[key.removeprefix("override /")]["name"] == choice
+    # The preset's values beat the group defaults and tuned/; debug=smoke beats the preset.
+    for section, values in preset.items():
+        for key, value in values.items():
+            expected = smoke.get(section, {}).get(key, value)
+            assert built[section][key] == expected, f"{experiment}: {section}.{key}"
+    assert run.config.trainer.iterations == smoke["trainer"]["iterations"]
+    data, algo = preset["data"], preset["algo"]
+    train_ways = algo.get("train_ways") or data.get("ways", 1)
+    train_query = algo.get("train_query") or data["query"]
+    assert run.train_shape == (train_ways, data["shots"], train_query)
+    assert run.test_shape == (data.get("ways", 1), data["shots"], data["query"])
+
+
+@pytest.mark.parametrize("data", DATASETS)
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str):
+    overrides = [f"algo={algo}", f"data={data}", *SMOKE]
+    if data == "omniglot":
+        root = real_data_root()
+        if root is None:
+            pytest.skip("real Omniglot not found: set METALEARN_DATA to the Omniglot data root")
+        overrides.append(f"data.root={root}")
+    raw = compose_config(overrides)
+    if (algo, data) in IMPOSSIBLE:
+        with pytest.raises(ConfigError) as error:
+            build_run(raw)
+        for word in IMPOSSIBLE[algo, data]:
+            assert word in str(error.value)
+        return
+    run = build_run(raw)
+    assert (run.config.algo.name, run.config.data.name) == (algo, data)
+    # Each data set gets its usual network unless model=<name> says otherwise.
+    assert run.config.model.name == {"omniglot": "conv4", "sinusoid": "mlp"}[data]
+    assert run.metric == {"omniglot": "accuracy", "sinusoid": "mse"}[data]
+    assert run.tasks.kind == {"omniglot": "classification", "sinusoid": "regression"}[data]
+    assert run.name.startswith(f"{algo}-{data}-")
+    if algo == "fomaml":
+        assert run.config.algo.first_order
+
+
+def test_the_default_config_is_maml_on_sinusoid_as_in_the_paper():
+    raw = compose_config([])
+    assert raw["algo"]["name"] == "maml" and raw["algo"]["first_order"] is False
+    assert raw["data"]["name"] == "sinusoid"
+    assert raw["model"] == {"name": "mlp", "hidden_sizes": [40, 40]}
+    assert raw["algo"]["inner_lr"] == 0.01
+    assert raw["algo"]["inner_steps"] == 1
+    assert raw["trainer"]["meta_batch_size"] == 25
+    assert raw["data"]["amplitude"] == [0.1, 5.0]
+    assert raw["data"]["x_range"] == [-5.0, 5.0]
+    assert raw["hardware"]["device"] == "cpu"
+
+
+def test_algo_and_data_choices_pick_their_model_and_tuned_values():
+    raw = compose_config(["algo=maml", "data=omniglot"])
+    assert raw["model"]["name"] == "conv4"
+    assert raw["algo"]["inner_lr"] == 0.4
+    raw = compose_config(["algo=fomaml"])  # tuned/fomaml_sinusoid
+    assert raw["algo"]["first_order"] is True and raw["algo"]["inner_lr"] == 0.01
+    raw = compose_config(["algo=protonet", "data=omniglot"])  # tuned/protonet_omniglot
+    assert (raw["algo"]["train_ways"], raw["trainer"]["meta_batch_size"]) == (60, 1)
+    assert compose_config(["data=omniglot", "model=mlp"])["model"]["name"] == "mlp"
+
+
+def test_experiment_values_beat_tuned_ones_and_the_command_line_beats_both():
+    tuned = load_yaml(CONFIGS / "tuned" / "maml_omniglot.yaml")["algo"]
+    raw = compose_config(["experiment=maml_omniglot_20w1s"])
+    assert tuned["inner_lr"] == 0.4 and raw["algo"]["inner_lr"] == 0.1
+    assert tuned["inner_steps"] == 1 and raw["algo"]["inner_steps"] == 5
+    raw = compose_config(["experiment=maml_omniglot_20w1s", "algo.inner_lr=0.2"])
+    assert raw["algo"]["inner_lr"] == 0.2
+
+
+def is_typed(value, hint) -> bool:
+    """Whether `value` is exactly of type `hint` (no int where a float is declared)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(is_typed(value, a) for a in args)
+    if origin is list:
+        return type(value) is list and all(is_typed(v, args[0]) for v in value)
+    return hint is typing.Any or type(value) is hint
+
+
+ROUND_TRIP = [[], *([f"experiment={e}"] for e in EXPERIMENTS)]
+ROUND_TRIP += [
+    [f"algo={a}", f"data={d}"] for a in ALGOS for d in DATASETS if (a, d) not in IMPOSSIBLE
+]
+
+
+@pytest.mark.parametrize("overrides", ROUND_TRIP, ids=lambda o: " ".join(o) or "default")
+def test_every_value_of_the_saved_config_survives_parse_config_typed(overrides, tmp_path):
+    # What Hydra writes to <run dir>/.hydra/config.yaml, read back as the CLI would.
+    path = tmp_path / "config.yaml"
+    OmegaConf.save(OmegaConf.create(compose_config(overrides)), path)
+    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    parsed = parse_config(saved)
+    for section, values in saved.items():
+        if not isinstance(values, dict):
+            assert getattr(parsed, section) == values
+            continue
+        config = getattr(parsed, section)
+        hints = typing.get_type_hints(type(config))
+        for key, value in values.items():
+            got = getattr(config, key)
+            if value is None and key.startswith("test_inner_"):  # None means "as in training"
+                assert got == getattr(config, key.removeprefix("test_"))
+                continue
+            assert got == value, f"{section}.{key}"
+            assert is_typed(got, hints[key]), f"{section}.{key}: {got!r} is not {hints[key]}"
+    # A checkpoint stores as_dict(config); reading it back must give the same config.
+    assert parse_config(as_dict(parsed)) == parsed
+    assert dataclasses.is_dataclass(parsed.trainer)
+
+
+def test_integer_learning_rates_become_floats():
+    parsed = parse_config(compose_config(["algo.inner_lr=1", "algo.outer_lr=1"]))
+    assert type(parsed.algo.inner_lr) is float and type(parsed.algo.outer_lr) is float
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_help_lists_every_group_and_its_options(command: str):
+    out = subprocess.run(
+        [sys.executable, "-m", "metalearn.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    for group, options in GROUPS.items():
+        assert f"{group}: {', '.join(options)}" in lines, f"{group} not listed as expected"
+    assert f"metalearn {command}" in out.stdout

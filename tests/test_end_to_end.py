@@ -1,0 +1,229 @@
+"""Tiny real runs end to end: train, outputs, eval, resume after a kill, multirun, W&B offline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_config
+from test_logger import wandb_contents
+
+from metalearn.build import build_run
+from metalearn.reevaluate import evaluate_checkpoint
+from metalearn.train import train
+
+CLI = [sys.executable, "-m", "metalearn.cli"]
+SMOKE = ["debug=smoke", "hardware.threads=1"]
+
+
+def run_train(overrides: list[str], run_dir: Path) -> dict:
+    return train(build_run(compose_config([*SMOKE, *overrides])), run_dir)
+
+
+def headline(results: dict) -> tuple:
+    """The numbers a resumed run must reproduce exactly."""
+    metric = results["metric"]
+    return (
+        results["test"][metric],
+        results["test"]["loss"],
+        results["val"],
+        results["train"]["iterations"],
+        results["test"]["breakdown"],
+    )
+
+
+def test_default_run_from_the_command_line_writes_the_run_directory(tmp_path):
+    """`metalearn train` (here at smoke size): the DESIGN.md run directory and results.json."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [*CLI, "train", *SMOKE, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "test mse (maml on sinusoid" in done.stdout and "K=5" in done.stdout
+    for name in (
+        ".hydra/config.yaml",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "plots/learning_curves.png",
+        "plots/adapted_curves.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert {
+        "algo",
+        "data",
+        "model",
+        "task",
+        "metric",
+        "test",
+        "val",
+        "train",
+        "protocol",
+        "hardware",
+        "git",
+        "seed",
+    } <= set(results)
+    assert results["metric"] == "mse" and results["test"]["episodes"] == 10
+    assert {"mean", "ci95"} == set(results["test"]["mse"])
+    cells = {(e["shots"], e["inner_steps"]) for e in results["test"]["breakdown"]}
+    assert cells == {(k, s) for k in (5, 10) for s in (0, 1, 5, 10)}
+    assert results["hardware"]["torch"] == torch.__version__
+    assert len(results["git"]["commit"] or "") == 40
+
+
+def test_omniglot_protonet_learns_far_above_chance_in_seconds(tmp_path, omniglot_root):
+    results = run_train(
+        [
+            "experiment=protonet_omniglot_5w1s",
+            f"data.root={omniglot_root}",
+            "trainer.iterations=40",
+            "trainer.eval_every=40",
+            "algo.train_ways=20",
+            "eval.episodes=100",
+            "eval.batch_size=50",
+        ],
+        tmp_path,
+    )
+    assert results["metric"] == "accuracy" and results["protocol"]["split"] == "vinyals"
+    assert results["protocol"]["transductive_bn"] is True
+    assert results["test"]["accuracy"]["mean"] > 0.7  # chance is 0.2
+
+
+def test_maml_sinusoid_learns_to_adapt(tmp_path):
+    results = run_train(
+        [
+            "trainer.iterations=1000",
+            "trainer.eval_every=1000",
+            "trainer.meta_batch_size=25",
+            "eval.episodes=200",
+            "eval.batch_size=100",
+        ],
+        tmp_path,
+    )
+    cells = {(e["shots"], e["inner_steps"]): e["mse"]["mean"] for e in results["test"]["breakdown"]}
+    # a random initialisation sits near the family's variance (about 4); adaptation must beat it
+    assert cells[(10, 10)] < 0.6 * cells[(10, 0)], cells
+    assert cells[(10, 10)] < cells[(5, 10)]
+
+
+def test_eval_retests_a_checkpoint_at_other_shots_and_episodes(tmp_path, omniglot_root):
+    train_dir = tmp_path / "train"
+    run_train(["experiment=protonet_omniglot_5w1s", f"data.root={omniglot_root}"], train_dir)
+    overrides = [
+        f"checkpoint={train_dir / 'checkpoints' / 'best.pt'}",
+        "data.shots=5",
+        "data.ways=10",
+        "eval.episodes=12",
+        "hardware.threads=1",
+    ]
+    results = evaluate_checkpoint(compose_config(overrides, "eval"), overrides, tmp_path / "eval")
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["task"] == {"ways": 10, "shots": 5, "query": 15} == results["task"]
+    assert saved["test"]["episodes"] == 12 and saved["protocol"]["split"] == "vinyals"
+    assert 0.1 < saved["test"]["accuracy"]["mean"] <= 1
+
+
+def test_resume_continues_to_the_same_results_as_an_uninterrupted_run(tmp_path):
+    common = ["trainer.eval_every=3", "eval.episodes=20"]
+    whole = run_train([*common, "trainer.iterations=9"], tmp_path / "whole")
+    run_train([*common, "trainer.iterations=6"], tmp_path / "split")
+    resumed = run_train(
+        [*common, "trainer.iterations=9", "trainer.resume=true"], tmp_path / "split"
+    )
+    assert headline(resumed) == headline(whole)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").open()]
+    assert steps == sorted(steps) and steps[-1] == 9
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a real `metalearn train` after its first checkpoint, then resume it."""
+    args = [
+        *CLI,
+        "train",
+        *SMOKE,
+        "trainer.iterations=800",
+        "trainer.eval_every=50",
+        "eval.episodes=50",
+        "eval.val_episodes=10",
+    ]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*args, f"hydra.run.dir={killed}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    done = subprocess.run(
+        [*args, f"hydra.run.dir={killed}", "trainer.resume=true"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    whole = subprocess.run(
+        [*args, f"hydra.run.dir={tmp_path / 'whole'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert whole.returncode == 0, whole.stderr
+    a = json.loads((killed / "results.json").read_text())
+    b = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert headline(a) == headline(b)
+
+
+def test_multirun_sweep_writes_one_run_directory_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [*CLI, "train", "-m", *SMOKE, "algo=maml,fomaml", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert sorted((r["algo"], r["seed"]) for r in results) == [
+        ("fomaml", 0),
+        ("fomaml", 1),
+        ("maml", 0),
+        ("maml", 1),
+    ]
+    assert results[0]["test"]["mse"] != results[1]["test"]["mse"]
+
+
+def test_wandb_offline_run_holds_the_logged_metrics_and_results(tmp_path):
+    results = run_train(["logger=wandb", "trainer.iterations=4"], tmp_path)
+    (contents,) = wandb_contents(tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    for row in logged:
+        step = row.pop("step")
+        for key, value in row.items():
+            assert contents["history"][step][key] == pytest.approx(value), (step, key)
+    assert contents["summary"]["test/mse/mean"] == pytest.approx(results["test"]["mse"]["mean"])
+    assert contents["config"]["algo"]["inner_lr"] == 0.01  # the resolved config
+    assert "plots/learning_curves" in contents["summary"]
+
+
+def test_package_imports_from_a_clean_interpreter():
+    """The console script's module loads without the test harness's sys.path help."""
+    done = subprocess.run([*CLI, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "metalearn <command>" in done.stderr
