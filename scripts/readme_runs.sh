@@ -13,9 +13,9 @@ declare -A RUNS=(
   [maml_5w1s_8min]="experiment=maml_omniglot_5w1s trainer.max_minutes=8"
   [fomaml_5w1s_8min]="experiment=fomaml_omniglot_5w1s trainer.max_minutes=8"
   [maml_sinusoid]="experiment=maml_sinusoid"
-  [maml_5w1s_60min]="experiment=maml_omniglot_5w1s trainer.max_minutes=60"
+  [maml_5w1s_45min]="experiment=maml_omniglot_5w1s trainer.max_minutes=45"
 )
-ORDER=(protonet_5w1s protonet_5w5s maml_5w1s_8min fomaml_5w1s_8min maml_sinusoid maml_5w1s_60min)
+ORDER=(protonet_5w1s protonet_5w5s maml_5w1s_8min fomaml_5w1s_8min maml_sinusoid maml_5w1s_45min)
 
 for name in "${@:-${ORDER[@]}}"; do
   echo "=== $name: metalearn train ${RUNS[$name]}"
