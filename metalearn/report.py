@@ -13,6 +13,7 @@ import torch
 
 from metalearn import checkpoint
 from metalearn.evaluate import mean_ci95, run_episodes
+from metalearn.models.layers import TaskBatchNorm2d
 from metalearn.plots import plot_learning_curves, plot_sinusoid_tasks
 
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "test_inner_steps": getattr(algo, "test_inner_steps", None),
             "test_inner_lr": getattr(algo, "test_inner_lr", None),
             "first_order": getattr(algo, "first_order", None),
-            "transductive_bn": run.config.model.name == "conv4",  # per-task batch statistics
+            # BatchNorm normalises each task with its own batch statistics (no running stats)
+            "transductive_bn": any(isinstance(m, TaskBatchNorm2d) for m in run.model.modules()),
             "eval_seed": config.eval.seed,
         },
         "hardware": {

@@ -103,15 +103,11 @@ class EpisodeSampler:
     ) -> Iterator[TaskBatch]:
         """The same n episodes for a given seed, whatever the model or the batch size."""
         generator = torch.Generator().manual_seed(seed)  # CPU: identical episodes on any device
-        keys = torch.rand((n, self.classes), generator=generator)
-        classes = keys.argsort(dim=-1)[:, :ways]
-        keys = torch.rand((n, ways, self.examples_per_class), generator=generator)
-        examples = keys.argsort(dim=-1)[..., : shots + query]
+        classes = self._draw(generator, (n, self.classes), ways)  # (n, N)
+        examples = self._draw(generator, (n, ways, self.examples_per_class), shots + query)
         for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            yield self.gather(
-                classes[start:stop].to(self.device), examples[start:stop].to(self.device), shots
-            )
+            part = slice(start, start + batch_size)
+            yield self.gather(classes[part], examples[part], shots)
 
 
 class ClassTasks:
