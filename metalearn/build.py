@@ -109,54 +109,34 @@ def parse_config(raw: dict) -> RunConfig:
 def build_run(raw: dict) -> Run:
     """Parse the config, then build data, model and algorithm; check task shapes before training."""
     config = parse_config(raw)
-    if config.algo.name == "fomaml" and not config.algo.first_order:
-        raise ConfigError(
-            "algo=fomaml is first-order by definition; use algo=maml for second order"
-        )
-    device = select_device(config.hardware)
-    torch.manual_seed(config.seed)
     data, algo_cfg = config.data, config.algo
+    algo_cls = ALGOS[algo_cfg.name][1]
     train_shape = (algo_cfg.train_ways or data.ways, data.shots, algo_cfg.train_query or data.query)
     test_shape = (data.ways, data.shots, config.eval.query or data.query)
+    _check_combination(config, algo_cls, train_shape, test_shape)
+    device = select_device(config.hardware)
+    torch.manual_seed(config.seed)
     tasks = DATASETS[data.name][1](data, device)
     tasks.check("train", *train_shape)
     for split in ("val", "test"):
         for shots in {data.shots, *config.eval.shots}:
             tasks.check(split, test_shape[0], shots, test_shape[2])
-    algo_cls = ALGOS[algo_cfg.name][1]
-    if algo_cls.needs_head and tasks.kind == "classification" and train_shape[0] != test_shape[0]:
-        raise ConfigError(
-            f"algo={algo_cfg.name} ends in a {train_shape[0]}-way linear head, so it cannot be "
-            f"tested on {test_shape[0]}-way tasks; set algo.train_ways equal to data.ways"
-        )
-    if (
-        config.hardware.channels_last
-        and algo_cls.differentiates_inner_loop
-        and (config.hardware.task_batching == "vmap")
-    ):
-        raise ConfigError(
-            "hardware.channels_last cannot be used inside vmap (algo="
-            f"{algo_cfg.name}); set hardware.task_batching=loop or hardware.channels_last=false"
-        )
-    out_features = (
-        (train_shape[0] if tasks.kind == "classification" else 1) if algo_cls.needs_head else 0
-    )
-    model_cls = MODELS[config.model.name][1]
-    model = model_cls(
+    # a head has one output per training way (classification) or one value (regression)
+    out_features = train_shape[0] if tasks.kind == "classification" else 1
+    model = MODELS[config.model.name][1](
         config.model,
         tasks.in_shape,
-        out_features,
+        out_features if algo_cls.needs_head else 0,
         channels_last=config.hardware.channels_last,
         fused_batchnorm=not algo_cls.differentiates_inner_loop,  # see TaskBatchNorm2d
     ).to(device)
-    algo = algo_cls(algo_cfg, model, tasks.kind, config.hardware.task_batching)
     return Run(
         config=config,
         config_dict=as_dict(config),
         device=device,
         tasks=tasks,
         model=model,
-        algo=algo,
+        algo=algo_cls(algo_cfg, model, tasks.kind, config.hardware.task_batching),
         train_shape=train_shape,
         test_shape=test_shape,
         test_steps=getattr(algo_cfg, "test_inner_steps", 0),
@@ -164,6 +144,28 @@ def build_run(raw: dict) -> Run:
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{data.ways}w{data.shots}s-seed{config.seed}",
     )
+
+
+def _check_combination(config: RunConfig, algo_cls: type, train_shape: tuple, test_shape: tuple):
+    """Settings that contradict each other, refused before any data is loaded."""
+    name = config.algo.name
+    if name == "fomaml" and not config.algo.first_order:
+        raise ConfigError(
+            "algo=fomaml is first-order by definition; use algo=maml for second order"
+        )
+    classification = config.data.task_kind == "classification"
+    if algo_cls.needs_head and classification and train_shape[0] != test_shape[0]:
+        raise ConfigError(
+            f"algo={name} ends in a {train_shape[0]}-way linear head, so it cannot be "
+            f"tested on {test_shape[0]}-way tasks; set algo.train_ways equal to data.ways"
+        )
+    hardware = config.hardware
+    vmapped = algo_cls.differentiates_inner_loop and hardware.task_batching == "vmap"
+    if hardware.channels_last and vmapped:
+        raise ConfigError(
+            f"hardware.channels_last cannot be used inside vmap (algo={name}); set "
+            "hardware.task_batching=loop or hardware.channels_last=false"
+        )
 
 
 def _preprocess(data: Any) -> dict | None:

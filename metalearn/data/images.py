@@ -1,6 +1,7 @@
 """Image few-shot data sets as typed configs plus the loader that yields class-indexed tensors."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -16,6 +17,7 @@ OMNIGLOT_SPLITS = ("vinyals", "maml", "background")
 class OmniglotConfig:
     """Omniglot (Lake et al. 2015), read from the official archives under the data root."""
 
+    task_kind: ClassVar[str] = "classification"
     name: str = "omniglot"
     root: str | None = None  # data root (None: $METALEARN_DATA, else ~/.cache/metalearn)
     split: str = (

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -13,6 +14,7 @@ from metalearn.errors import ConfigError
 class SinusoidConfig:
     """The task family: amplitude, phase and input ranges, and the task size."""
 
+    task_kind: ClassVar[str] = "regression"
     name: str = "sinusoid"
     ways: int = 1  # regression: one output; kept so every data set answers data.ways
     shots: int = 10  # K: support points per task
