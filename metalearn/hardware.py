@@ -1,7 +1,9 @@
 """Where a run computes: device choice, CPU threads and how a meta-batch's tasks are batched."""
 
 import contextlib
+import platform
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,3 +51,28 @@ def autocast(cfg: HardwareConfig, device: torch.device) -> contextlib.AbstractCo
     if cfg.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def describe(device: torch.device) -> dict[str, Any]:
+    """What a run computed on, for results.json: device, threads, torch, CPU and GPU model."""
+    info: dict[str, Any] = {
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from metalearn import checkpoint
 from metalearn.evaluate import mean_ci95, run_episodes
+from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
 from metalearn.plots import plot_learning_curves, plot_sinusoid_tasks
 
@@ -77,12 +75,7 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "transductive_bn": any(isinstance(m, TaskBatchNorm2d) for m in run.model.modules()),
             "eval_seed": config.eval.seed,
         },
-        "hardware": {
-            "device": run.device.type,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-        },
+        "hardware": describe(run.device),
         "git": git_info(),
         "seed": config.seed,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,8 @@ def _loop(
         disable=not trainer.progress,
         desc=run.name,
         dynamic_ncols=True,
+        # redirected to a file (nohup, SLURM): one line every 30 s instead of every refresh
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     window_start, window_tasks = time.perf_counter(), 0
     while progress.iteration < trainer.iterations:
@@ -166,7 +169,8 @@ def _log_train(run: Run, logger, bar, metrics, optimizer, rate: float, iteration
         step=iteration,
     )
     bar.set_postfix(
-        {"loss": f"{loss:.3f}", run.metric[:3]: f"{score:.3f}", "tasks/s": f"{rate:.0f}"}
+        {"loss": f"{loss:.3f}", run.metric[:3]: f"{score:.3f}", "tasks/s": f"{rate:.0f}"},
+        refresh=False,  # shown at the bar's next refresh, which mininterval paces
     )
 
 
