@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export METALEARN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: help install test test-all lint format reproduce clean
+.PHONY: help install reference test lint format bench reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -12,6 +12,9 @@ help:  ## list the targets
 install:  ## create .venv and install metalearn editable with its dev extras
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[dev]'
+
+reference:  ## install learn2learn, the reference for `metalearn bench` and equivalence tests
+	scripts/install_learn2learn.sh $(VENV)
 
 test:  ## run the test suite (a few minutes on 2 cores; real Omniglot from $$METALEARN_DATA)
 	$(BIN)/python -m pytest

@@ -160,7 +160,7 @@ def _check_combination(config: RunConfig, algo_cls: type, train_shape: tuple, te
             f"tested on {test_shape[0]}-way tasks; set algo.train_ways equal to data.ways"
         )
     hardware = config.hardware
-    vmapped = algo_cls.differentiates_inner_loop and hardware.task_batching == "vmap"
+    vmapped = getattr(algo_cls, "batches_tasks", False) and hardware.task_batching == "vmap"
     if hardware.channels_last and vmapped:
         raise ConfigError(
             f"hardware.channels_last cannot be used inside vmap (algo={name}); set "

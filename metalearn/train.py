@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from metalearn.build import Run
 
 
+SCHEDULES = ("constant", "step", "cosine", "linear")
+
+
 @dataclass
 class TrainerConfig:
     """Budget, schedule and checkpointing of meta-training."""
@@ -33,8 +36,14 @@ class TrainerConfig:
     eval_every: int = 500  # validate (and checkpoint) every this many iterations
     log_every: int = 20  # write training metrics every this many iterations
     resume: bool = False  # continue from <run dir>/checkpoints/last.pt if it exists
+    # outer learning-rate schedule: 'constant', 'step' (x lr_decay every lr_decay_every
+    # iterations), 'cosine' or 'linear' (from algo.outer_lr to min_lr over `iterations`);
+    # None: 'step' if lr_decay_every is set, else the algorithm's own (MAML++ cosine, Reptile
+    # linear, others constant)
+    lr_schedule: str | None = None
     lr_decay_every: int | None = None  # multiply the outer learning rate by lr_decay this often
     lr_decay: float = 0.5  # step decay factor (ProtoNets halve it every 2000 episodes)
+    min_lr: float = 0.0  # where 'cosine' and 'linear' end
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -47,6 +56,15 @@ class TrainerConfig:
             raise ConfigError(f"trainer.lr_decay_every must be positive, got {self.lr_decay_every}")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"trainer.lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.lr_schedule not in (None, *SCHEDULES):
+            raise ConfigError(
+                f"trainer.lr_schedule must be one of {', '.join(SCHEDULES)}, got "
+                f"{self.lr_schedule!r}"
+            )
+        if self.lr_schedule == "step" and self.lr_decay_every is None:
+            raise ConfigError("trainer.lr_schedule=step needs trainer.lr_decay_every")
+        if self.min_lr < 0:
+            raise ConfigError(f"trainer.min_lr must be >= 0, got {self.min_lr}")
 
 
 @dataclass
@@ -65,7 +83,7 @@ class Progress:
 def train(run: Run, run_dir: Path) -> dict:
     """Meta-train, validate, keep the best checkpoint, test it; return results.json's dict."""
     trainer = run.config.trainer
-    optimizer = torch.optim.Adam(run.algo.parameters(), lr=run.config.algo.outer_lr)
+    optimizer = outer_optimizer(run)
     generator = torch.Generator(run.device).manual_seed(run.config.seed)
     progress = Progress()
     last_path = run_dir / "checkpoints" / "last.pt"
@@ -106,10 +124,10 @@ def _loop(
     window_start, window_tasks = time.perf_counter(), 0
     while progress.iteration < trainer.iterations:
         started = time.perf_counter()
-        _set_lr(optimizer, run.config.algo.outer_lr, trainer, progress.iteration)
+        _set_lr(optimizer, run, progress.iteration)
         batch = run.tasks.sample("train", generator, trainer.meta_batch_size, *shape)
         with run.autocast():
-            loss, metrics = run.algo.meta_loss(batch)
+            loss, metrics = run.algo.meta_loss(batch, progress.iteration)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"the meta-training loss became {loss.item()} at iteration "
@@ -149,11 +167,38 @@ def _kept(run_dir: Path) -> str:
     return f"no checkpoint was saved yet; {advice} and start again"
 
 
-def _set_lr(optimizer, outer_lr: float, trainer: TrainerConfig, iteration: int) -> None:
-    """Step decay, computed from the iteration so that a resumed run follows the same schedule."""
-    decays = iteration // trainer.lr_decay_every if trainer.lr_decay_every else 0
+def outer_optimizer(run: Run) -> torch.optim.Optimizer:
+    """Adam (the default), or SGD where the algorithm asks for it (Reptile's epsilon step)."""
+    kind = getattr(run.config.algo, "outer_optimizer", "adam")
+    optimizer = torch.optim.SGD if kind == "sgd" else torch.optim.Adam
+    return optimizer(run.algo.parameters(), lr=run.config.algo.outer_lr)
+
+
+def schedule(run: Run) -> str:
+    """The outer learning-rate schedule in force (see TrainerConfig.lr_schedule)."""
+    trainer = run.config.trainer
+    if trainer.lr_schedule is not None:
+        return trainer.lr_schedule
+    return "step" if trainer.lr_decay_every else run.algo.outer_schedule
+
+
+def outer_lr_at(run: Run, iteration: int) -> float:
+    """The outer learning rate at an iteration: a function of the iteration alone, so that a
+    resumed run follows the same schedule."""
+    trainer, base = run.config.trainer, run.config.algo.outer_lr
+    kind, fraction = schedule(run), min(iteration / trainer.iterations, 1.0)
+    if kind == "step":
+        return base * trainer.lr_decay ** (iteration // trainer.lr_decay_every)
+    if kind == "cosine":
+        return trainer.min_lr + 0.5 * (base - trainer.min_lr) * (1 + math.cos(math.pi * fraction))
+    if kind == "linear":
+        return base + (trainer.min_lr - base) * fraction
+    return base
+
+
+def _set_lr(optimizer, run: Run, iteration: int) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = outer_lr * trainer.lr_decay**decays
+        group["lr"] = outer_lr_at(run, iteration)
 
 
 def _log_train(run: Run, logger, bar, metrics, optimizer, rate: float, iteration: int) -> None:

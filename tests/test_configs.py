@@ -24,7 +24,7 @@ SMOKE = ["debug=smoke", "hardware.threads=1"]
 IMPOSSIBLE = {("protonet", "sinusoid"): ["protonet", "classification", "omniglot"]}
 # The groups `metalearn train --help` must list, with their options.
 GROUPS = {
-    "algo": ["fomaml", "maml", "protonet"],
+    "algo": ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "protonet", "reptile"],
     "data": ["omniglot", "sinusoid"],
     "model": ["conv4", "mlp"],
     "hardware": ["auto", "cpu", "cuda"],
@@ -39,7 +39,7 @@ def load_yaml(path: Path) -> dict:
 
 
 def test_the_config_folders_hold_what_the_tests_expect():
-    assert ALGOS == ["fomaml", "maml", "protonet"]
+    assert ALGOS == GROUPS["algo"]
     assert DATASETS == ["omniglot", "sinusoid"]
     assert len(EXPERIMENTS) >= 10
 

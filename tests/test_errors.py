@@ -18,7 +18,7 @@ from metalearn.train import train
 
 BASE = ["debug=smoke", "hardware.threads=1"]
 VALID_NAMES = {
-    "algo": ["fomaml", "maml", "protonet"],
+    "algo": ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "protonet", "reptile"],
     "data": ["omniglot", "sinusoid"],
     "model": ["conv4", "mlp"],
 }

@@ -1,16 +1,27 @@
 """Meta-learning algorithms, each one file with the same small protocol.
 
-An algorithm has `parameters()`, `meta_loss(batch) -> (loss, metrics)` for training,
+An algorithm has `parameters()`, `meta_loss(batch, iteration) -> (objective, metrics)` for
+training (the trainer calls backward on the objective and steps its optimiser),
 `evaluate(batch, steps) -> {"loss", "score"}` per task for validation and test,
 `predict(support, query_x)` for one user episode, and `state_dict()/load_state_dict()`.
 """
 
+from metalearn.algos.bilevel.anil import ANIL, ANILConfig
+from metalearn.algos.bilevel.imaml import IMAML, IMAMLConfig
 from metalearn.algos.bilevel.maml import MAML, MAMLConfig
+from metalearn.algos.bilevel.mamlpp import MAMLPlusPlus, MAMLPlusPlusConfig
+from metalearn.algos.bilevel.metasgd import MetaSGD, MetaSGDConfig
+from metalearn.algos.bilevel.reptile import Reptile, ReptileConfig
 from metalearn.algos.metric.protonet import ProtoNet, ProtoNetConfig
 
 # name -> (config class, algorithm class); build.py is the only reader.
 ALGOS: dict[str, tuple[type, type]] = {
     "maml": (MAMLConfig, MAML),
     "fomaml": (MAMLConfig, MAML),  # configs/algo/fomaml.yaml sets first_order: true
+    "reptile": (ReptileConfig, Reptile),
+    "anil": (ANILConfig, ANIL),
+    "metasgd": (MetaSGDConfig, MetaSGD),
+    "imaml": (IMAMLConfig, IMAML),
+    "mamlpp": (MAMLPlusPlusConfig, MAMLPlusPlus),
     "protonet": (ProtoNetConfig, ProtoNet),
 }

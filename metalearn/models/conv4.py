@@ -75,6 +75,7 @@ class Conv4(nn.Module):
         h = self.features(x)
         return h.mean(dim=(2, 3)) if self.pool_space else h.flatten(1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, embed_only: bool = False) -> Tensor:
+        """Logits, or the embedding when there is no head or `embed_only` (ANIL's body)."""
         z = self.embed(x)
-        return self.head(z) if self.head is not None else z
+        return z if self.head is None or embed_only else self.head(z)

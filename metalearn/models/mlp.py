@@ -23,7 +23,10 @@ class MLPConfig:
 
 
 class MLP(nn.Module):
-    """x (B, in) -> (B, out); with out_features == 0 it returns the last hidden layer."""
+    """x (B, in) -> (B, out); with out_features == 0 it returns the last hidden layer.
+
+    The hidden layers are `body`, the output layer `head`, as in conv4: ANIL adapts the head.
+    """
 
     def __init__(
         self, cfg: MLPConfig, in_shape: tuple[int, ...], out_features: int, **_layout: bool
@@ -33,10 +36,10 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(a, b), nn.ReLU()]
-        if out_features > 0:
-            layers.append(nn.Linear(sizes[-1], out_features))
-        self.net = nn.Sequential(*layers)
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(sizes[-1], out_features) if out_features > 0 else None
         self.embedding_dim = sizes[-1]
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, *in_shape) -> (B, out)
-        return self.net(x.flatten(1))
+    def forward(self, x: Tensor, embed_only: bool = False) -> Tensor:  # (B, *in_shape) -> (B, out)
+        z = self.body(x.flatten(1))
+        return z if self.head is None or embed_only else self.head(z)

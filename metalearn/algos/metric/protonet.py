@@ -47,6 +47,7 @@ class ProtoNet:
 
     needs_head = False  # the model is the embedding
     differentiates_inner_loop = False  # no gradient through gradients: fused BatchNorm is safe
+    outer_schedule = "constant"  # the experiments halve it every 2000 episodes (trainer.lr_decay)
 
     def __init__(
         self, cfg: ProtoNetConfig, model: nn.Module, kind: str, task_batching: str
@@ -73,7 +74,7 @@ class ProtoNet:
         support_z, query_z = self._embed(batch.support.x, batch.query.x)
         return prototype_logits(support_z, batch.support.y, query_z, batch.ways)
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def meta_loss(self, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.logits(batch)  # (T, M, N)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query.y.flatten())
         accuracy = (logits.argmax(-1) == batch.query.y).float().mean()

@@ -1,0 +1,194 @@
+"""What every gradient-based meta-learner shares: config, task batching, evaluation, weights.
+
+A subclass says how a task is adapted (`trajectory`), how adapted parameters predict
+(`query_forward`), and, if it is not MAML's, what the outer objective is (`task_loss`,
+`meta_loss`). Everything runs on parameter dicts with `torch.func`: no module copies per task.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from metalearn.algos.bilevel.inner import Params, adapt_steps
+from metalearn.algos.objectives import loss_fn, score
+from metalearn.data.tasks import Split, TaskBatch
+from metalearn.errors import ConfigError
+
+
+@dataclass
+class BilevelConfig:
+    """Inner loop (adaptation) and outer loop (meta-update) settings of the MAML family."""
+
+    name: str = "maml"
+    inner_lr: float = 0.4  # alpha: inner SGD step size during meta-training
+    inner_steps: int = 1  # inner SGD steps during meta-training
+    test_inner_lr: float | None = None  # inner step size at validation/test (None: inner_lr)
+    test_inner_steps: int | None = None  # inner steps at validation/test (None: inner_steps)
+    first_order: bool = False  # drop second-order terms of the meta-gradient (FOMAML)
+    outer_lr: float = 1e-3  # beta: step size of the outer optimiser
+    train_ways: int | None = None  # ways in meta-training (None: data.ways)
+    train_query: int | None = None  # query examples per class in meta-training (None: data.query)
+    checkpoint: bool = False  # recompute each task's inner loop in backward: memory for compute
+
+    def __post_init__(self) -> None:
+        for key in ("inner_lr", "test_inner_lr", "outer_lr"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"algo.{key} must be a positive learning rate, got {value}")
+        if self.inner_steps < 1:
+            raise ConfigError(f"algo.inner_steps must be at least 1, got {self.inner_steps}")
+        if self.test_inner_steps is not None and self.test_inner_steps < 0:
+            raise ConfigError(f"algo.test_inner_steps must be >= 0, got {self.test_inner_steps}")
+        if self.test_inner_lr is None:
+            self.test_inner_lr = self.inner_lr
+        if self.test_inner_steps is None:
+            self.test_inner_steps = self.inner_steps
+
+
+TaskFn = Callable[..., tuple[Any, ...]]  # (params, buffers, sx, sy, qx, qy) -> per-task outputs
+
+
+class Bilevel:
+    """MAML's machinery; MAML itself is this class unchanged (see maml.py)."""
+
+    needs_head = True  # the model ends in a linear layer with one output per way
+    differentiates_inner_loop = True  # second-order: the model must use exact primitive BatchNorm
+    outer_schedule = "constant"  # the outer learning rate's schedule unless trainer.lr_schedule
+    batches_tasks = True  # hardware.task_batching applies: vmap over tasks or a loop
+
+    def __init__(self, cfg: BilevelConfig, model: nn.Module, kind: str, task_batching: str):
+        if cfg.checkpoint and task_batching != "loop":
+            raise ConfigError(
+                "algo.checkpoint recomputes one task at a time in the backward pass; set "
+                "hardware.task_batching=loop with it (under vmap it would save no memory)"
+            )
+        self.cfg = cfg
+        self.model = model
+        self.kind = kind
+        self.loss = loss_fn(kind)
+        self.task_batching = task_batching
+        self.iteration = 0  # the outer iteration, for algorithms with annealed settings
+
+    # -- what subclasses change ---------------------------------------------------------------
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        """Meta-learned tensors besides the model's weights (learned step sizes, ...)."""
+        return {}
+
+    def inner_options(self, training: bool) -> dict[str, Any]:
+        """Keyword options of `adapt_steps` for meta-training or for validation/test."""
+        cfg = self.cfg
+        return {
+            "steps": cfg.inner_steps if training else cfg.test_inner_steps,
+            "lr": cfg.inner_lr if training else cfg.test_inner_lr,
+            "first_order": cfg.first_order if training else True,
+            "loss": self.loss,
+        }
+
+    def trajectory(
+        self, params: Params, buffers: Params, support: Split, training: bool, steps=None
+    ) -> Iterator[Params]:
+        """The fast parameters before and after each inner step on one task's support set."""
+        options = self.inner_options(training)
+        if steps is not None:
+            options["steps"] = steps
+        return adapt_steps(self.model, params, buffers, support, **options)
+
+    def query_forward(self, params: Params, buffers: Params, x: Tensor, step: int) -> Tensor:
+        """Predictions of the parameters reached after `step` inner steps."""
+        return functional_call(self.model, (params, buffers), (x,))
+
+    def task_loss(self, params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
+        """One task's query loss after adaptation (Finn et al. 2017, eq. 2) and its score."""
+        *_, fast = self.trajectory(params, buffers, Split(sx, sy), training=True)
+        prediction = self.query_forward(fast, buffers, qx, self.cfg.inner_steps)
+        return self.loss(prediction, qy), score(self.kind, prediction, qy)
+
+    def meta_loss(self, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """The outer objective over a meta-batch, and the training metrics to log."""
+        self.iteration = iteration
+        losses, scores = self.over_tasks(self.task_loss, batch, *self.params())
+        return losses.mean(), {"loss": losses.mean(), "score": scores.mean()}
+
+    # -- shared -------------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.model.parameters(), *self.meta_parameters().values()]
+
+    def params(self) -> tuple[Params, Params]:
+        return dict(self.model.named_parameters()), dict(self.model.named_buffers())
+
+    def over_tasks(self, fn: TaskFn, batch: TaskBatch, params: Params, buffers: Params):
+        """Apply fn(params, buffers, sx, sy, qx, qy) to every task and stack the results."""
+        data = (batch.support.x, batch.support.y, batch.query.x, batch.query.y)
+        if self.task_batching == "vmap":
+            return torch.vmap(fn, in_dims=(None, None, 0, 0, 0, 0))(params, buffers, *data)
+        if self.cfg.checkpoint and torch.is_grad_enabled():
+            fn = self._checkpointed(fn, params, buffers)
+        outs = [fn(params, buffers, *(d[t] for d in data)) for t in range(batch.tasks)]
+        return torch.utils._pytree.tree_map(lambda *parts: torch.stack(parts), *outs)
+
+    @staticmethod
+    def _checkpointed(fn: TaskFn, params: Params, buffers: Params) -> TaskFn:
+        """fn that keeps only its inputs for backward and recomputes its inner loop there.
+
+        Reentrant checkpointing: torch.func.grad refuses the saved-tensor hooks of the
+        non-reentrant kind. The parameters go in as flat tensors so that it sees them.
+        """
+        names = list(params)
+
+        def flat(sx, sy, qx, qy, *values):
+            return fn(dict(zip(names, values, strict=True)), buffers, sx, sy, qx, qy)
+
+        def run(_params, _buffers, sx, sy, qx, qy):
+            return checkpoint(flat, sx, sy, qx, qy, *params.values(), use_reentrant=True)
+
+        return run
+
+    def evaluate(self, batch: TaskBatch, steps: list[int]) -> dict[str, Tensor]:
+        """Query loss and score per task after each number of test inner steps: (T, len(steps))."""
+        wanted = sorted(set(steps))
+
+        def task(params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
+            losses, scores = [], []
+            trajectory = self.trajectory(
+                params, buffers, Split(sx, sy), training=False, steps=wanted[-1]
+            )
+            for step, fast in enumerate(trajectory):
+                if step in wanted:
+                    prediction = self.query_forward(fast, buffers, qx, step)
+                    losses.append(self.loss(prediction, qy))
+                    scores.append(score(self.kind, prediction, qy))
+            return torch.stack(losses), torch.stack(scores)
+
+        params, buffers = self.params()
+        params = {k: v.detach() for k, v in params.items()}
+        with torch.no_grad():  # the inner torch.func.grad still works; no outer graph is kept
+            losses, scores = self.over_tasks(task, batch, params, buffers)
+        columns = [wanted.index(s) for s in steps]
+        return {"loss": losses[:, columns], "score": scores[:, columns]}
+
+    def predict(self, support: Split, query_x: Tensor, steps: int | None = None) -> Tensor:
+        """Logits (or values) for one task's query inputs after test-time adaptation."""
+        params, buffers = self.params()
+        params = {k: v.detach() for k, v in params.items()}
+        steps = self.cfg.test_inner_steps if steps is None else steps
+        *_, fast = self.trajectory(params, buffers, support, training=False, steps=steps)
+        with torch.no_grad():
+            return self.query_forward(fast, buffers, query_x, steps)
+
+    def state_dict(self) -> dict:
+        extra = {k: v.detach().clone() for k, v in self.meta_parameters().items()}
+        return {"model": self.model.state_dict(), "meta": extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        mine, saved = self.meta_parameters(), state.get("meta", {})
+        if set(mine) != set(saved):
+            raise KeyError(f"meta-parameters {sorted(saved)} saved, {sorted(mine)} expected")
+        with torch.no_grad():
+            for name, value in saved.items():
+                mine[name].copy_(value)

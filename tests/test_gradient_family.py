@@ -1,0 +1,330 @@
+"""Reptile, ANIL, Meta-SGD, iMAML and MAML++ against their definitions and against learn2learn
+(float64), and the same results from vmap and from a per-task loop for every one of them."""
+
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_bilevel import TASKS, image_tasks, tiny_conv
+
+from metalearn.algos import ALGOS
+from metalearn.algos.bilevel.imaml import IMAML, IMAMLConfig, conjugate_gradient
+from metalearn.algos.bilevel.inner import adapt
+from metalearn.algos.bilevel.mamlpp import msl_weights
+from metalearn.data.tasks import Split, TaskBatch
+from metalearn.errors import ConfigError
+
+BILEVEL = ["maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "mamlpp"]
+needs_learn2learn = pytest.mark.skipif(
+    importlib.util.find_spec("learn2learn") is None,
+    reason="learn2learn is not installed: run `make reference`",
+)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def build(name: str, model, batching: str = "vmap", **options):
+    """The algorithm `name` with its registered config class, small settings for tests."""
+    config_cls, algo_cls = ALGOS[name]
+    defaults = {"inner_lr": 0.3, "inner_steps": 2, "first_order": name == "fomaml"}
+    if name == "reptile":
+        defaults.update(first_order=True, inner_optimizer="sgd", outer_lr=0.5)
+    if name == "mamlpp":
+        defaults.update(first_order_epochs=0, inner_lr=0.2)
+    cfg = config_cls(name=name, **{**defaults, **options})
+    return algo_cls(cfg, model, "classification", batching)
+
+
+def outer_grads(algo, batch: TaskBatch) -> dict[str, torch.Tensor]:
+    for p in algo.parameters():
+        p.grad = None
+    objective, _ = algo.meta_loss(batch)
+    objective.backward()
+    names = {id(p): n for n, p in algo.model.named_parameters()}
+    names.update({id(p): n for n, p in algo.meta_parameters().items()})
+    return {names[id(p)]: p.grad.clone() for p in algo.parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", BILEVEL)
+def test_vmap_and_the_per_task_loop_give_the_same_meta_gradient(name):
+    batch = image_tasks()
+    vmapped = outer_grads(build(name, tiny_conv()), batch)
+    looped = outer_grads(build(name, tiny_conv(), batching="loop"), batch)
+    assert vmapped.keys() == looped.keys() and vmapped
+    for key in vmapped:
+        torch.testing.assert_close(vmapped[key], looped[key], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", BILEVEL)
+def test_evaluate_is_the_same_under_vmap_and_the_loop(name):
+    batch = image_tasks()
+    vmapped = build(name, tiny_conv()).evaluate(batch, [0, 1, 3])
+    looped = build(name, tiny_conv(), batching="loop").evaluate(batch, [0, 1, 3])
+    torch.testing.assert_close(vmapped["loss"], looped["loss"], rtol=1e-10, atol=1e-12)
+    assert vmapped["loss"].shape == (TASKS, 3)
+
+
+def test_gradient_checkpointing_gives_plain_maml_meta_gradient():
+    batch = image_tasks()
+    plain = outer_grads(build("maml", tiny_conv(), batching="loop"), batch)
+    recomputed = outer_grads(build("maml", tiny_conv(), batching="loop", checkpoint=True), batch)
+    for key in plain:
+        torch.testing.assert_close(recomputed[key], plain[key], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ConfigError, match="task_batching=loop"):
+        build("maml", tiny_conv(), batching="vmap", checkpoint=True)
+
+
+# -- Reptile ------------------------------------------------------------------------------------
+def test_reptile_update_is_theta_plus_epsilon_times_mean_adapted_minus_theta():
+    model, batch, epsilon = tiny_conv(), image_tasks(), 0.5
+    algo = build("reptile", model, outer_lr=epsilon)
+    theta = {k: v.detach().clone() for k, v in model.named_parameters()}
+    adapted = []
+    for t in range(batch.tasks):  # the definition: k SGD steps on all of the task's examples
+        x = torch.cat([batch.support.x[t], batch.query.x[t]])
+        y = torch.cat([batch.support.y[t], batch.query.y[t]])
+        adapted.append(
+            adapt(
+                model,
+                theta,
+                {},
+                Split(x, y),
+                steps=2,
+                lr=0.3,
+                first_order=True,
+                loss=F.cross_entropy,
+            )
+        )
+    optimizer = torch.optim.SGD(algo.parameters(), lr=epsilon)
+    algo.meta_loss(batch)[0].backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        mean_phi = torch.stack([a[name] for a in adapted]).mean(0)
+        want = theta[name] + epsilon * (mean_phi - theta[name])
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_reptile_inner_adam_is_torch_adam():
+    model, batch = tiny_conv(), image_tasks()
+    algo = build("reptile", model, inner_optimizer="adam", adam_betas=[0.0, 0.999], inner_lr=0.01)
+    x = torch.cat([batch.support.x[0], batch.query.x[0]])
+    y = torch.cat([batch.support.y[0], batch.query.y[0]])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    *_, fast = algo.trajectory(params, {}, Split(x, y), training=True)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(reference.parameters(), lr=0.01, betas=(0.0, 0.999), eps=1e-8)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        optimizer.step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(fast[name], p.detach(), rtol=1e-7, atol=1e-9)
+
+
+# -- ANIL ---------------------------------------------------------------------------------------
+def test_anil_adapts_the_head_only_and_matches_maml_on_a_frozen_body():
+    model, batch = tiny_conv(), image_tasks()
+    algo = build("anil", model)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    support = Split(batch.support.x[0], batch.support.y[0])
+    *_, fast = algo.trajectory(params, {}, support, training=True)
+    for name in params:
+        moved = not torch.equal(fast[name], params[name])
+        assert moved == name.startswith("head."), name
+    # the same steps as MAML's adapt() restricted to the head on the full model
+    want = adapt(
+        model,
+        params,
+        {},
+        support,
+        steps=2,
+        lr=0.3,
+        first_order=False,
+        loss=F.cross_entropy,
+        adapted=["head.weight", "head.bias"],
+    )
+    for name in params:
+        torch.testing.assert_close(fast[name], want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_anil_meta_gradient_equals_a_hand_written_head_only_inner_loop():
+    """Per task: autograd steps on the head of the full model (create_graph), body fixed in the
+    inner loop but reached by the outer gradient through the support features."""
+    model, batch = tiny_conv(), image_tasks()
+    got = outer_grads(build("anil", model), batch)
+    theta = dict(model.named_parameters())
+    head_names = ["head.weight", "head.bias"]
+    total = 0.0
+    for t in range(batch.tasks):
+        head = [theta[n] for n in head_names]
+        for _ in range(2):
+            fast = {**theta, **dict(zip(head_names, head, strict=True))}
+            logits = torch.func.functional_call(model, fast, (batch.support.x[t],))
+            grads = torch.autograd.grad(
+                F.cross_entropy(logits, batch.support.y[t]), head, create_graph=True
+            )
+            head = [h - 0.3 * g for h, g in zip(head, grads, strict=True)]
+        fast = {**theta, **dict(zip(head_names, head, strict=True))}
+        query = torch.func.functional_call(model, fast, (batch.query.x[t],))
+        total = total + F.cross_entropy(query, batch.query.y[t]) / batch.tasks
+    want = dict(zip(theta, torch.autograd.grad(total, list(theta.values())), strict=True))
+    for n in theta:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-11)
+
+
+# -- Meta-SGD and MAML against learn2learn ------------------------------------------------------
+def l2l_meta_grads(model, batch: TaskBatch, wrapper, steps: int) -> dict[str, torch.Tensor]:
+    """Meta-gradient by learn2learn's clone()/adapt() on the same weights and data."""
+    learner = wrapper(copy.deepcopy(model))
+    total = 0.0
+    for t in range(batch.tasks):
+        clone = learner.clone()
+        for _ in range(steps):
+            clone.adapt(F.cross_entropy(clone(batch.support.x[t]), batch.support.y[t]))
+        total = total + F.cross_entropy(clone(batch.query.x[t]), batch.query.y[t])
+    (total / batch.tasks).backward()
+    return dict(learner.named_parameters())
+
+
+def relative_error(ours: dict, theirs: dict) -> float:
+    """|a - b| / |b| over the whole gradient vector (some entries, such as a conv bias before
+    BatchNorm, are zero up to rounding, so per-tensor ratios would measure noise)."""
+    a = torch.cat([v.flatten() for v in ours.values()])
+    b = torch.cat([v.flatten() for v in theirs.values()])
+    return ((a - b).norm() / b.norm()).item()
+
+
+@needs_learn2learn
+def test_maml_meta_gradient_equals_learn2learn():
+    import learn2learn as l2l
+
+    model, batch = tiny_conv(), image_tasks()
+    ours = outer_grads(build("maml", model), batch)
+    theirs = l2l_meta_grads(model, batch, lambda m: l2l.algorithms.MAML(m, lr=0.3), steps=2)
+    assert ours.keys() == {n.removeprefix("module.") for n in theirs}
+    want = {name: theirs[f"module.{name}"].grad for name in ours}
+    assert relative_error(ours, want) < 1e-5
+
+
+@needs_learn2learn
+def test_metasgd_meta_gradients_equal_learn2learn_for_weights_and_step_sizes():
+    import learn2learn as l2l
+
+    model, batch = tiny_conv(), image_tasks()
+    algo = build("metasgd", model, inner_steps=1)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # distinct step sizes, so that a mix-up of names would show
+        for lr in algo.lrs.values():
+            lr.copy_(0.1 + 0.4 * torch.rand(lr.shape, generator=g))
+    ours = outer_grads(algo, batch)
+
+    def wrapper(m):
+        learner = l2l.algorithms.MetaSGD(m, lr=0.3)
+        with torch.no_grad():
+            for mine, theirs in zip(algo.lrs.values(), learner.lrs, strict=True):
+                theirs.copy_(mine)
+        return learner
+
+    theirs = l2l_meta_grads(model, batch, wrapper, steps=1)
+    weights = {name: theirs[f"module.{name}"].grad for name in algo.lrs}
+    assert relative_error({n: ours[n] for n in algo.lrs}, weights) < 1e-5
+    step_sizes = {name: theirs[f"lrs.{i}"].grad for i, name in enumerate(algo.lrs)}
+    assert relative_error({n: ours[f"lr.{n}"] for n in algo.lrs}, step_sizes) < 1e-5
+
+
+# -- iMAML --------------------------------------------------------------------------------------
+def test_conjugate_gradient_solves_a_symmetric_positive_definite_system():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g)
+    a = m @ m.T + 6 * torch.eye(6)
+    b = {"x": torch.randn(6, generator=g)}
+    x = conjugate_gradient(lambda v: {"x": a @ v["x"]}, b, steps=6)
+    torch.testing.assert_close(x["x"], torch.linalg.solve(a, b["x"]), rtol=1e-8, atol=1e-10)
+
+
+def test_imaml_meta_gradient_is_the_exact_gradient_of_the_proximal_solution():
+    """Linear regression: the inner problem is quadratic, so phi*(theta) has a closed form."""
+    g = torch.Generator().manual_seed(0)
+    d, n, lam = 3, 8, 2.0
+    model = torch.nn.Linear(d, 1, bias=False)
+    sx, qx = torch.randn(1, n, d, generator=g), torch.randn(1, n, d, generator=g)
+    sy, qy = torch.randn(1, n, 1, generator=g), torch.randn(1, n, 1, generator=g)
+    batch = TaskBatch(Split(sx, sy), Split(qx, qy), ways=1)
+    cfg = IMAMLConfig(inner_lr=0.1, inner_steps=400, lam=lam, cg_steps=d)
+    algo = IMAML(cfg, model, "regression", "vmap")
+    algo.meta_loss(batch)[0].backward()
+
+    theta = model.weight.detach().clone().requires_grad_()  # (1, d)
+    x, y = sx[0], sy[0]
+    hessian = 2 * x.T @ x / n  # of mean((x w - y)^2) in w
+    # argmin_w mean((x w - y)^2) + lam/2 |w - theta|^2  =>  (H + lam I) w = 2 x^T y / n + lam theta
+    phi = torch.linalg.solve(hessian + lam * torch.eye(d), 2 * x.T @ y / n + lam * theta.T)
+    exact = torch.autograd.grad(F.mse_loss(qx[0] @ phi, qy[0]), theta)[0]
+    torch.testing.assert_close(model.weight.grad, exact, rtol=1e-7, atol=1e-10)
+
+
+# -- MAML++ -------------------------------------------------------------------------------------
+def test_mamlpp_learned_step_sizes_and_per_step_batchnorm_receive_meta_gradients():
+    model, batch = tiny_conv(), image_tasks()
+    algo = build("mamlpp", model, inner_steps=3)
+    grads = outer_grads(algo, batch)
+    for name, lr in algo.lrs.items():
+        assert lr.shape == (3,) and grads[f"lr.{name}"].abs().min() > 0, name
+    for name in algo.norm:
+        assert grads[f"bn.{name}"].shape[0] == 3 and grads[f"bn.{name}"].abs().sum() > 0, name
+        assert name not in grads, "the model's own BN weights are replaced by the per-step ones"
+
+
+def test_mamlpp_multi_step_loss_weights_anneal_to_the_last_step():
+    assert msl_weights(5, 0, 10) == pytest.approx([0.2] * 5)
+    late = msl_weights(5, 10, 10)
+    assert late[:-1] == pytest.approx([0.006] * 4) and late[-1] == pytest.approx(1 - 4 * 0.006)
+    for epoch in range(12):
+        assert sum(msl_weights(5, epoch, 10)) == pytest.approx(1.0)
+
+
+def test_mamlpp_without_its_fixes_is_maml():
+    batch = image_tasks()
+    plain = build(
+        "mamlpp",
+        tiny_conv(),
+        multi_step_loss=False,
+        learn_inner_lr=False,
+        per_step_bn=False,
+        inner_lr=0.3,
+    )
+    maml = build("maml", tiny_conv())
+    torch.testing.assert_close(plain.meta_loss(batch)[0], maml.meta_loss(batch)[0])
+    mine, theirs = outer_grads(plain, batch), outer_grads(maml, batch)
+    for key in theirs:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-10, atol=1e-12)
+
+
+def test_mamlpp_derivative_order_annealing_switches_to_second_order():
+    batch = image_tasks()
+    algo = build("mamlpp", tiny_conv(), first_order_epochs=2, epoch_iterations=10)
+    early = algo.meta_loss(batch, iteration=19)[0]
+    assert algo.inner_options(training=True)["first_order"]
+    late = algo.meta_loss(batch, iteration=20)[0]
+    assert not algo.inner_options(training=True)["first_order"]
+    assert math.isfinite(early.item()) and math.isfinite(late.item())
+
+
+def test_checkpoints_of_meta_parameters_round_trip():
+    algo = build("metasgd", tiny_conv())
+    with torch.no_grad():
+        next(iter(algo.lrs.values())).fill_(0.123)
+    other = build("metasgd", tiny_conv(seed=1))
+    other.load_state_dict(algo.state_dict())
+    assert torch.equal(next(iter(other.lrs.values())), next(iter(algo.lrs.values())))
+    with pytest.raises(KeyError):
+        build("maml", tiny_conv()).load_state_dict(algo.state_dict())
