@@ -49,16 +49,24 @@ def _dot(a: Params, b: Params) -> Tensor:
 
 
 def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int) -> Params:
-    """Solve A x = b for symmetric positive definite A given as a function; fixed step count
-    (no data-dependent stopping, so no host synchronisation and it runs under vmap)."""
+    """Solve A x = b for symmetric A given as a function, by `steps` of conjugate gradient.
+
+    Truncated as in Hessian-free optimisation: from the first direction of non-positive
+    curvature on, the iterate stops moving (A is positive definite only when the inner problem
+    is solved exactly; a few inner steps on a non-convex loss can leave it indefinite, where
+    plain CG diverges). A fixed step count and masks instead of early exits: no host
+    synchronisation, and it runs under vmap.
+    """
     x = {k: torch.zeros_like(v) for k, v in b.items()}
     r, p = dict(b), dict(b)
     rs = _dot(r, r)
     tiny = torch.finfo(rs.dtype).tiny
+    active = torch.ones_like(rs, dtype=torch.bool)
     for _ in range(steps):
         ap = matvec(p)
         curvature = _dot(p, ap)
-        alpha = rs / torch.where(curvature.abs() > tiny, curvature, tiny)
+        active = active & (curvature > tiny)
+        alpha = torch.where(active, rs / torch.where(active, curvature, 1.0), 0.0)
         x = {k: x[k] + alpha * p[k] for k in x}
         r = {k: r[k] - alpha * ap[k] for k in r}
         rs_next = _dot(r, r)
