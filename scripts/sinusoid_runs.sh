@@ -17,8 +17,9 @@ run() {
   $metalearn train algo="$algo" data=sinusoid data.shots="$k" data.query="$k" \
     "eval.shots=[$k]" "eval.steps=[0,1,5,10]" hardware.threads=1 logger=none \
     trainer.progress=false hydra.run.dir="outputs/sinusoid/${algo}_k${k}" \
-    > "outputs/sinusoid/${algo}_k${k}.log" 2>&1
-  echo "=== ${algo} K=${k} done in $(( $(date +%s) - start )) s"
+    > "outputs/sinusoid/${algo}_k${k}.log" 2>&1 \
+    && echo "=== ${algo} K=${k} done in $(( $(date +%s) - start )) s" \
+    || echo "=== ${algo} K=${k} FAILED: see outputs/sinusoid/${algo}_k${k}.log"
 }
 
 mkdir -p outputs/sinusoid
