@@ -27,6 +27,9 @@ format:  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix metalearn tests
 	$(BIN)/ruff format metalearn tests
 
+bench:  ## time meta-training against learn2learn and reference code (needs `make reference`)
+	$(BIN)/metalearn bench
+
 reproduce:  ## the long real-data runs behind the README table (about 1.5 hours on 2 cores)
 	PATH=$(abspath $(BIN)):$$PATH scripts/readme_runs.sh
 	$(BIN)/python scripts/results_table.py outputs/readme

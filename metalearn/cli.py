@@ -1,4 +1,4 @@
-"""`metalearn train|eval`: Hydra entry points, nothing else."""
+"""`metalearn train|eval|bench`: Hydra entry points (bench: key=value options), nothing else."""
 
 import sys
 from pathlib import Path
@@ -15,6 +15,7 @@ USAGE = """usage: metalearn <command> [overrides] [--help]
 commands:
   train   meta-train, validate and test (default: MAML on sinusoid regression)
   eval    re-test a checkpoint, or classify your own episode: eval checkpoint=PATH ...
+  bench   time meta-training against learn2learn and reference code: bench [key=value ...]
 
 `metalearn <command> --help` lists the config groups and their options."""
 
@@ -59,7 +60,33 @@ def _reported(entry):
 ENTRIES = {"train": _train, "eval": _eval}
 
 
+def _bench(args: list[str]) -> None:
+    """`metalearn bench key=value ...` (see metalearn/bench.py's BenchConfig for the keys)."""
+    import dataclasses
+
+    from metalearn.bench import BenchConfig, run_bench
+    from metalearn.config import from_dict
+
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: metalearn bench [key=value ...]\n\nkeys (defaults):")
+        for f in dataclasses.fields(BenchConfig):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            print(f"  {f.name}={default}")
+        return
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        sys.exit(f"error: bench options are key=value, got {bad}; see metalearn bench --help")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.from_dotlist(args))
+        run_bench(from_dict(BenchConfig, raw, "bench"))
+    except MetalearnError as error:
+        sys.exit(f"error: {error}")
+
+
 def main() -> None:
+    if len(sys.argv) >= 2 and sys.argv[1] == "bench":
+        _bench(sys.argv[2:])
+        return
     if len(sys.argv) < 2 or sys.argv[1] not in ENTRIES:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)

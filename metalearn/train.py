@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -83,7 +84,7 @@ class Progress:
 def train(run: Run, run_dir: Path) -> dict:
     """Meta-train, validate, keep the best checkpoint, test it; return results.json's dict."""
     trainer = run.config.trainer
-    optimizer = outer_optimizer(run)
+    optimizer = outer_optimizer(run.config.algo, run.algo)
     generator = torch.Generator(run.device).manual_seed(run.config.seed)
     progress = Progress()
     last_path = run_dir / "checkpoints" / "last.pt"
@@ -167,11 +168,11 @@ def _kept(run_dir: Path) -> str:
     return f"no checkpoint was saved yet; {advice} and start again"
 
 
-def outer_optimizer(run: Run) -> torch.optim.Optimizer:
+def outer_optimizer(algo_cfg: Any, algo: Any) -> torch.optim.Optimizer:
     """Adam (the default), or SGD where the algorithm asks for it (Reptile's epsilon step)."""
-    kind = getattr(run.config.algo, "outer_optimizer", "adam")
+    kind = getattr(algo_cfg, "outer_optimizer", "adam")
     optimizer = torch.optim.SGD if kind == "sgd" else torch.optim.Adam
-    return optimizer(run.algo.parameters(), lr=run.config.algo.outer_lr)
+    return optimizer(algo.parameters(), lr=algo_cfg.outer_lr)
 
 
 def schedule(run: Run) -> str:
@@ -222,6 +223,9 @@ def _log_train(run: Run, logger, bar, metrics, optimizer, rate: float, iteration
 def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, generator) -> None:
     """Score the fixed validation episodes; save last.pt always and best.pt when it improves."""
     ways, shots, query = run.test_shape
+    # with an inner loop, also score the unadapted model: it tells a broken model (stop) from
+    # test-time adaptation that blows up on some episodes (warn, go on)
+    steps = [0, run.test_steps] if run.test_steps else [0]
     out = run_episodes(
         run,
         "val",
@@ -229,26 +233,42 @@ def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, gen
         ways=ways,
         shots=shots,
         query=query,
-        steps=[run.test_steps],
+        steps=steps,
     )
-    score, loss = mean_ci95(out["score"][:, 0]), mean_ci95(out["loss"][:, 0])
-    if not math.isfinite(score["mean"]) or not math.isfinite(loss["mean"]):
+    if not torch.isfinite(out["loss"][:, 0]).all():
         raise TrainingError(
-            f"validation at iteration {progress.iteration} gave a non-finite "
-            f"{run.metric} ({score['mean']}) or loss ({loss['mean']}); {_kept(run_dir)}"
+            f"validation at iteration {progress.iteration}: the model's own predictions are "
+            f"no longer finite; {_kept(run_dir)}"
         )
+    score, loss = mean_ci95(out["score"][:, -1]), mean_ci95(out["loss"][:, -1])
     short = "acc" if run.metric == "accuracy" else "mse"
-    logger.log(
-        {
-            f"val/{short}": score["mean"],
-            f"val/{short}_ci95": score["ci95"],
-            "val/loss": loss["mean"],
-        },
-        step=progress.iteration,
-    )
     sign = 1.0 if run.metric == "accuracy" else -1.0  # higher accuracy, lower MSE is better
-    if progress.best_value is None or sign * score["mean"] > sign * progress.best_value:
-        progress.best_value, progress.best_iteration = score["mean"], progress.iteration
+    value = score["mean"]
+    if math.isfinite(score["mean"]) and math.isfinite(loss["mean"]):
+        logger.log(
+            {
+                f"val/{short}": score["mean"],
+                f"val/{short}_ci95": score["ci95"],
+                "val/loss": loss["mean"],
+            },
+            step=progress.iteration,
+        )
+    else:
+        # Some episodes' test-time adaptation blew up (more test steps than training steps
+        # can do that): not a reason to stop training, but never a best checkpoint either.
+        diverged = (~torch.isfinite(out["loss"][:, -1])).float().mean().item()
+        logger.log({"val/diverged": diverged}, step=progress.iteration)
+        best = progress.best_iteration
+        warnings.warn(
+            f"validation at iteration {progress.iteration}: {diverged:.1%} of the episodes "
+            f"diverged in test-time adaptation (non-finite {run.metric}); "
+            + ("no best checkpoint yet" if best is None else f"the best stays at iteration {best}")
+            + "; consider a smaller algo.test_inner_lr or fewer algo.test_inner_steps",
+            stacklevel=2,
+        )
+        value = -sign * math.inf
+    if progress.best_value is None or sign * value > sign * progress.best_value:
+        progress.best_value, progress.best_iteration = value, progress.iteration
         progress.best_val = {
             run.metric: score,
             "loss": loss,

@@ -39,11 +39,18 @@ def test_cosine_linear_and_step_schedules_hit_their_end_points():
 
 
 def test_reptile_steps_with_sgd_and_the_rest_with_adam():
-    assert isinstance(outer_optimizer(run_for("algo=reptile")), torch.optim.SGD)
-    assert isinstance(
-        outer_optimizer(run_for("algo=reptile", "algo.outer_optimizer=adam")), torch.optim.Adam
+    def optimizer(*overrides: str) -> torch.optim.Optimizer:
+        run = run_for(*overrides)
+        return outer_optimizer(run.config.algo, run.algo)
+
+    assert isinstance(optimizer("algo=reptile"), torch.optim.SGD)
+    assert isinstance(optimizer("algo=reptile", "algo.outer_optimizer=adam"), torch.optim.Adam)
+    assert isinstance(optimizer("algo=metasgd"), torch.optim.Adam)
+    # Meta-SGD's learned step sizes are stepped by the same optimiser as the weights
+    run = run_for("algo=metasgd")
+    assert len(optimizer("algo=metasgd").param_groups[0]["params"]) == 2 * len(
+        list(run.model.parameters())
     )
-    assert isinstance(outer_optimizer(run_for("algo=metasgd")), torch.optim.Adam)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,73 @@
+"""`metalearn bench` on tiny settings: every group runs, writes its JSON and markdown, and
+compares with its reference in the same run (learn2learn where installed)."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from metalearn.bench import BenchConfig, count_flops, run_bench
+from metalearn.errors import ConfigError
+
+HAVE_L2L = importlib.util.find_spec("learn2learn") is not None
+
+
+def test_tiny_bench_writes_results_with_ratios(tmp_path):
+    cfg = BenchConfig(
+        groups=["peak", "family", "sampler"],
+        algos=["maml", "reptile"],
+        shapes=["omniglot"],
+        steps=[1],
+        meta_batch=2,
+        query=2,
+        warmup=0,
+        min_iterations=1,
+        min_seconds=0.0,
+        threads=1,
+        out=str(tmp_path),
+    )
+    lines: list[str] = []
+    report = run_bench(cfg, echo=lines.append)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["results"] == report["results"]
+    kinds = {(r["kind"], r.get("algo"), r.get("batching")) for r in report["results"]}
+    assert ("ours", "maml", "vmap") in kinds and ("ours", "maml", "loop") in kinds
+    assert ("ours", "reptile", "vmap") in kinds
+    for r in report["results"]:
+        assert r["seconds"] > 0 and r["calls"] >= 1
+        if r["group"] == "family":
+            assert r["gflop"] > 0 and 0 < r["fraction_of_matmul_peak"]
+    vmap, loop = (
+        next(r for r in report["results"] if r.get("batching") == b and r["algo"] == "maml")
+        for b in ("vmap", "loop")
+    )
+    assert vmap["gflop"] == pytest.approx(loop["gflop"]), "the same arithmetic, counted once"
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "Intel" in markdown or "threads" in markdown
+    assert report["peak"]["matmul_gflops"] > 0
+    if HAVE_L2L:
+        assert ("learn2learn", "maml", "loop") in kinds
+        ours = next(r for r in report["results"] if r["kind"] == "ours" and r["algo"] == "maml")
+        assert ours["speedup_vs_learn2learn"] > 0 and "x |" in markdown
+        sampler = next(r for r in report["results"] if r.get("variant") == "ours")
+        assert sampler["speedup_vs_learn2learn"] > 0
+
+
+def test_flop_count_of_a_matmul_is_exact():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+@pytest.mark.parametrize(
+    ("options", "word"),
+    [
+        ({"groups": ["speed"]}, "group"),
+        ({"algos": ["maml", "snail"]}, "algos"),
+        ({"meta_batch": 0}, "meta_batch"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_bench_options_are_refused(options, word):
+    with pytest.raises(ConfigError, match=word):
+        BenchConfig(**options)
