@@ -116,6 +116,7 @@ def _conv4(cfg: BenchConfig, shape: str, out: int, fused: bool, device) -> nn.Mo
 def ours_step(cfg: BenchConfig, algo_name: str, shape: str, steps: int, batching: str, device):
     """One meta-iteration of metalearn's algorithm, exactly as the trainer runs it."""
     from metalearn.algos import ALGOS
+    from metalearn.build import fused_batchnorm_is_exact
     from metalearn.train import outer_optimizer
 
     config_cls, algo_cls = ALGOS[algo_name]
@@ -128,7 +129,7 @@ def ours_step(cfg: BenchConfig, algo_name: str, shape: str, steps: int, batching
     else:
         options.update(inner_lr=0.4)
     algo_cfg = config_cls(**options)
-    model = _conv4(cfg, shape, cfg.ways, not algo_cls.differentiates_inner_loop, device)
+    model = _conv4(cfg, shape, cfg.ways, fused_batchnorm_is_exact(algo_cls, batching), device)
     algo = algo_cls(algo_cfg, model, "classification", batching)
     optimizer = outer_optimizer(algo_cfg, algo)
     batch = synthetic_batch(cfg, shape, device)

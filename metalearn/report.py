@@ -75,7 +75,7 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "transductive_bn": any(isinstance(m, TaskBatchNorm2d) for m in run.model.modules()),
             "eval_seed": config.eval.seed,
         },
-        "hardware": describe(run.device),
+        "hardware": {**describe(run.device), "task_batching": run.task_batching},
         "git": git_info(),
         "seed": config.seed,
     }

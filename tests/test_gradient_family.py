@@ -14,6 +14,7 @@ from metalearn.algos import ALGOS
 from metalearn.algos.bilevel.imaml import IMAML, IMAMLConfig, conjugate_gradient
 from metalearn.algos.bilevel.inner import adapt
 from metalearn.algos.bilevel.mamlpp import msl_weights
+from metalearn.build import fused_batchnorm_is_exact
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
 
@@ -62,6 +63,18 @@ def test_vmap_and_the_per_task_loop_give_the_same_meta_gradient(name):
     assert vmapped.keys() == looped.keys() and vmapped
     for key in vmapped:
         torch.testing.assert_close(vmapped[key], looped[key], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", BILEVEL)
+def test_the_native_batchnorm_kernel_is_exact_where_build_uses_it(name):
+    """hardware.task_batching=loop runs the fused kernel (see build.fused_batchnorm_is_exact):
+    its meta-gradients equal the primitive BatchNorm's under vmap, second order included."""
+    batching = "vmap" if fused_batchnorm_is_exact(ALGOS[name][1], "vmap") else "loop"
+    batch = image_tasks()
+    fused = outer_grads(build(name, tiny_conv(fused=True), batching=batching), batch)
+    primitive = outer_grads(build(name, tiny_conv(fused=False)), batch)
+    for key in primitive:
+        torch.testing.assert_close(fused[key], primitive[key], rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("name", BILEVEL)

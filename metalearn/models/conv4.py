@@ -34,6 +34,8 @@ class Conv4(nn.Module):
     (2017) did for Omniglot: the same depth at a quarter of the arithmetic.
     """
 
+    convolutional = True  # hardware.task_batching=auto picks the per-task loop on CPU
+
     def __init__(
         self,
         cfg: Conv4Config,

@@ -12,8 +12,9 @@ class TaskBatchNorm2d(nn.Module):
     a nested `torch.func.grad` through training-mode `F.batch_norm` gives silently wrong
     second-order meta-gradients (6-11% relative error in float64). Mean and variance written as
     reductions over (N, H, W) are exact; `tests/test_bilevel.py` checks it against a per-task
-    autograd loop and finite differences. Learners that never differentiate through an inner
-    gradient (ProtoNets) set `fused=True` and get the native kernel, about 1.7x faster on CPU.
+    autograd loop and finite differences. Where no second-order gradient passes through it under
+    vmap (ProtoNets, first-order learners, any learner that loops over tasks) `fused=True` gives
+    the native kernel, exact there and about 1.7x faster on CPU (see build.py).
     """
 
     def __init__(self, channels: int, eps: float = 1e-5, fused: bool = False) -> None:
