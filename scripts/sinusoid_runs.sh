@@ -3,7 +3,8 @@
 # K = 5, 10 and 20 support points (the Meta-SGD paper's protocol), test MSE after 0, 1, 5 and
 # 10 steps over 1000 fixed test tasks. Two runs at a time, one CPU thread each (the 1-40-40-1
 # network does not gain from a second thread).
-# Usage: scripts/sinusoid_runs.sh [algo ...]   (default: maml fomaml reptile anil metasgd imaml)
+# Usage: [KS="5 10 20"] scripts/sinusoid_runs.sh [algo ...]
+#        (default: maml fomaml reptile anil metasgd imaml, each for K = 5, 10 and 20)
 # Each run writes outputs/sinusoid/<algo>_k<K>/results.json; scripts/sinusoid_table.py reads them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ run() {
 mkdir -p outputs/sinusoid
 jobs_running=0
 for algo in "${algos[@]}"; do
-  for k in 5 10 20; do
+  for k in ${KS:-5 10 20}; do
     run "$algo" "$k" &
     jobs_running=$((jobs_running + 1))
     if (( jobs_running >= 2 )); then
