@@ -15,6 +15,7 @@ read -r -a algos <<< "${algos[*]}"
 run() {
   local algo=$1 k=$2 start
   start=$(date +%s)
+  rm -rf "outputs/sinusoid/${algo}_k${k}"  # a fresh run, not one mixed with an older attempt
   $metalearn train algo="$algo" data=sinusoid data.shots="$k" data.query="$k" \
     "eval.shots=[$k]" "eval.steps=[0,1,5,10]" hardware.threads=1 logger=none \
     trainer.progress=false hydra.run.dir="outputs/sinusoid/${algo}_k${k}" \
