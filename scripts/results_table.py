@@ -16,7 +16,10 @@ PUBLISHED = {
     "maml_5w1s_8min": ("MAML, Omniglot 5-way 1-shot", "98.7 ± 0.4% (Finn et al. 2017)"),
     "fomaml_5w1s_8min": ("FOMAML, Omniglot 5-way 1-shot", "98.3 ± 0.5% (Finn et al. 2017)"),
     "maml_5w1s_45min": ("MAML, Omniglot 5-way 1-shot", "98.7 ± 0.4% (Finn et al. 2017)"),
-    "maml_sinusoid": ("MAML sinusoid, K=10 trained, K=5 tested", "0.67 / 0.38 / 0.35 (1 / 5 / 10 steps)"),
+    "maml_sinusoid": (
+        "MAML sinusoid, K=10 trained, K=5 tested",
+        "0.67 / 0.38 / 0.35 (1 / 5 / 10 steps)",
+    ),
 }
 
 
@@ -39,8 +42,10 @@ def row(name: str, run_dir: Path) -> str:
     what, published = PUBLISHED[name]
     minutes = train["wall_seconds"] / 60
     where = f"{hardware['threads']} CPU threads ({hardware['cpu']}), torch {hardware['torch']}"
-    return (f"| {what} | `{command}` | {where} | {minutes:.1f} min, {train['iterations']} it "
-            f"| {ours} | {published} |")
+    return (
+        f"| {what} | `{command}` | {where} | {minutes:.1f} min, {train['iterations']} it "
+        f"| {ours} | {published} |"
+    )
 
 
 def main() -> None:
