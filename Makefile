@@ -20,12 +20,12 @@ test:  ## run the test suite (a few minutes on 2 cores; real Omniglot from $$MET
 	$(BIN)/python -m pytest
 
 lint:  ## ruff lint and format check
-	$(BIN)/ruff check metalearn tests
-	$(BIN)/ruff format --check metalearn tests
+	$(BIN)/ruff check metalearn tests scripts
+	$(BIN)/ruff format --check metalearn tests scripts
 
 format:  ## apply ruff's formatting and safe fixes
-	$(BIN)/ruff check --fix metalearn tests
-	$(BIN)/ruff format metalearn tests
+	$(BIN)/ruff check --fix metalearn tests scripts
+	$(BIN)/ruff format metalearn tests scripts
 
 bench:  ## time meta-training against learn2learn and reference code (needs `make reference`)
 	$(BIN)/metalearn bench
