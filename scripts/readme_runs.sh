@@ -14,8 +14,15 @@ declare -A RUNS=(
   [fomaml_5w1s_8min]="experiment=fomaml_omniglot_5w1s trainer.max_minutes=8"
   [maml_sinusoid]="experiment=maml_sinusoid"
   [maml_5w1s_45min]="experiment=maml_omniglot_5w1s trainer.max_minutes=45"
+  # the gradient-based family at the same 8-minute budget
+  [reptile_5w1s_8min]="experiment=reptile_omniglot_5w1s trainer.max_minutes=8"
+  [anil_5w1s_8min]="experiment=anil_omniglot_5w1s trainer.max_minutes=8"
+  [metasgd_5w1s_8min]="experiment=metasgd_omniglot_5w1s trainer.max_minutes=8"
+  [imaml_5w1s_8min]="experiment=imaml_omniglot_5w1s trainer.max_minutes=8"
+  [mamlpp_5w1s_8min]="experiment=mamlpp_omniglot_5w1s trainer.max_minutes=8"
 )
-ORDER=(protonet_5w1s protonet_5w5s maml_5w1s_8min fomaml_5w1s_8min maml_sinusoid maml_5w1s_45min)
+ORDER=(protonet_5w1s protonet_5w5s maml_5w1s_8min fomaml_5w1s_8min maml_sinusoid maml_5w1s_45min
+       reptile_5w1s_8min anil_5w1s_8min metasgd_5w1s_8min imaml_5w1s_8min mamlpp_5w1s_8min)
 
 for name in "${@:-${ORDER[@]}}"; do
   echo "=== $name: metalearn train ${RUNS[$name]}"

@@ -16,6 +16,17 @@ PUBLISHED = {
     "maml_5w1s_8min": ("MAML, Omniglot 5-way 1-shot", "98.7 ± 0.4% (Finn et al. 2017)"),
     "fomaml_5w1s_8min": ("FOMAML, Omniglot 5-way 1-shot", "98.3 ± 0.5% (Finn et al. 2017)"),
     "maml_5w1s_45min": ("MAML, Omniglot 5-way 1-shot", "98.7 ± 0.4% (Finn et al. 2017)"),
+    "reptile_5w1s_8min": (
+        "Reptile, Omniglot 5-way 1-shot",
+        "97.68 ± 0.04% transductive (Nichol et al. 2018)",
+    ),
+    "anil_5w1s_8min": ("ANIL, Omniglot 5-way 1-shot", "- (the paper reports 20-way only)"),
+    "metasgd_5w1s_8min": ("Meta-SGD, Omniglot 5-way 1-shot", "99.53 ± 0.26% (Li et al. 2017)"),
+    "imaml_5w1s_8min": (
+        "iMAML, Omniglot 5-way 1-shot",
+        "99.16 ± 0.35% with GD inner loop (Rajeswaran et al. 2019)",
+    ),
+    "mamlpp_5w1s_8min": ("MAML++, Omniglot 5-way 1-shot", "99.47% (Antoniou et al. 2019)"),
     "maml_sinusoid": (
         "MAML sinusoid, K=10 trained, K=5 tested",
         "0.67 / 0.38 / 0.35 (1 / 5 / 10 steps)",
