@@ -57,7 +57,7 @@ class Bilevel:
     """MAML's machinery; MAML itself is this class unchanged (see maml.py)."""
 
     needs_head = True  # the model ends in a linear layer with one output per way
-    differentiates_inner_loop = True  # second-order: the model must use exact primitive BatchNorm
+    differentiates_inner_loop = True  # second order: under vmap, only primitive BatchNorm is exact
     outer_schedule = "constant"  # the outer learning rate's schedule unless trainer.lr_schedule
     batches_tasks = True  # hardware.task_batching applies: vmap over tasks or a loop
 
