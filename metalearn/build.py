@@ -132,6 +132,7 @@ def build_run(raw: dict) -> Run:
         out_features if algo_cls.needs_head else 0,
         channels_last=config.hardware.channels_last,
         fused_batchnorm=fused_batchnorm_is_exact(algo_cls, batching),
+        running_stats=getattr(algo_cfg, "bn_mode", "transductive") != "transductive",
     ).to(device)
     return Run(
         config=config,

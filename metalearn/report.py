@@ -53,6 +53,8 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
     """results.json, the contract that scripts, sweeps and table makers read (DESIGN.md)."""
     config, (ways, shots, query) = run.config, run.test_shape
     algo = config.algo
+    has_bn = any(isinstance(m, TaskBatchNorm2d) for m in run.model.modules())
+    bn_mode = getattr(algo, "bn_mode", "transductive") if has_bn else None
     return {
         "algo": algo.name,
         "data": config.data.name,
@@ -71,8 +73,11 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "test_inner_steps": getattr(algo, "test_inner_steps", None),
             "test_inner_lr": getattr(algo, "test_inner_lr", None),
             "first_order": getattr(algo, "first_order", None),
-            # BatchNorm normalises each task with its own batch statistics (no running stats)
-            "transductive_bn": any(isinstance(m, TaskBatchNorm2d) for m in run.model.modules()),
+            # how BatchNorm normalises at test time: each task with its own batch statistics
+            # ('transductive'), or each example with statistics from meta-training ('running',
+            # 'per_step'); None when the model has no BatchNorm
+            "bn_mode": bn_mode,
+            "transductive_bn": bn_mode == "transductive",
             "eval_seed": config.eval.seed,
         },
         "hardware": {**describe(run.device), "task_batching": run.task_batching},

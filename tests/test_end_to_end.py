@@ -99,6 +99,31 @@ def test_omniglot_protonet_learns_far_above_chance_in_seconds(tmp_path, omniglot
     assert results["test"]["accuracy"]["mean"] > 0.7  # chance is 0.2
 
 
+@pytest.mark.parametrize("algo", ["mamlpp", "reptile"])
+def test_the_family_trains_on_omniglot_with_running_batchnorm(tmp_path, omniglot_root, algo):
+    """A real run end to end: per-step BatchNorm statistics, test without transduction."""
+    results = run_train(
+        [
+            f"experiment={algo}_omniglot_5w1s",
+            f"data.root={omniglot_root}",
+            "algo.bn_mode=per_step",
+            "algo.inner_steps=2",
+            "algo.test_inner_steps=2",
+            "trainer.iterations=30",
+            "trainer.eval_every=30",
+            "trainer.meta_batch_size=4",
+            "eval.episodes=50",
+        ],
+        tmp_path,
+    )
+    assert results["protocol"]["bn_mode"] == "per_step"
+    assert results["protocol"]["transductive_bn"] is False
+    assert results["hardware"]["task_batching"] == "loop"  # auto: conv4 on CPU
+    assert results["test"]["accuracy"]["mean"] > 0.3  # chance is 0.2
+    state = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=False)
+    assert all(v.shape[0] == 3 for v in state["algo_state"]["bn_stats"].values())
+
+
 def test_maml_sinusoid_learns_to_adapt(tmp_path):
     results = run_train(
         [

@@ -341,3 +341,102 @@ def test_checkpoints_of_meta_parameters_round_trip():
     assert torch.equal(next(iter(other.lrs.values())), next(iter(algo.lrs.values())))
     with pytest.raises(KeyError):
         build("maml", tiny_conv()).load_state_dict(algo.state_dict())
+
+
+# -- BatchNorm modes ----------------------------------------------------------------------------
+def running_conv(seed: int = 0):
+    torch.manual_seed(seed)
+    from metalearn.models.conv4 import Conv4, Conv4Config
+
+    return Conv4(Conv4Config(hidden=4, downsample="stride"), (1, 8, 8), 3, running_stats=True)
+
+
+def test_running_statistics_are_the_tasks_batch_statistics_at_every_stage():
+    model, batch = running_conv(), image_tasks()
+    algo = build("maml", model, bn_mode="per_step", inner_steps=2)
+    algo.meta_loss(batch)
+    layers = [n for n, m in model.named_modules() if type(m).__name__ == "TaskBatchNorm2d"]
+    seen: dict[str, list] = {n: [] for n in layers}
+    hooks = [
+        dict(model.named_modules())[n].register_forward_hook(
+            lambda m, args, out, n=n: seen[n].append(
+                torch.stack([args[0].mean((0, 2, 3)), args[0].var((0, 2, 3), correction=0)])
+            )
+        )
+        for n in layers
+    ]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    want = {n: [] for n in layers}
+    for t in range(batch.tasks):
+        support = Split(batch.support.x[t], batch.support.y[t])
+        x = torch.cat([batch.support.x[t], batch.query.x[t]])
+        for steps in range(3):
+            fast = adapt(
+                model,
+                params,
+                {},
+                support,
+                steps=steps,
+                lr=0.3,
+                first_order=True,
+                loss=F.cross_entropy,
+            )
+            for n in layers:
+                seen[n].clear()
+            with torch.no_grad():
+                torch.func.functional_call(model, fast, (x,))
+            for n in layers:
+                want[n].append(seen[n][0])
+    for hook in hooks:
+        hook.remove()
+    for n in layers:
+        per_stage = torch.stack(want[n]).view(batch.tasks, 3, 2, -1).mean(0)  # (stages, 2, C)
+        initial = torch.stack([torch.zeros(4), torch.ones(4)])
+        torch.testing.assert_close(algo.bn_stats[n], initial.lerp(per_stage, 0.1))
+
+
+@pytest.mark.parametrize("mode", ["running", "per_step"])
+def test_running_batchnorm_makes_test_predictions_independent_of_other_queries(mode):
+    model, batch = running_conv(), image_tasks()
+    algo = build("maml", model, bn_mode=mode)
+    for _ in range(3):
+        algo.meta_loss(batch)
+    support = Split(batch.support.x[0], batch.support.y[0])
+    together = algo.predict(support, batch.query.x[0])
+    alone = torch.cat([algo.predict(support, q[None]) for q in batch.query.x[0]])
+    torch.testing.assert_close(together, alone)
+    transductive = build("maml", running_conv())
+    assert not torch.allclose(
+        transductive.predict(support, batch.query.x[0])[:1],
+        transductive.predict(support, batch.query.x[0][:1]),
+    ), "with batch statistics a query's logits depend on the other queries"
+
+
+@pytest.mark.parametrize("mode", ["running", "per_step"])
+def test_running_batchnorm_is_the_same_under_vmap_and_the_loop(mode):
+    batch = image_tasks()
+    vmapped = build("maml", running_conv(), bn_mode=mode)
+    looped = build("maml", running_conv(), batching="loop", bn_mode=mode)
+    for algo in (vmapped, looped):
+        algo.meta_loss(batch)
+    for name in vmapped.bn_stats:
+        torch.testing.assert_close(vmapped.bn_stats[name], looped.bn_stats[name])
+    torch.testing.assert_close(
+        vmapped.evaluate(batch, [0, 2])["loss"], looped.evaluate(batch, [0, 2])["loss"]
+    )
+
+
+def test_running_statistics_round_trip_and_mismatches_are_refused():
+    batch = image_tasks()
+    algo = build("anil", running_conv(), bn_mode="per_step")
+    algo.meta_loss(batch)
+    other = build("anil", running_conv(seed=1), bn_mode="per_step")
+    other.load_state_dict(algo.state_dict())
+    for name in algo.bn_stats:
+        assert torch.equal(other.bn_stats[name], algo.bn_stats[name])
+    with pytest.raises(KeyError, match="bn_mode"):
+        build("anil", running_conv()).load_state_dict(algo.state_dict())
+    with pytest.raises(ConfigError, match="bn_mode=running"):
+        build("maml", tiny_conv(), bn_mode="running")  # built without running statistics
+    with pytest.raises(ConfigError, match="bn_mode"):
+        build("maml", running_conv(), bn_mode="sometimes")

@@ -44,6 +44,7 @@ class Conv4(nn.Module):
         *,
         fused_batchnorm: bool = False,
         channels_last: bool = False,
+        running_stats: bool = False,
     ) -> None:
         super().__init__()
         if len(in_shape) != 3:
@@ -58,7 +59,7 @@ class Conv4(nn.Module):
             stride = 2 if cfg.downsample == "stride" else 1
             blocks += [
                 nn.Conv2d(channels if i == 0 else cfg.hidden, cfg.hidden, 3, stride, padding=1),
-                TaskBatchNorm2d(cfg.hidden, fused=fused_batchnorm),
+                TaskBatchNorm2d(cfg.hidden, fused=fused_batchnorm, running=running_stats),
                 nn.ReLU(),
             ]
             if cfg.downsample == "maxpool":

@@ -1,8 +1,41 @@
 """Building blocks written from primitive ops so that `vmap` + nested `grad` stay exact."""
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_recorded: list[Tensor] | None = None  # batch statistics, while `recording_batch_stats` is on
+
+
+@contextlib.contextmanager
+def recording_batch_stats() -> Iterator[list[Tensor]]:
+    """Collect (2, C) [mean; var] of every TaskBatchNorm2d call made inside, in call order.
+
+    Pure: nothing is written to a module, so it works inside vmap (return what is recorded
+    from the vmapped function)."""
+    global _recorded
+    outer, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
+
+
+@contextlib.contextmanager
+def normalizing_with_running_stats(model: nn.Module) -> Iterator[None]:
+    """Inside, every TaskBatchNorm2d with running statistics normalises with them (test time,
+    non-transductive: no example's prediction depends on another's)."""
+    layers = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d) and m.running]
+    for layer in layers:
+        layer.use_running = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.use_running = False
 
 
 class TaskBatchNorm2d(nn.Module):
@@ -15,16 +48,41 @@ class TaskBatchNorm2d(nn.Module):
     autograd loop and finite differences. Where no second-order gradient passes through it under
     vmap (ProtoNets, first-order learners, any learner that loops over tasks) `fused=True` gives
     the native kernel, exact there and about 1.7x faster on CPU (see build.py).
+
+    With `running=True` it has `running_mean` and `running_var` buffers, used instead of the
+    batch statistics inside `normalizing_with_running_stats`. They are not saved with the model:
+    the algorithm keeps the statistics (one set, or one per inner step) and passes them in
+    through `functional_call` (see algos/bilevel/base.py, `algo.bn_mode`).
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5, fused: bool = False) -> None:
+    def __init__(
+        self, channels: int, eps: float = 1e-5, fused: bool = False, running: bool = False
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.fused = fused
+        self.running = running
+        self.use_running = False
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
+        if running:
+            self.register_buffer("running_mean", torch.zeros(channels), persistent=False)
+            self.register_buffer("running_var", torch.ones(channels), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
+        if self.use_running:
+            return F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                training=False,
+                eps=self.eps,
+            )
+        if _recorded is not None:
+            var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
+            _recorded.append(torch.stack([mean, var]))
         if self.fused:
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)  # one pass

@@ -30,9 +30,8 @@ class ANIL(Bilevel):
     def trajectory(
         self, params: Params, buffers: Params, support: Split, training: bool, steps=None
     ) -> Iterator[Params]:
-        features = functional_call(
-            self.model, (params, buffers), (support.x,), {"embed_only": True}
-        )
+        body = {**params, **self.stage_overrides(0, query=False)}  # running BN stats at test
+        features = functional_call(self.model, (body, buffers), (support.x,), {"embed_only": True})
         head = {k.removeprefix(HEAD): v for k, v in params.items() if k.startswith(HEAD)}
         options = self.inner_options(training)
         if steps is not None:

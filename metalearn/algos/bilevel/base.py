@@ -5,6 +5,7 @@ A subclass says how a task is adapted (`trajectory`), how adapted parameters pre
 `meta_loss`). Everything runs on parameter dicts with `torch.func`: no module copies per task.
 """
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,14 @@ from metalearn.algos.bilevel.inner import Params, adapt_steps
 from metalearn.algos.objectives import loss_fn, score
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
+from metalearn.models.layers import (
+    TaskBatchNorm2d,
+    normalizing_with_running_stats,
+    recording_batch_stats,
+)
+
+BN_MODES = ("transductive", "running", "per_step")
+BN_MOMENTUM = 0.1  # weight of each meta-batch in the running statistics (torch's default)
 
 
 @dataclass
@@ -34,6 +43,10 @@ class BilevelConfig:
     train_ways: int | None = None  # ways in meta-training (None: data.ways)
     train_query: int | None = None  # query examples per class in meta-training (None: data.query)
     checkpoint: bool = False  # recompute each task's inner loop in backward: memory for compute
+    # BatchNorm at test time: 'transductive' (each task's own batch statistics, as MAML), or
+    # statistics accumulated in meta-training and applied to each example alone: 'running'
+    # (one set) or 'per_step' (one set per inner step, MAML++'s BNRS)
+    bn_mode: str = "transductive"
 
     def __post_init__(self) -> None:
         for key in ("inner_lr", "test_inner_lr", "outer_lr"):
@@ -44,6 +57,10 @@ class BilevelConfig:
             raise ConfigError(f"algo.inner_steps must be at least 1, got {self.inner_steps}")
         if self.test_inner_steps is not None and self.test_inner_steps < 0:
             raise ConfigError(f"algo.test_inner_steps must be >= 0, got {self.test_inner_steps}")
+        if self.bn_mode not in BN_MODES:
+            raise ConfigError(
+                f"algo.bn_mode must be one of {', '.join(BN_MODES)}, got {self.bn_mode!r}"
+            )
         if self.test_inner_lr is None:
             self.test_inner_lr = self.inner_lr
         if self.test_inner_steps is None:
@@ -73,6 +90,25 @@ class Bilevel:
         self.loss = loss_fn(kind)
         self.task_batching = task_batching
         self.iteration = 0  # the outer iteration, for algorithms with annealed settings
+        self.testing = False  # inside evaluate/predict
+        norms = {n: m for n, m in model.named_modules() if isinstance(m, TaskBatchNorm2d)}
+        self.bn_stats: dict[str, Tensor] = {}  # layer -> (stages, 2, C): [mean; var] per stage
+        if cfg.bn_mode != "transductive":
+            if not norms or not all(m.running for m in norms.values()):
+                raise ConfigError(
+                    f"algo.bn_mode={cfg.bn_mode} needs a model with BatchNorm layers built "
+                    "with running statistics (build.py does this for conv4); this model has "
+                    + ("none" if not norms else "them without")
+                )
+            stages = 1 if cfg.bn_mode == "running" else cfg.inner_steps + 1
+            device = next(model.parameters()).device
+            self.bn_stats = {
+                name: torch.stack([torch.zeros(m.weight.shape), torch.ones(m.weight.shape)])
+                .expand(stages, -1, -1)
+                .clone()
+                .to(device)
+                for name, m in norms.items()
+            }
 
     # -- what subclasses change ---------------------------------------------------------------
     def meta_parameters(self) -> dict[str, nn.Parameter]:
@@ -89,6 +125,18 @@ class Bilevel:
             "loss": self.loss,
         }
 
+    def stage_overrides(self, step: int, query: bool) -> Params:
+        """Tensors that replace model parameters or buffers in the forward passes of inner step
+        `step` (`query`: the query pass after `step` steps): here the running BatchNorm
+        statistics of that stage at test time; MAML++ adds its per-step BatchNorm weights."""
+        if not (self.testing and self.bn_stats):
+            return {}
+        out = {}
+        for layer, stats in self.bn_stats.items():
+            stage = stats[min(step, stats.shape[0] - 1)]
+            out[f"{layer}.running_mean"], out[f"{layer}.running_var"] = stage[0], stage[1]
+        return out
+
     def trajectory(
         self, params: Params, buffers: Params, support: Split, training: bool, steps=None
     ) -> Iterator[Params]:
@@ -96,11 +144,15 @@ class Bilevel:
         options = self.inner_options(training)
         if steps is not None:
             options["steps"] = steps
+        per_step = [self.stage_overrides(s, query=False) for s in range(options["steps"])]
+        if any(per_step):
+            options["per_step"] = per_step
         return adapt_steps(self.model, params, buffers, support, **options)
 
     def query_forward(self, params: Params, buffers: Params, x: Tensor, step: int) -> Tensor:
         """Predictions of the parameters reached after `step` inner steps."""
-        return functional_call(self.model, (params, buffers), (x,))
+        overrides = self.stage_overrides(step, query=True)
+        return functional_call(self.model, ({**params, **overrides}, buffers), (x,))
 
     def task_loss(self, params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
         """One task's query loss after adaptation (Finn et al. 2017, eq. 2) and its score."""
@@ -108,18 +160,69 @@ class Bilevel:
         prediction = self.query_forward(fast, buffers, qx, self.cfg.inner_steps)
         return self.loss(prediction, qy), score(self.kind, prediction, qy)
 
-    def meta_loss(self, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The outer objective over a meta-batch, and the training metrics to log."""
-        self.iteration = iteration
         losses, scores = self.over_tasks(self.task_loss, batch, *self.params())
         return losses.mean(), {"loss": losses.mean(), "score": scores.mean()}
 
     # -- shared -------------------------------------------------------------------------------
+    def meta_loss(self, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training step's objective (the trainer differentiates it) and metrics."""
+        self.iteration = iteration
+        out = self.objective(batch)
+        if self.bn_stats:
+            self._update_bn_stats(batch)
+        return out
+
+    def _update_bn_stats(self, batch: TaskBatch) -> None:
+        """Fold this meta-batch's BatchNorm statistics into the running ones: per task, the
+        forward pass of support and query examples at every stage of the inner loop."""
+        names = list(self.bn_stats)
+
+        def task(params, buffers, sx, sy, qx, qy) -> tuple[Tensor, ...]:
+            x, stages = torch.cat([sx, qx]), []
+            for step, fast in enumerate(self.trajectory(params, buffers, Split(sx, sy), True)):
+                with recording_batch_stats() as recorded:
+                    self.query_forward(fast, buffers, x, step)
+                stages.append(recorded)
+            return tuple(torch.stack([stage[i] for stage in stages]) for i in range(len(names)))
+
+        params, buffers = self.params()
+        with torch.no_grad():
+            per_layer = self.over_tasks(
+                task, batch, {k: v.detach() for k, v in params.items()}, buffers
+            )
+            for name, stats in zip(names, per_layer, strict=True):
+                new = stats.mean(0)  # (stages, 2, C), averaged over tasks
+                if self.cfg.bn_mode == "running":
+                    new = new.mean(0, keepdim=True)
+                self.bn_stats[name].lerp_(new, BN_MOMENTUM)
+
+    @contextlib.contextmanager
+    def _test_time(self) -> Iterator[None]:
+        """Validation, test and prediction: running BatchNorm statistics where configured."""
+        self.testing = True
+        try:
+            if self.bn_stats:
+                with normalizing_with_running_stats(self.model):
+                    yield
+            else:
+                yield
+        finally:
+            self.testing = False
+
     def parameters(self) -> list[nn.Parameter]:
         return [*self.model.parameters(), *self.meta_parameters().values()]
 
     def params(self) -> tuple[Params, Params]:
-        return dict(self.model.named_parameters()), dict(self.model.named_buffers())
+        """The model's parameters and buffers as dicts for functional_call. Running BatchNorm
+        statistics are left out: `stage_overrides` supplies them, stage by stage."""
+        buffers = {
+            k: v
+            for k, v in self.model.named_buffers()
+            if not k.endswith((".running_mean", ".running_var"))
+        }
+        return dict(self.model.named_parameters()), buffers
 
     def over_tasks(self, fn: TaskFn, batch: TaskBatch, params: Params, buffers: Params):
         """Apply fn(params, buffers, sx, sy, qx, qy) to every task and stack the results."""
@@ -166,7 +269,8 @@ class Bilevel:
 
         params, buffers = self.params()
         params = {k: v.detach() for k, v in params.items()}
-        with torch.no_grad():  # the inner torch.func.grad still works; no outer graph is kept
+        # no_grad: the inner torch.func.grad still works; no outer graph is kept
+        with torch.no_grad(), self._test_time():
             losses, scores = self.over_tasks(task, batch, params, buffers)
         columns = [wanted.index(s) for s in steps]
         return {"loss": losses[:, columns], "score": scores[:, columns]}
@@ -176,16 +280,26 @@ class Bilevel:
         params, buffers = self.params()
         params = {k: v.detach() for k, v in params.items()}
         steps = self.cfg.test_inner_steps if steps is None else steps
-        *_, fast = self.trajectory(params, buffers, support, training=False, steps=steps)
-        with torch.no_grad():
-            return self.query_forward(fast, buffers, query_x, steps)
+        with self._test_time():
+            *_, fast = self.trajectory(params, buffers, support, training=False, steps=steps)
+            with torch.no_grad():
+                return self.query_forward(fast, buffers, query_x, steps)
 
     def state_dict(self) -> dict:
         extra = {k: v.detach().clone() for k, v in self.meta_parameters().items()}
-        return {"model": self.model.state_dict(), "meta": extra}
+        bn = {k: v.clone() for k, v in self.bn_stats.items()}
+        return {"model": self.model.state_dict(), "meta": extra, "bn_stats": bn}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        saved_bn = state.get("bn_stats", {})
+        if saved_bn.keys() != self.bn_stats.keys():
+            raise KeyError(
+                f"BatchNorm statistics for {sorted(saved_bn)} saved, "
+                f"{sorted(self.bn_stats)} expected (algo.bn_mode differs?)"
+            )
+        for name, value in saved_bn.items():
+            self.bn_stats[name].copy_(value)
         mine, saved = self.meta_parameters(), state.get("meta", {})
         if set(mine) != set(saved):
             raise KeyError(f"meta-parameters {sorted(saved)} saved, {sorted(mine)} expected")

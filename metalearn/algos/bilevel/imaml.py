@@ -109,9 +109,8 @@ class IMAML(Bilevel):
         g = conjugate_gradient(matvec, grad_query, self.cfg.cg_steps)
         return g, loss, score(self.kind, prediction, qy)
 
-    def meta_loss(self, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """sum(theta * stopgrad(mean g)): its gradient is iMAML's meta-gradient."""
-        self.iteration = iteration
         params, buffers = self.params()
         detached = {k: v.detach() for k, v in params.items()}
         with torch.no_grad():

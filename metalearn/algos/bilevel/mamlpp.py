@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metalearn.algos.bilevel.base import Bilevel, BilevelConfig
 from metalearn.algos.bilevel.inner import Params
@@ -123,17 +122,15 @@ class MAMLPlusPlus(Bilevel):
         lrs = self.lrs if training else {k: v.detach() for k, v in self.lrs.items()}
         options["lr"] = [{name: lr[s] for name, lr in lrs.items()} for s in range(steps)]
         options["adapted"] = self.adapted
-        if self.norm:
-            options["per_step"] = [self._stage(s) for s in range(steps)]
         if training:
             options["first_order"] = self._epoch() < self.cfg.first_order_epochs
         return options
 
-    def query_forward(self, params: Params, buffers: Params, x: Tensor, step: int) -> Tensor:
-        # the query pass after step s uses the BN weights of step s (MAML++'s num_step indexing)
-        return functional_call(
-            self.model, ({**params, **self._stage(max(step - 1, 0))}, buffers), (x,)
-        )
+    def stage_overrides(self, step: int, query: bool) -> Params:
+        # the support pass of inner step s uses the BN weights of step s, and so does the query
+        # pass after it, that is after s + 1 updates (num_step indexing in the paper's code)
+        bn_step = max(step - 1, 0) if query else step
+        return {**super().stage_overrides(step, query), **self._stage(bn_step)}
 
     def task_loss(self, params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
         steps, cfg = self.cfg.inner_steps, self.cfg

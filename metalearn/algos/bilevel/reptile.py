@@ -71,9 +71,8 @@ class Reptile(Bilevel):
         prediction = self.query_forward(fast, buffers, qx, self.cfg.inner_steps)
         return fast, self.loss(prediction, qy), score(self.kind, prediction, qy)
 
-    def meta_loss(self, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """0.5 * ||theta - stopgrad(mean phi)||^2, whose gradient is theta - mean phi."""
-        self.iteration = iteration
         params, buffers = self.params()
         with torch.no_grad():
             fast, losses, scores = self.over_tasks(
