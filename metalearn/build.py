@@ -134,13 +134,18 @@ def build_run(raw: dict) -> Run:
         fused_batchnorm=fused_batchnorm_is_exact(algo_cls, batching),
         running_stats=getattr(algo_cfg, "bn_mode", "transductive") != "transductive",
     ).to(device)
+    algo = algo_cls(algo_cfg, model, tasks.kind, batching)
+    if config.hardware.compile:
+        # the training objective only; evaluation stays eager (many step counts and shapes)
+        name = "objective" if hasattr(algo, "objective") else "meta_loss"
+        setattr(algo, name, torch.compile(getattr(algo, name)))
     return Run(
         config=config,
         config_dict=as_dict(config),
         device=device,
         tasks=tasks,
         model=model,
-        algo=algo_cls(algo_cfg, model, tasks.kind, batching),
+        algo=algo,
         task_batching=batching,
         train_shape=train_shape,
         test_shape=test_shape,

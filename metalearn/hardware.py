@@ -23,6 +23,8 @@ class HardwareConfig:
         "fp32"  # 'fp32', or 'bf16': autocast to bfloat16 (CUDA, or CPUs with AVX512-BF16)
     )
     channels_last: bool = False  # NHWC image activations (faster convolutions on CPU)
+    # torch.compile the training objective (the first iterations pay the compilation)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):

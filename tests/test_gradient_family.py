@@ -440,3 +440,23 @@ def test_running_statistics_round_trip_and_mismatches_are_refused():
         build("maml", tiny_conv(), bn_mode="running")  # built without running statistics
     with pytest.raises(ConfigError, match="bn_mode"):
         build("maml", running_conv(), bn_mode="sometimes")
+
+
+def test_hardware_compile_gives_the_eager_meta_gradient():
+    from conftest import compose_config
+
+    from metalearn.build import build_run
+
+    torch.set_default_dtype(torch.float32)
+    runs = [
+        build_run(compose_config(["data=sinusoid", "logger=none", f"hardware.compile={c}"]))
+        for c in ("false", "true")
+    ]
+    batch = runs[0].tasks.sample("train", torch.Generator().manual_seed(0), 5, 1, 10, 10)
+    grads = []
+    for run in runs:
+        loss, _ = run.algo.meta_loss(batch)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in run.model.parameters()]))
+    assert "objective" in vars(runs[1].algo) and "objective" not in vars(runs[0].algo)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
