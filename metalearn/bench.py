@@ -30,7 +30,7 @@ from torch import nn
 from metalearn.config import from_dict
 from metalearn.data.tasks import EpisodeSampler, Split, TaskBatch
 from metalearn.errors import ConfigError
-from metalearn.hardware import describe
+from metalearn.hardware import HardwareConfig, describe, task_batching
 
 FAMILY = ["maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "mamlpp"]
 # name -> (image shape, conv4 width, downsampling): Omniglot as MAML trains it, and
@@ -55,8 +55,8 @@ class BenchConfig:
     ways: int = 5
     shots: int = 1
     query: int = 15
-    warmup: int = 1  # untimed iterations first
-    min_iterations: int = 2  # timed iterations at least ...
+    warmup: int = 0  # untimed calls first (counting FLOPs has already run the step once)
+    min_iterations: int = 1  # timed iterations at least ...
     min_seconds: float = 10.0  # ... and until this much time has passed
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -369,11 +369,14 @@ def _peak_memory_mib(device: torch.device) -> float:
 def cases(cfg: BenchConfig, have_reference: bool) -> list[dict]:
     """Every case of the configured groups, references next to what they are compared with."""
     out: list[dict] = []
+    auto = task_batching(HardwareConfig(), torch.device(cfg.device), convolutional=True)
+    other = "vmap" if auto == "loop" else "loop"
     if "family" in cfg.groups:
         for shape in cfg.shapes:
             for steps in cfg.steps:
                 for algo in cfg.algos:
-                    batchings = ["vmap", "loop"] if algo in ("maml", "fomaml") else ["vmap"]
+                    # the hardware.task_batching=auto choice; MAML and FOMAML also the other
+                    batchings = [auto] + ([other] if algo in ("maml", "fomaml") else [])
                     for batching in batchings:
                         out.append(
                             {

@@ -33,7 +33,7 @@ def test_tiny_bench_writes_results_with_ratios(tmp_path):
     assert saved["results"] == report["results"]
     kinds = {(r["kind"], r.get("algo"), r.get("batching")) for r in report["results"]}
     assert ("ours", "maml", "vmap") in kinds and ("ours", "maml", "loop") in kinds
-    assert ("ours", "reptile", "vmap") in kinds
+    assert ("ours", "reptile", "loop") in kinds  # task_batching=auto on CPU
     for r in report["results"]:
         assert r["seconds"] > 0 and r["calls"] >= 1
         if r["group"] == "family":
