@@ -341,19 +341,23 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
     else:
         step = sampler_step(cfg, case["variant"], device)
     baseline = _peak_memory_mib(device)
-    flops = 0.0
-    if kind == "ours" and case["batching"] == "vmap":
-        # the counter sees vmapped convolutions as larger ones than they are: count the same
-        # algorithm's per-task loop, whose arithmetic is the same
-        loop = ours_step(cfg, case["algo"], case["shape"], case["steps"], "loop", device)
-        flops = count_flops(loop)
-        del loop
-    elif kind != "sampler":
-        flops = count_flops(step)
+    vmapped = kind == "ours" and case["batching"] == "vmap"
+    if vmapped:
+        step()  # warm-up; FLOPs are counted below, on the per-task loop
+        flops = 0.0
+    else:
+        flops = 0.0 if kind == "sampler" else count_flops(step)  # also the warm-up
     timing = time_step(cfg, step, device)
     memory = _peak_memory_mib(device)
     if device.type == "cpu":  # ru_maxrss counts the whole process: report the growth
         memory -= baseline
+    if vmapped:
+        # the counter sees vmapped convolutions as larger ones than they are: count the same
+        # algorithm's per-task loop, whose arithmetic is the same (after the memory reading)
+        del step
+        flops = count_flops(
+            ours_step(cfg, case["algo"], case["shape"], case["steps"], "loop", device)
+        )
     out = {**case, **timing, "peak_memory_mib": memory, "gflop": flops / 1e9}
     if flops:
         out["gflops"] = flops / timing["seconds"] / 1e9
