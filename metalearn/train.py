@@ -211,6 +211,8 @@ def _log_train(run: Run, logger, bar, metrics, optimizer, rate: float, iteration
             f"train/{name}": score,
             "perf/tasks_per_s": rate,
             "train/outer_lr": optimizer.param_groups[0]["lr"],
+            # what else the algorithm reports (iMAML: the fraction of tasks skipped)
+            **{f"train/{k}": float(v) for k, v in metrics.items() if k not in ("loss", "score")},
         },
         step=iteration,
     )

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_bilevel import TASKS, image_tasks, tiny_conv
+from test_bilevel import TASKS, WAYS, image_tasks, tiny_conv
 
 from metalearn.algos import ALGOS
 from metalearn.algos.bilevel.imaml import IMAML, IMAMLConfig, conjugate_gradient
@@ -460,3 +460,22 @@ def test_hardware_compile_gives_the_eager_meta_gradient():
         grads.append(torch.cat([p.grad.flatten() for p in run.model.parameters()]))
     assert "objective" in vars(runs[1].algo) and "objective" not in vars(runs[0].algo)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_imaml_leaves_out_tasks_whose_inner_problem_diverged():
+    model, batch = tiny_conv(), image_tasks()
+    algo = build("imaml", model, inner_steps=1, lam=2.0, cg_steps=2)
+    reference = outer_grads(
+        build("imaml", tiny_conv(), inner_steps=1, lam=2.0, cg_steps=2),
+        TaskBatch(
+            Split(batch.support.x[1:], batch.support.y[1:]),
+            Split(batch.query.x[1:], batch.query.y[1:]),
+            WAYS,
+        ),
+    )
+    batch.support.x[0] = float("inf")  # task 0's inner problem cannot be solved
+    grads = outer_grads(algo, batch)
+    _, metrics = algo.meta_loss(batch)
+    assert metrics["skipped"].item() == pytest.approx(1 / TASKS)
+    for key in reference:
+        torch.testing.assert_close(grads[key], reference[key], rtol=1e-9, atol=1e-11)

@@ -110,10 +110,32 @@ class IMAML(Bilevel):
         return g, loss, score(self.kind, prediction, qy)
 
     def objective(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """sum(theta * stopgrad(mean g)): its gradient is iMAML's meta-gradient."""
+        """sum(theta * stopgrad(mean g)): its gradient is iMAML's meta-gradient.
+
+        A task whose inner problem diverged (non-finite query loss or meta-gradient; a few
+        gradient steps on a sharp model can do that) is left out of the mean, and the fraction
+        left out is logged as `skipped`; if every task diverged the objective is NaN and the
+        trainer stops as for any divergence.
+        """
         params, buffers = self.params()
         detached = {k: v.detach() for k, v in params.items()}
         with torch.no_grad():
             g, losses, scores = self.over_tasks(self.implicit_gradient, batch, detached, buffers)
-        surrogate = sum((params[k] * g[k].mean(0)).sum() for k in params)
-        return surrogate, {"loss": losses.mean(), "score": scores.mean()}
+            finite = torch.isfinite(losses)
+            for v in g.values():
+                finite &= torch.isfinite(v.flatten(1)).all(1)
+            kept = finite.sum()
+            weight = finite.to(losses.dtype) / kept  # NaN everywhere when kept == 0
+            mean_g = {
+                k: (v * weight.view(-1, *[1] * (v.dim() - 1))).nan_to_num(0.0).sum(0)
+                if kept
+                else v.sum(0) * float("nan")
+                for k, v in g.items()
+            }
+        surrogate = sum((params[k] * mean_g[k]).sum() for k in params)
+        metrics = {
+            "loss": losses[finite].mean(),
+            "score": scores[finite].mean(),
+            "skipped": 1.0 - finite.float().mean(),
+        }
+        return surrogate, metrics
