@@ -340,7 +340,7 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
         step = protonet_step(cfg, case["variant"], device)
     else:
         step = sampler_step(cfg, case["variant"], device)
-    baseline = _peak_memory_mib(device)
+    baseline = _reset_peak_memory(device)
     vmapped = kind == "ours" and case["batching"] == "vmap"
     if vmapped:
         step()  # warm-up; FLOPs are counted below, on the per-task loop
@@ -349,8 +349,7 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
         flops = 0.0 if kind == "sampler" else count_flops(step)  # also the warm-up
     timing = time_step(cfg, step, device)
     memory = _peak_memory_mib(device)
-    if device.type == "cpu":  # ru_maxrss counts the whole process: report the growth
-        memory -= baseline
+    memory -= baseline  # the growth over what the process held before the first step
     if vmapped:
         # the counter sees vmapped convolutions as larger ones than they are: count the same
         # algorithm's per-task loop, whose arithmetic is the same (after the memory reading)
@@ -364,10 +363,33 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
     return out
 
 
+def _reset_peak_memory(device: torch.device) -> float:
+    """Start a new peak-memory window; return the memory held now (MiB)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM)
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _proc_status_mib("VmRSS")
+
+
 def _peak_memory_mib(device: torch.device) -> float:
+    """Peak memory since the last reset (MiB): CUDA allocator peak, or the peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        return _proc_status_mib("VmHWM")
+    except (OSError, ValueError):  # not Linux: the process's lifetime peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise ValueError(f"{field} not in /proc/self/status")
 
 
 def cases(cfg: BenchConfig, have_reference: bool) -> list[dict]:
@@ -464,8 +486,9 @@ def _add_ratios(report: dict) -> None:
     """Speed-up of each of our cases over its reference, and rates as fractions of peak."""
     results, peak = report["results"], report.get("peak", {})
     for r in results:
-        if r["group"] == "family" and r["kind"] == "ours":
-            base = "fomaml" if r["algo"] == "fomaml" else "maml"
+        # learn2learn has MAML and FOMAML: only those are compared with it
+        if r["group"] == "family" and r["kind"] == "ours" and r["algo"] in ("maml", "fomaml"):
+            base = r["algo"]
             ref = next(
                 (
                     x

@@ -71,3 +71,13 @@ def test_flop_count_of_a_matmul_is_exact():
 def test_bad_bench_options_are_refused(options, word):
     with pytest.raises(ConfigError, match=word):
         BenchConfig(**options)
+
+
+def test_peak_memory_window_sees_a_temporary_allocation():
+    from metalearn.bench import _peak_memory_mib, _reset_peak_memory
+
+    device = torch.device("cpu")
+    before = _reset_peak_memory(device)
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del block
+    assert 60 < _peak_memory_mib(device) - before < 200
