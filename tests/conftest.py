@@ -65,3 +65,12 @@ def protonet_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("protonet_run")
     train(build_run(compose_config([*TINY_PROTONET, f"data.root={root}"])), run_dir)
     return run_dir
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype for the test (gradient checks against references)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -13,12 +13,7 @@ from metalearn.models.mlp import MLP, MLPConfig
 WAYS, TASKS = 3, 4
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest: float64 by default
 
 
 def tiny_conv(fused: bool = False, seed: int = 0) -> Conv4:

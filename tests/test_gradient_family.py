@@ -25,12 +25,7 @@ needs_learn2learn = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest: float64 by default
 
 
 def build(name: str, model, batching: str = "vmap", **options):
