@@ -61,6 +61,7 @@ class BenchConfig:
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads (None: torch's default)
     reference: bool = True  # time learn2learn too when it is installed
+    compile: bool = True  # time MAML and FOMAML with hardware.compile=true too
     out: str = "outputs/bench"  # bench.json and bench.md go here
 
     def __post_init__(self) -> None:
@@ -113,8 +114,17 @@ def _conv4(cfg: BenchConfig, shape: str, out: int, fused: bool, device) -> nn.Mo
     return Conv4(config, image, out, fused_batchnorm=fused).to(device)
 
 
-def ours_step(cfg: BenchConfig, algo_name: str, shape: str, steps: int, batching: str, device):
-    """One meta-iteration of metalearn's algorithm, exactly as the trainer runs it."""
+def ours_step(
+    cfg: BenchConfig,
+    algo_name: str,
+    shape: str,
+    steps: int,
+    batching: str,
+    device,
+    compiled: bool = False,
+):
+    """One meta-iteration of metalearn's algorithm, exactly as the trainer runs it (with
+    `compiled`, as build.py sets up hardware.compile=true)."""
     from metalearn.algos import ALGOS
     from metalearn.build import fused_batchnorm_is_exact
     from metalearn.train import outer_optimizer
@@ -131,6 +141,10 @@ def ours_step(cfg: BenchConfig, algo_name: str, shape: str, steps: int, batching
     algo_cfg = config_cls(**options)
     model = _conv4(cfg, shape, cfg.ways, fused_batchnorm_is_exact(algo_cls, batching), device)
     algo = algo_cls(algo_cfg, model, "classification", batching)
+    if compiled and batching == "loop":
+        algo.compile_tasks = True
+    elif compiled:
+        algo.objective = torch.compile(algo.objective)
     optimizer = outer_optimizer(algo_cfg, algo)
     batch = synthetic_batch(cfg, shape, device)
 
@@ -332,8 +346,11 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     kind = case["kind"]
+    compiled = case.get("compile", False)
     if kind == "ours":
-        step = ours_step(cfg, case["algo"], case["shape"], case["steps"], case["batching"], device)
+        step = ours_step(
+            cfg, case["algo"], case["shape"], case["steps"], case["batching"], device, compiled
+        )
     elif kind == "learn2learn":
         step = learn2learn_step(cfg, case["algo"] == "fomaml", case["shape"], case["steps"], device)
     elif kind == "protonet":
@@ -341,23 +358,27 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
     else:
         step = sampler_step(cfg, case["variant"], device)
     baseline = _reset_peak_memory(device)
-    vmapped = kind == "ours" and case["batching"] == "vmap"
-    if vmapped:
-        step()  # warm-up; FLOPs are counted below, on the per-task loop
+    # the counter sees vmapped convolutions as larger ones than they are, and compiled code
+    # not at all: those cases are counted on the eager per-task loop, whose arithmetic is the same
+    count_on_loop = kind == "ours" and (case["batching"] == "vmap" or compiled)
+    extra = {}
+    if count_on_loop:
+        started = time.perf_counter()
+        step()  # warm-up (and compilation); FLOPs are counted below
+        extra["first_call_seconds"] = time.perf_counter() - started
+        step()  # compiled: the backward's first call
         flops = 0.0
     else:
         flops = 0.0 if kind == "sampler" else count_flops(step)  # also the warm-up
     timing = time_step(cfg, step, device)
     memory = _peak_memory_mib(device)
     memory -= baseline  # the growth over what the process held before the first step
-    if vmapped:
-        # the counter sees vmapped convolutions as larger ones than they are: count the same
-        # algorithm's per-task loop, whose arithmetic is the same (after the memory reading)
+    if count_on_loop:  # after the memory reading
         del step
         flops = count_flops(
             ours_step(cfg, case["algo"], case["shape"], case["steps"], "loop", device)
         )
-    out = {**case, **timing, "peak_memory_mib": memory, "gflop": flops / 1e9}
+    out = {**case, **timing, **extra, "peak_memory_mib": memory, "gflop": flops / 1e9}
     if flops:
         out["gflops"] = flops / timing["seconds"] / 1e9
     return out
@@ -403,7 +424,10 @@ def cases(cfg: BenchConfig, have_reference: bool) -> list[dict]:
                 for algo in cfg.algos:
                     # the hardware.task_batching=auto choice; MAML and FOMAML also the other
                     batchings = [auto] + ([other] if algo in ("maml", "fomaml") else [])
-                    for batching in batchings:
+                    variants = [(b, False) for b in batchings]
+                    if cfg.compile and algo in ("maml", "fomaml"):
+                        variants.append((auto, True))  # hardware.compile=true
+                    for batching, compiled in variants:
                         out.append(
                             {
                                 "group": "family",
@@ -412,6 +436,7 @@ def cases(cfg: BenchConfig, have_reference: bool) -> list[dict]:
                                 "shape": shape,
                                 "steps": steps,
                                 "batching": batching,
+                                "compile": compiled,
                             }
                         )
                     if have_reference and algo in ("maml", "fomaml"):
@@ -475,9 +500,7 @@ def _version(module: str) -> str:
 def _describe(result: dict) -> str:
     what = result.get("algo") or result.get("variant")
     extra = (
-        f" {result['shape']} {result['steps']} steps {result['batching']}"
-        if "shape" in result
-        else ""
+        f" {result['shape']} {result['steps']} steps {_code(result)}" if "shape" in result else ""
     )
     return f"{result['kind']:>11} {what}{extra}: {result['seconds']:.4f} s"
 
@@ -543,14 +566,21 @@ def markdown(report: dict) -> str:
         ]
         tasks = report["config"]["meta_batch"]
         for r in family:
-            code = "learn2learn" if r["kind"] == "learn2learn" else f"metalearn ({r['batching']})"
             lines.append(
-                f"| {r['algo']} | {code} | {r['shape']} | {r['steps']} | {tasks} "
+                f"| {r['algo']} | {_code(r)} | {r['shape']} | {r['steps']} | {tasks} "
                 f"| {r['seconds']:.3f} | {tasks / r['seconds']:.1f} | {r['peak_memory_mib']:.0f} "
                 f"| {r.get('gflops', 0):.1f} | {100 * r.get('fraction_of_matmul_peak', 0):.0f}% "
                 f"| {_ratio(r.get('speedup_vs_learn2learn'))} |"
             )
         lines.append("")
+        first_calls = [
+            f"{r['algo']} {r['shape']} {r['steps']} step(s) {r['first_call_seconds']:.0f} s"
+            for r in family
+            if r.get("compile")
+        ]
+        if first_calls:
+            lines += ["First call of the compiled cases (compilation): " + "; ".join(first_calls)]
+            lines.append("")
     proto = [r for r in report["results"] if r["group"] == "protonet"]
     if proto:
         lines += [
@@ -578,6 +608,14 @@ def markdown(report: dict) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _code(result: dict) -> str:
+    """Which implementation a family case timed, as the tables name it."""
+    if result["kind"] == "learn2learn":
+        return "learn2learn"
+    compiled = ", compiled" if result.get("compile") else ""
+    return f"metalearn ({result['batching']}{compiled})"
 
 
 def _ratio(value: float | None) -> str:

@@ -136,9 +136,12 @@ def build_run(raw: dict) -> Run:
     ).to(device)
     algo = algo_cls(algo_cfg, model, tasks.kind, batching)
     if config.hardware.compile:
-        # the training objective only; evaluation stays eager (many step counts and shapes)
-        name = "objective" if hasattr(algo, "objective") else "meta_loss"
-        setattr(algo, name, torch.compile(getattr(algo, name)))
+        # training only; evaluation stays eager (many step counts and shapes)
+        if getattr(algo_cls, "batches_tasks", False) and batching == "loop":
+            algo.compile_tasks = True  # one task's graph, compiled once, called per task
+        else:
+            name = "objective" if hasattr(algo, "objective") else "meta_loss"
+            setattr(algo, name, torch.compile(getattr(algo, name)))
     return Run(
         config=config,
         config_dict=as_dict(config),

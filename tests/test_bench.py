@@ -33,6 +33,9 @@ def test_tiny_bench_writes_results_with_ratios(tmp_path):
     assert saved["results"] == report["results"]
     kinds = {(r["kind"], r.get("algo"), r.get("batching")) for r in report["results"]}
     assert ("ours", "maml", "vmap") in kinds and ("ours", "maml", "loop") in kinds
+    compiled = next(r for r in report["results"] if r.get("compile"))
+    assert compiled["algo"] == "maml" and compiled["first_call_seconds"] > 0
+    assert "compiled" in (tmp_path / "bench.md").read_text()
     assert ("ours", "reptile", "loop") in kinds  # task_batching=auto on CPU
     for r in report["results"]:
         assert r["seconds"] > 0 and r["calls"] >= 1
@@ -43,6 +46,7 @@ def test_tiny_bench_writes_results_with_ratios(tmp_path):
         for b in ("vmap", "loop")
     )
     assert vmap["gflop"] == pytest.approx(loop["gflop"]), "the same arithmetic, counted once"
+    assert compiled["gflop"] == pytest.approx(loop["gflop"])
     markdown = (tmp_path / "bench.md").read_text()
     assert "Intel" in markdown or "threads" in markdown
     assert report["peak"]["matmul_gflops"] > 0

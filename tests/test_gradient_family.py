@@ -437,14 +437,24 @@ def test_running_statistics_round_trip_and_mismatches_are_refused():
         build("maml", running_conv(), bn_mode="sometimes")
 
 
-def test_hardware_compile_gives_the_eager_meta_gradient():
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_hardware_compile_gives_the_eager_meta_gradient(batching):
     from conftest import compose_config
 
     from metalearn.build import build_run
 
     torch.set_default_dtype(torch.float32)
     runs = [
-        build_run(compose_config(["data=sinusoid", "logger=none", f"hardware.compile={c}"]))
+        build_run(
+            compose_config(
+                [
+                    "data=sinusoid",
+                    "logger=none",
+                    f"hardware.compile={c}",
+                    f"hardware.task_batching={batching}",
+                ]
+            )
+        )
         for c in ("false", "true")
     ]
     batch = runs[0].tasks.sample("train", torch.Generator().manual_seed(0), 5, 1, 10, 10)
@@ -453,7 +463,11 @@ def test_hardware_compile_gives_the_eager_meta_gradient():
         loss, _ = run.algo.meta_loss(batch)
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in run.model.parameters()]))
-    assert "objective" in vars(runs[1].algo) and "objective" not in vars(runs[0].algo)
+    if batching == "vmap":  # the whole objective is one graph
+        assert "objective" in vars(runs[1].algo) and "objective" not in vars(runs[0].algo)
+    else:  # one task's graph, compiled once and called for each task
+        assert list(runs[1].algo._compiled) == [type(runs[1].algo).task_loss]
+        assert not runs[0].algo._compiled
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 

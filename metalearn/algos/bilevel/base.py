@@ -91,6 +91,10 @@ class Bilevel:
         self.task_batching = task_batching
         self.iteration = 0  # the outer iteration, for algorithms with annealed settings
         self.testing = False  # inside evaluate/predict
+        # hardware.compile with the per-task loop: each training task function is compiled once
+        # (one task's graph, whatever the meta-batch size) and called for every task
+        self.compile_tasks = False
+        self._compiled: dict[Callable, TaskFn] = {}
         norms = {n: m for n, m in model.named_modules() if isinstance(m, TaskBatchNorm2d)}
         self.bn_stats: dict[str, Tensor] = {}  # layer -> (stages, 2, C): [mean; var] per stage
         if cfg.bn_mode != "transductive":
@@ -229,10 +233,19 @@ class Bilevel:
         data = (batch.support.x, batch.support.y, batch.query.x, batch.query.y)
         if self.task_batching == "vmap":
             return torch.vmap(fn, in_dims=(None, None, 0, 0, 0, 0))(params, buffers, *data)
+        if self.compile_tasks and torch.is_grad_enabled():
+            fn = self._compiled_task(fn)
         if self.cfg.checkpoint and torch.is_grad_enabled():
             fn = self._checkpointed(fn, params, buffers)
         outs = [fn(params, buffers, *(d[t] for d in data)) for t in range(batch.tasks)]
         return torch.utils._pytree.tree_map(lambda *parts: torch.stack(parts), *outs)
+
+    def _compiled_task(self, fn: TaskFn) -> TaskFn:
+        """torch.compile of a per-task function, made once per function (shapes fixed)."""
+        key = getattr(fn, "__func__", fn)  # a bound method is a new object at every access
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn, dynamic=False)
+        return self._compiled[key]
 
     @staticmethod
     def _checkpointed(fn: TaskFn, params: Params, buffers: Params) -> TaskFn:
