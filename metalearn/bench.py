@@ -126,7 +126,7 @@ def ours_step(
     """One meta-iteration of metalearn's algorithm, exactly as the trainer runs it (with
     `compiled`, as build.py sets up hardware.compile=true)."""
     from metalearn.algos import ALGOS
-    from metalearn.build import fused_batchnorm_is_exact
+    from metalearn.build import compile_training, fused_batchnorm_is_exact
     from metalearn.train import outer_optimizer
 
     config_cls, algo_cls = ALGOS[algo_name]
@@ -141,10 +141,8 @@ def ours_step(
     algo_cfg = config_cls(**options)
     model = _conv4(cfg, shape, cfg.ways, fused_batchnorm_is_exact(algo_cls, batching), device)
     algo = algo_cls(algo_cfg, model, "classification", batching)
-    if compiled and batching == "loop":
-        algo.compile_tasks = True
-    elif compiled:
-        algo.objective = torch.compile(algo.objective)
+    if compiled:
+        compile_training(algo, batching)
     optimizer = outer_optimizer(algo_cfg, algo)
     batch = synthetic_batch(cfg, shape, device)
 

@@ -136,12 +136,7 @@ def build_run(raw: dict) -> Run:
     ).to(device)
     algo = algo_cls(algo_cfg, model, tasks.kind, batching)
     if config.hardware.compile:
-        # training only; evaluation stays eager (many step counts and shapes)
-        if getattr(algo_cls, "batches_tasks", False) and batching == "loop":
-            algo.compile_tasks = True  # one task's graph, compiled once, called per task
-        else:
-            name = "objective" if hasattr(algo, "objective") else "meta_loss"
-            setattr(algo, name, torch.compile(getattr(algo, name)))
+        compile_training(algo, batching)
     return Run(
         config=config,
         config_dict=as_dict(config),
@@ -157,6 +152,17 @@ def build_run(raw: dict) -> Run:
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{data.ways}w{data.shots}s-seed{config.seed}",
     )
+
+
+def compile_training(algo: Any, batching: str) -> None:
+    """hardware.compile=true: torch.compile what meta-training runs; evaluation stays eager (many
+    step counts and shapes). With the per-task loop, one task's graph is compiled once, whatever
+    the meta-batch size, and called for every task; otherwise the objective is one graph."""
+    if getattr(algo, "batches_tasks", False) and batching == "loop":
+        algo.compile_tasks = True
+    else:
+        name = "objective" if hasattr(algo, "objective") else "meta_loss"
+        setattr(algo, name, torch.compile(getattr(algo, name)))
 
 
 def fused_batchnorm_is_exact(algo_cls: type, batching: str) -> bool:
