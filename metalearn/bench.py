@@ -414,7 +414,8 @@ def _proc_status_mib(field: str) -> float:
 def cases(cfg: BenchConfig, have_reference: bool) -> list[dict]:
     """Every case of the configured groups, references next to what they are compared with."""
     out: list[dict] = []
-    auto = task_batching(HardwareConfig(), torch.device(cfg.device), convolutional=True)
+    examples = cfg.ways * (cfg.shots + cfg.query)
+    auto = task_batching(HardwareConfig(), torch.device(cfg.device), True, examples)
     other = "vmap" if auto == "loop" else "loop"
     if "family" in cfg.groups:
         for shape in cfg.shapes:

@@ -116,7 +116,12 @@ def build_run(raw: dict) -> Run:
     test_shape = (data.ways, data.shots, config.eval.query or data.query)
     device = select_device(config.hardware)
     model_cls = MODELS[config.model.name][1]
-    batching = task_batching(config.hardware, device, getattr(model_cls, "convolutional", False))
+    batching = task_batching(
+        config.hardware,
+        device,
+        getattr(model_cls, "convolutional", False),
+        examples_per_task=train_shape[0] * (train_shape[1] + train_shape[2]),
+    )
     _check_combination(config, algo_cls, train_shape, test_shape, batching)
     torch.manual_seed(config.seed)
     tasks = DATASETS[data.name][1](data, device)

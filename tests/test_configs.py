@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONFIGS, REPO, compose_config, real_data_root
 from omegaconf import OmegaConf
 
@@ -188,3 +189,14 @@ def test_help_lists_every_group_and_its_options(command: str):
     for group, options in GROUPS.items():
         assert f"{group}: {', '.join(options)}" in lines, f"{group} not listed as expected"
     assert f"metalearn {command}" in out.stdout
+
+
+def test_auto_task_batching_loops_only_over_large_conv_tasks_on_cpu():
+    from metalearn.hardware import LOOP_ABOVE_EXAMPLES, HardwareConfig, task_batching
+
+    auto, cpu, large = HardwareConfig(), torch.device("cpu"), LOOP_ABOVE_EXAMPLES + 1
+    assert task_batching(auto, cpu, True, large) == "loop"  # 5-way 1-shot, 15 queries: 80
+    assert task_batching(auto, cpu, True, LOOP_ABOVE_EXAMPLES) == "vmap"  # MAML's 1 query: 10
+    assert task_batching(auto, cpu, False, large) == "vmap"  # MLPs
+    assert task_batching(auto, torch.device("cuda"), True, large) == "vmap"
+    assert task_batching(HardwareConfig(task_batching="loop"), cpu, False, 2) == "loop"
