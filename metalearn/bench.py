@@ -364,7 +364,7 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
         started = time.perf_counter()
         step()  # warm-up (and compilation); FLOPs are counted below
         extra["first_call_seconds"] = time.perf_counter() - started
-        step()  # compiled: the backward's first call
+        step()  # a compiled backward compiles on its first call, after the forward's
         flops = 0.0
     else:
         flops = 0.0 if kind == "sampler" else count_flops(step)  # also the warm-up

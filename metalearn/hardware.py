@@ -54,8 +54,9 @@ def select_device(cfg: HardwareConfig) -> torch.device:
 # Above this many examples per training task (support and query), conv nets on CPU run faster
 # as a per-task loop. Measured on 2 CPU cores, second-order MAML, Omniglot 5-way 1-shot, conv4,
 # meta-batch 32, s per meta-iteration loop / vmap: 0.61 / 0.28 at 1 query per class (10
-# examples), 0.62 / 0.63 at 5 (30), 0.78 / 1.6 at 15 (80). The loop's cost hardly grows with
-# the task (it is per-call overhead) and it may use the native BatchNorm kernel.
+# examples), 0.62 / 0.63 at 5 (30), 0.76 / 1.82 at 15 (80; the README's bench table). The
+# loop's cost hardly grows with the task (it is per-call overhead) and it may use the native
+# BatchNorm kernel.
 LOOP_ABOVE_EXAMPLES = 30
 
 

@@ -197,6 +197,7 @@ def test_auto_task_batching_loops_only_over_large_conv_tasks_on_cpu():
     auto, cpu, large = HardwareConfig(), torch.device("cpu"), LOOP_ABOVE_EXAMPLES + 1
     assert task_batching(auto, cpu, True, large) == "loop"  # 5-way 1-shot, 15 queries: 80
     assert task_batching(auto, cpu, True, LOOP_ABOVE_EXAMPLES) == "vmap"  # MAML's 1 query: 10
+    assert task_batching(auto, cpu, True, 10) == "vmap"
     assert task_batching(auto, cpu, False, large) == "vmap"  # MLPs
     assert task_batching(auto, torch.device("cuda"), True, large) == "vmap"
     assert task_batching(HardwareConfig(task_batching="loop"), cpu, False, 2) == "loop"
