@@ -22,10 +22,11 @@ DATASETS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
 # A tiny run: a few iterations and episodes, no W&B, one CPU thread.
 SMOKE = ["debug=smoke", "hardware.threads=1"]
 # Pairs that cannot work, and the words the error must contain.
-IMPOSSIBLE = {("protonet", "sinusoid"): ["protonet", "classification", "omniglot"]}
+METRIC = ["matchingnet", "metaoptnet_ridge", "metaoptnet_svm", "protonet", "relationnet"]
+IMPOSSIBLE = {(name, "sinusoid"): [name, "classification", "omniglot"] for name in METRIC}
 # The groups `metalearn train --help` must list, with their options.
 GROUPS = {
-    "algo": ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "protonet", "reptile"],
+    "algo": sorted(["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "reptile", *METRIC]),
     "data": ["omniglot", "sinusoid"],
     "model": ["conv4", "mlp"],
     "hardware": ["auto", "cpu", "cuda"],

@@ -12,7 +12,10 @@ from metalearn.algos.bilevel.maml import MAML, MAMLConfig
 from metalearn.algos.bilevel.mamlpp import MAMLPlusPlus, MAMLPlusPlusConfig
 from metalearn.algos.bilevel.metasgd import MetaSGD, MetaSGDConfig
 from metalearn.algos.bilevel.reptile import Reptile, ReptileConfig
+from metalearn.algos.metric.matchingnet import MatchingNet, MatchingNetConfig
+from metalearn.algos.metric.metaoptnet import MetaOptNet, MetaOptNetConfig
 from metalearn.algos.metric.protonet import ProtoNet, ProtoNetConfig
+from metalearn.algos.metric.relationnet import RelationNet, RelationNetConfig
 
 # name -> (config class, algorithm class); build.py is the only reader.
 ALGOS: dict[str, tuple[type, type]] = {
@@ -24,4 +27,8 @@ ALGOS: dict[str, tuple[type, type]] = {
     "imaml": (IMAMLConfig, IMAML),
     "mamlpp": (MAMLPlusPlusConfig, MAMLPlusPlus),
     "protonet": (ProtoNetConfig, ProtoNet),
+    "matchingnet": (MatchingNetConfig, MatchingNet),
+    "relationnet": (RelationNetConfig, RelationNet),
+    "metaoptnet_ridge": (MetaOptNetConfig, MetaOptNet),  # its YAML sets head: ridge
+    "metaoptnet_svm": (MetaOptNetConfig, MetaOptNet),
 }

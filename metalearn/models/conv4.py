@@ -16,10 +16,13 @@ class Conv4Config:
     name: str = "conv4"
     hidden: int = 64  # filters per block (64 for Omniglot and ProtoNets, 32 for MAML miniImageNet)
     downsample: str = "maxpool"  # 'maxpool' (ProtoNets) or 'stride' (MAML's Omniglot network)
+    pooled_blocks: int = 4  # how many blocks, from the first, downsample (Relation Networks: 2)
 
     def __post_init__(self) -> None:
         if self.hidden < 1:
             raise ConfigError(f"model.hidden must be positive, got {self.hidden}")
+        if not 0 <= self.pooled_blocks <= 4:
+            raise ConfigError(f"model.pooled_blocks must be in 0..4, got {self.pooled_blocks}")
         if self.downsample not in ("maxpool", "stride"):
             raise ConfigError(
                 f"model.downsample must be 'maxpool' or 'stride', got {self.downsample!r}"
@@ -53,16 +56,18 @@ class Conv4(nn.Module):
                 f"have shape {tuple(in_shape)}; use model=mlp for vector inputs such as sinusoid"
             )
         self.channels_last = channels_last  # NHWC activations: faster convolutions on CPU
+        self.in_shape = tuple(in_shape)
         channels, height, width = in_shape
         blocks: list[nn.Module] = []
         for i in range(4):
-            stride = 2 if cfg.downsample == "stride" else 1
+            pooled = i < cfg.pooled_blocks
+            stride = 2 if cfg.downsample == "stride" and pooled else 1
             blocks += [
                 nn.Conv2d(channels if i == 0 else cfg.hidden, cfg.hidden, 3, stride, padding=1),
                 TaskBatchNorm2d(cfg.hidden, fused=fused_batchnorm, running=running_stats),
                 nn.ReLU(),
             ]
-            if cfg.downsample == "maxpool":
+            if cfg.downsample == "maxpool" and pooled:
                 blocks.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*blocks)
         self.pool_space = cfg.downsample == "stride"
@@ -72,10 +77,13 @@ class Conv4(nn.Module):
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def embed(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, D)
+    def feature_maps(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, hidden, H', W')
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        h = self.features(x)
+        return self.features(x)
+
+    def embed(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, D)
+        h = self.feature_maps(x)
         return h.mean(dim=(2, 3)) if self.pool_space else h.flatten(1)
 
     def forward(self, x: Tensor, embed_only: bool = False) -> Tensor:
