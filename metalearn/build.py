@@ -1,11 +1,14 @@
 """The one place config names become objects: typed, validated configs and the run they describe."""
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from metalearn import checkpoint
 from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
 from metalearn.config import as_dict, from_dict
@@ -112,7 +115,9 @@ def build_run(raw: dict) -> Run:
     config = parse_config(raw)
     data, algo_cfg = config.data, config.algo
     algo_cls = ALGOS[algo_cfg.name][1]
-    train_shape = (algo_cfg.train_ways or data.ways, data.shots, algo_cfg.train_query or data.query)
+    # (pre-training baselines have no training episodes: their shape is the test one)
+    train_ways = getattr(algo_cfg, "train_ways", None) or data.ways
+    train_shape = (train_ways, data.shots, getattr(algo_cfg, "train_query", None) or data.query)
     test_shape = (data.ways, data.shots, config.eval.query or data.query)
     device = select_device(config.hardware)
     model_cls = MODELS[config.model.name][1]
@@ -139,7 +144,13 @@ def build_run(raw: dict) -> Run:
         fused_batchnorm=fused_batchnorm_is_exact(algo_cls, batching),
         running_stats=getattr(algo_cfg, "bn_mode", "transductive") != "transductive",
     ).to(device)
-    algo = algo_cls(algo_cfg, model, tasks.kind, batching)
+    extra = {}
+    if getattr(algo_cls, "needs_train_classes", False):  # pre-training over all train classes
+        classification = tasks.kind == "classification"  # else the algorithm says why not
+        extra["train_classes"] = tasks.classes("train") if classification else 0
+        if algo_cfg.distill_from and classification:
+            extra["teacher"] = _teacher(algo_cfg.distill_from, tasks, device)
+    algo = algo_cls(algo_cfg, model, tasks.kind, batching, **extra)
     if config.hardware.compile:
         compile_training(algo, batching)
     return Run(
@@ -157,6 +168,30 @@ def build_run(raw: dict) -> Run:
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{data.ways}w{data.shots}s-seed{config.seed}",
     )
+
+
+def _teacher(path: str, tasks: Any, device: torch.device) -> nn.Module:
+    """RFS-distill's teacher: the embedding and classifier of an earlier pre-training run."""
+    state = checkpoint.load(Path(path))
+    config = parse_config(state["config"])
+    algo_cls = ALGOS[config.algo.name][1]
+    if not getattr(algo_cls, "pretrains", False):
+        raise CheckpointError(
+            f"algo.distill_from={path} holds a {config.algo.name} run; a teacher must come "
+            f"from a pre-training run (algo=baseline, baselinepp or rfs)"
+        )
+    model = MODELS[config.model.name][1](config.model, tasks.in_shape, 0, fused_batchnorm=True)
+    model.to(device)
+    teacher_cfg = dataclasses.replace(config.algo, distill_from=None)
+    teacher = algo_cls(teacher_cfg, model, tasks.kind, "loop", train_classes=tasks.classes("train"))
+    try:
+        teacher.load_state_dict(state["algo_state"])
+    except (RuntimeError, KeyError) as error:
+        raise CheckpointError(
+            f"the teacher {path} does not fit this data set's classes ({error}); distil from a "
+            f"run on the same data set and split"
+        ) from error
+    return nn.Sequential(model, teacher.classifier).eval().requires_grad_(False)
 
 
 def compile_training(algo: Any, batching: str) -> None:

@@ -48,11 +48,15 @@ def run_episodes(
     cfg: EvalConfig = run.config.eval
     parts: dict[str, list[torch.Tensor]] = {"loss": [], "score": []}
     seed = cfg.seed + SPLIT_SEED_OFFSET[split]
-    for batch in run.tasks.episodes(
-        split, episodes, ways, shots, query, seed=seed, batch_size=cfg.batch_size
-    ):
-        with run.autocast():
-            out = run.algo.evaluate(batch, steps)
-        for key in parts:
-            parts[key].append(out[key].detach().cpu())
+    run.model.train(False)  # DropBlock and dropout are for meta-training only
+    try:
+        for batch in run.tasks.episodes(
+            split, episodes, ways, shots, query, seed=seed, batch_size=cfg.batch_size
+        ):
+            with run.autocast():
+                out = run.algo.evaluate(batch, steps)
+            for key in parts:
+                parts[key].append(out[key].detach().cpu())
+    finally:
+        run.model.train(True)
     return {key: torch.cat(values) for key, values in parts.items()}

@@ -120,12 +120,14 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     best = run_dir / "checkpoints" / "best.pt"
     run.load_algo_state(checkpoint.load(best), best)
     seconds = progress.seconds
+    if getattr(run.algo, "pretrains", False):  # pre-training counts examples, not tasks
+        unit, per_step = "examples", run.config.algo.batch_size
+    else:
+        unit, per_step = "tasks", run.config.trainer.meta_batch_size
     train = {
         "iterations": progress.iteration,
         "wall_seconds": round(seconds, 2),
-        "tasks_per_second": round(
-            progress.iteration * run.config.trainer.meta_batch_size / max(seconds, 1e-9), 2
-        ),
+        f"{unit}_per_second": round(progress.iteration * per_step / max(seconds, 1e-9), 2),
         "stopped_by": progress.stopped_by,
     }
     results = results_dict(run, test(run), progress.best_val, train)

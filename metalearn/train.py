@@ -126,7 +126,10 @@ def _loop(
     while progress.iteration < trainer.iterations:
         started = time.perf_counter()
         _set_lr(optimizer, run, progress.iteration)
-        batch = run.tasks.sample("train", generator, trainer.meta_batch_size, *shape)
+        if getattr(run.algo, "pretrains", False):  # Baseline, RFS: plain labelled batches
+            batch = run.tasks.sample_labelled("train", generator, run.config.algo.batch_size)
+        else:
+            batch = run.tasks.sample("train", generator, trainer.meta_batch_size, *shape)
         with run.autocast():
             loss, metrics = run.algo.meta_loss(batch, progress.iteration)
         if not torch.isfinite(loss):
@@ -143,7 +146,7 @@ def _loop(
         bar.update(1)
         if progress.iteration % trainer.log_every == 0:
             rate = window_tasks / (time.perf_counter() - window_start)
-            _log_train(run, logger, bar, metrics, optimizer, rate, progress.iteration)
+            _log_train(run, logger, bar, metrics, optimizer, rate, batch.unit, progress.iteration)
             window_start, window_tasks = time.perf_counter(), 0
         over_budget = progress.seconds >= budget
         if progress.iteration % trainer.eval_every == 0 or over_budget:
@@ -171,8 +174,13 @@ def _kept(run_dir: Path) -> str:
 def outer_optimizer(algo_cfg: Any, algo: Any) -> torch.optim.Optimizer:
     """Adam (the default), or SGD where the algorithm asks for it (Reptile's epsilon step)."""
     kind = getattr(algo_cfg, "outer_optimizer", "adam")
-    optimizer = torch.optim.SGD if kind == "sgd" else torch.optim.Adam
-    return optimizer(algo.parameters(), lr=algo_cfg.outer_lr)
+    decay = getattr(algo_cfg, "weight_decay", 0.0)
+    if kind == "sgd":
+        momentum = getattr(algo_cfg, "momentum", 0.0)
+        return torch.optim.SGD(
+            algo.parameters(), lr=algo_cfg.outer_lr, momentum=momentum, weight_decay=decay
+        )
+    return torch.optim.Adam(algo.parameters(), lr=algo_cfg.outer_lr, weight_decay=decay)
 
 
 def schedule(run: Run) -> str:
@@ -202,14 +210,16 @@ def _set_lr(optimizer, run: Run, iteration: int) -> None:
         group["lr"] = outer_lr_at(run, iteration)
 
 
-def _log_train(run: Run, logger, bar, metrics, optimizer, rate: float, iteration: int) -> None:
+def _log_train(
+    run: Run, logger, bar, metrics, optimizer, rate: float, unit: str, iteration: int
+) -> None:
     loss, score = metrics["loss"].item(), metrics["score"].item()
     name = "query_acc" if run.metric == "accuracy" else "query_mse"
     logger.log(
         {
             "train/loss": loss,
             f"train/{name}": score,
-            "perf/tasks_per_s": rate,
+            f"perf/{unit}_per_s": rate,  # tasks, or examples in pre-training
             "train/outer_lr": optimizer.param_groups[0]["lr"],
             # what else the algorithm reports (iMAML: the fraction of tasks skipped)
             **{f"train/{k}": float(v) for k, v in metrics.items() if k not in ("loss", "score")},
@@ -217,7 +227,7 @@ def _log_train(run: Run, logger, bar, metrics, optimizer, rate: float, iteration
         step=iteration,
     )
     bar.set_postfix(
-        {"loss": f"{loss:.3f}", run.metric[:3]: f"{score:.3f}", "tasks/s": f"{rate:.0f}"},
+        {"loss": f"{loss:.3f}", run.metric[:3]: f"{score:.3f}", f"{unit}/s": f"{rate:.0f}"},
         refresh=False,  # shown at the bar's next refresh, which mininterval paces
     )
 

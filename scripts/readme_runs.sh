@@ -20,21 +20,23 @@ declare -A RUNS=(
   [metasgd_5w1s_8min]="experiment=metasgd_omniglot_5w1s trainer.max_minutes=8"
   [imaml_5w1s_8min]="experiment=imaml_omniglot_5w1s trainer.max_minutes=8"
   [mamlpp_5w1s_8min]="experiment=mamlpp_omniglot_5w1s trainer.max_minutes=8"
-  # metric learners at 5 CPU minutes
-  [matchingnet_5w1s_5min]="experiment=matchingnet_omniglot_5w1s trainer.max_minutes=5"
-  [matchingnet_5w5s_5min]="experiment=matchingnet_omniglot_5w5s trainer.max_minutes=5"
-  [relationnet_5w1s_5min]="experiment=relationnet_omniglot_5w1s trainer.max_minutes=5"
-  [relationnet_5w5s_5min]="experiment=relationnet_omniglot_5w5s trainer.max_minutes=5"
-  [metaoptnet_ridge_5w1s_5min]="experiment=metaoptnet_ridge_omniglot_5w1s trainer.max_minutes=5"
-  [metaoptnet_ridge_5w5s_5min]="experiment=metaoptnet_ridge_omniglot_5w5s trainer.max_minutes=5"
-  [metaoptnet_svm_5w1s_5min]="experiment=metaoptnet_svm_omniglot_5w1s trainer.max_minutes=5"
-  [metaoptnet_svm_5w5s_5min]="experiment=metaoptnet_svm_omniglot_5w5s trainer.max_minutes=5"
+  # metric learners at 8 CPU minutes, with the fast layout and bf16 as for ProtoNet
+  [matchingnet_5w1s_8min]="experiment=matchingnet_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [matchingnet_5w5s_8min]="experiment=matchingnet_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [relationnet_5w1s_8min]="experiment=relationnet_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [relationnet_5w5s_8min]="experiment=relationnet_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [metaoptnet_ridge_5w1s_8min]="experiment=metaoptnet_ridge_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [metaoptnet_ridge_5w5s_8min]="experiment=metaoptnet_ridge_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [metaoptnet_svm_5w1s_8min]="experiment=metaoptnet_svm_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [metaoptnet_svm_5w5s_8min]="experiment=metaoptnet_svm_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [baselinepp_5w1s_8min]="experiment=baselinepp_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [baselinepp_5w5s_8min]="experiment=baselinepp_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
 )
 ORDER=(protonet_5w1s protonet_5w5s maml_5w1s_8min fomaml_5w1s_8min maml_sinusoid maml_5w1s_45min
        reptile_5w1s_8min anil_5w1s_8min metasgd_5w1s_8min imaml_5w1s_8min mamlpp_5w1s_8min
-       matchingnet_5w1s_5min matchingnet_5w5s_5min relationnet_5w1s_5min relationnet_5w5s_5min
-       metaoptnet_ridge_5w1s_5min metaoptnet_ridge_5w5s_5min metaoptnet_svm_5w1s_5min
-       metaoptnet_svm_5w5s_5min)
+       matchingnet_5w1s_8min matchingnet_5w5s_8min relationnet_5w1s_8min relationnet_5w5s_8min
+       metaoptnet_ridge_5w1s_8min metaoptnet_ridge_5w5s_8min metaoptnet_svm_5w1s_8min
+       metaoptnet_svm_5w5s_8min baselinepp_5w1s_8min baselinepp_5w5s_8min)
 
 for name in "${@:-${ORDER[@]}}"; do
   echo "=== $name: metalearn train ${RUNS[$name]}"

@@ -23,12 +23,17 @@ DATASETS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
 SMOKE = ["debug=smoke", "hardware.threads=1"]
 # Pairs that cannot work, and the words the error must contain.
 METRIC = ["matchingnet", "metaoptnet_ridge", "metaoptnet_svm", "protonet", "relationnet"]
-IMPOSSIBLE = {(name, "sinusoid"): [name, "classification", "omniglot"] for name in METRIC}
+PRETRAINING = ["baseline", "baselinepp", "rfs"]
+IMPOSSIBLE = {
+    (name, "sinusoid"): [name, "classification", "omniglot"] for name in METRIC + PRETRAINING
+}
 # The groups `metalearn train --help` must list, with their options.
 GROUPS = {
-    "algo": sorted(["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "reptile", *METRIC]),
+    "algo": sorted(
+        ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "reptile", *METRIC, *PRETRAINING]
+    ),
     "data": ["omniglot", "sinusoid"],
-    "model": ["conv4", "mlp"],
+    "model": ["conv4", "conv4_32", "mlp", "resnet12"],
     "hardware": ["auto", "cpu", "cuda"],
     "logger": ["none", "wandb"],
     "debug": ["smoke"],

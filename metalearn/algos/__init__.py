@@ -12,6 +12,7 @@ from metalearn.algos.bilevel.maml import MAML, MAMLConfig
 from metalearn.algos.bilevel.mamlpp import MAMLPlusPlus, MAMLPlusPlusConfig
 from metalearn.algos.bilevel.metasgd import MetaSGD, MetaSGDConfig
 from metalearn.algos.bilevel.reptile import Reptile, ReptileConfig
+from metalearn.algos.metric.baseline import Baseline, BaselineConfig
 from metalearn.algos.metric.matchingnet import MatchingNet, MatchingNetConfig
 from metalearn.algos.metric.metaoptnet import MetaOptNet, MetaOptNetConfig
 from metalearn.algos.metric.protonet import ProtoNet, ProtoNetConfig
@@ -31,4 +32,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "relationnet": (RelationNetConfig, RelationNet),
     "metaoptnet_ridge": (MetaOptNetConfig, MetaOptNet),  # its YAML sets head: ridge
     "metaoptnet_svm": (MetaOptNetConfig, MetaOptNet),
+    "baseline": (BaselineConfig, Baseline),
+    "baselinepp": (BaselineConfig, Baseline),  # its YAML sets classifier: cosine
+    "rfs": (BaselineConfig, Baseline),  # its YAML sets the RFS recipe (logistic test head)
 }

@@ -21,6 +21,20 @@ class Split:
 
 
 @dataclass
+class LabelledBatch:
+    """A plain supervised batch for pre-training (Baseline, RFS): x (B, ...), y (B,) holding
+    indices into the split's classes."""
+
+    x: Tensor
+    y: Tensor
+    unit = "examples"  # what the trainer's throughput counts
+
+    @property
+    def tasks(self) -> int:  # the trainer counts these per second
+        return self.x.shape[0]
+
+
+@dataclass
 class TaskBatch:
     """T tasks, each with a support set (adapted on) and a query set (scored on)."""
 
@@ -28,6 +42,8 @@ class TaskBatch:
     query: Split
     ways: int
     info: dict[str, Tensor] = field(default_factory=dict)  # e.g. sinusoid amplitude and phase
+
+    unit = "tasks"
 
     @property
     def tasks(self) -> int:
@@ -75,6 +91,17 @@ class EpisodeSampler:
         classes = self._draw(generator, (tasks, self.classes), ways)  # (T, N)
         examples = self._draw(generator, (tasks, ways, self.examples_per_class), shots + query)
         return self.gather(classes, examples, shots)
+
+    def sample_labelled(self, generator: torch.Generator, size: int) -> LabelledBatch:
+        """`size` examples drawn uniformly over the split's classes and their examples, each
+        labelled with its class index (standard supervised pre-training batches)."""
+        shape = (size,)
+        classes = torch.randint(self.classes, shape, generator=generator, device=generator.device)
+        examples = torch.randint(
+            self.examples_per_class, shape, generator=generator, device=generator.device
+        )
+        classes, examples = classes.to(self.device), examples.to(self.device)
+        return LabelledBatch(self.images[classes, examples].float().div_(255.0), classes)
 
     def _draw(self, generator: torch.Generator, shape: tuple[int, ...], k: int) -> Tensor:
         """k distinct indices along the last axis: the first k of a random permutation."""
@@ -126,6 +153,12 @@ class ClassTasks:
         self, split: str, generator: torch.Generator, tasks: int, ways: int, shots: int, query: int
     ) -> TaskBatch:
         return self.samplers[split].sample(generator, tasks, ways, shots, query)
+
+    def classes(self, split: str) -> int:
+        return self.samplers[split].classes
+
+    def sample_labelled(self, split: str, generator: torch.Generator, size: int) -> LabelledBatch:
+        return self.samplers[split].sample_labelled(generator, size)
 
     def episodes(
         self, split: str, n: int, ways: int, shots: int, query: int, *, seed: int, batch_size: int

@@ -4,9 +4,11 @@ from torch import nn
 
 from metalearn.models.conv4 import Conv4, Conv4Config
 from metalearn.models.mlp import MLP, MLPConfig
+from metalearn.models.resnet12 import ResNet12, ResNet12Config
 
 # name -> (config class, module class); build.py is the only reader.
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "conv4": (Conv4Config, Conv4),
     "mlp": (MLPConfig, MLP),
+    "resnet12": (ResNet12Config, ResNet12),
 }
