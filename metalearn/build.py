@@ -13,6 +13,8 @@ from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
 from metalearn.config import as_dict, from_dict
 from metalearn.data.images import OmniglotConfig, omniglot_tasks
+from metalearn.data.miniimagenet import PREPROCESS as MINIIMAGENET_PREPROCESS
+from metalearn.data.miniimagenet import MiniImageNetConfig, miniimagenet_tasks
 from metalearn.data.omniglot import PREPROCESS as OMNIGLOT_PREPROCESS
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalearn.errors import CheckpointError, ConfigError
@@ -26,9 +28,10 @@ from metalearn.train import TrainerConfig
 DATASETS: dict[str, tuple[type, Any]] = {
     "omniglot": (OmniglotConfig, omniglot_tasks),
     "sinusoid": (SinusoidConfig, SinusoidTasks),
+    "miniimagenet": (MiniImageNetConfig, miniimagenet_tasks),
 }
 # How a user's own images become model inputs, exactly as the cached training data was made.
-PREPROCESS = {"omniglot": OMNIGLOT_PREPROCESS}
+PREPROCESS = {"omniglot": OMNIGLOT_PREPROCESS, "miniimagenet": MINIIMAGENET_PREPROCESS}
 SECTIONS = ("algo", "data", "model", "hardware", "logger", "trainer", "eval", "seed")
 
 
@@ -117,7 +120,8 @@ def build_run(raw: dict) -> Run:
     algo_cls = ALGOS[algo_cfg.name][1]
     # (pre-training baselines have no training episodes: their shape is the test one)
     train_ways = getattr(algo_cfg, "train_ways", None) or data.ways
-    train_shape = (train_ways, data.shots, getattr(algo_cfg, "train_query", None) or data.query)
+    train_shots = getattr(algo_cfg, "train_shots", None) or data.shots
+    train_shape = (train_ways, train_shots, getattr(algo_cfg, "train_query", None) or data.query)
     test_shape = (data.ways, data.shots, config.eval.query or data.query)
     device = select_device(config.hardware)
     model_cls = MODELS[config.model.name][1]

@@ -74,3 +74,33 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="session")
+def miniimagenet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A miniImageNet fixture in the distributed pickle format with enough classes and images
+    for every published protocol (30-way training, 15-shot 6-query MetaOptNet episodes)."""
+    from fixtures.miniimagenet import make_pickles, pixels, protocol_classes
+
+    root = tmp_path_factory.mktemp("miniimagenet")
+    classes = protocol_classes()
+    make_pickles(root, pixels(classes=classes, per_class=21), classes)
+    return root
+
+
+@pytest.fixture
+def data_root(
+    request: pytest.FixtureRequest, miniimagenet_root: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """data name -> the root its tests read (real Omniglot, or a fixture with its own cache;
+    procedural data needs none, so any root does)."""
+
+    def root(data: str) -> Path:
+        if data == "sinusoid":
+            return miniimagenet_root
+        if data == "omniglot":
+            return request.getfixturevalue("omniglot_root")
+        monkeypatch.setenv("METALEARN_CACHE", str(miniimagenet_root / "cache"))
+        return {"miniimagenet": miniimagenet_root}[data]
+
+    return root

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO, compose_config, real_data_root
+from conftest import CONFIGS, REPO, compose_config
 from omegaconf import OmegaConf
 
 from metalearn.build import build_run, parse_config
@@ -32,7 +32,7 @@ GROUPS = {
     "algo": sorted(
         ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "reptile", *METRIC, *PRETRAINING]
     ),
-    "data": ["omniglot", "sinusoid"],
+    "data": ["miniimagenet", "omniglot", "sinusoid"],
     "model": ["conv4", "conv4_32", "mlp", "resnet12"],
     "hardware": ["auto", "cpu", "cuda"],
     "logger": ["none", "wandb"],
@@ -47,21 +47,23 @@ def load_yaml(path: Path) -> dict:
 
 def test_the_config_folders_hold_what_the_tests_expect():
     assert ALGOS == GROUPS["algo"]
-    assert DATASETS == ["omniglot", "sinusoid"]
+    assert DATASETS == ["miniimagenet", "omniglot", "sinusoid"]
     assert len(EXPERIMENTS) >= 10
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_builds(experiment: str, omniglot_root: Path):
-    run = build_run(
-        compose_config([f"experiment={experiment}", *SMOKE, f"data.root={omniglot_root}"])
-    )
-    built = run.config_dict
+def test_every_experiment_composes_and_builds(experiment: str, data_root):
     preset = load_yaml(CONFIGS / "experiment" / f"{experiment}.yaml")
+    data_name = next(e["override /data"] for e in preset["defaults"] if "override /data" in e)
+    root = data_root(data_name)
+    run = build_run(compose_config([f"experiment={experiment}", *SMOKE, f"data.root={root}"]))
+    built = run.config_dict
     smoke = load_yaml(CONFIGS / "debug" / "smoke.yaml")
     for entry in preset.pop("defaults"):  # e.g. {"override /algo": "maml"}
         ((key, choice),) = entry.items()
-        assert built[key.removeprefix("override /")]["name"] == choice
+        group = key.removeprefix("override /")
+        # the option's own name (model=conv4_32 is conv4 with 32 filters)
+        assert built[group]["name"] == load_yaml(CONFIGS / group / f"{choice}.yaml")["name"]
     # The preset's values beat the group defaults and tuned/; debug=smoke beats the preset.
     for section, values in preset.items():
         for key, value in values.items():
@@ -71,19 +73,19 @@ def test_every_experiment_composes_and_builds(experiment: str, omniglot_root: Pa
     data, algo = preset["data"], preset["algo"]
     train_ways = algo.get("train_ways") or data.get("ways", 1)
     train_query = algo.get("train_query") or data["query"]
-    assert run.train_shape == (train_ways, data["shots"], train_query)
+    train_shots = algo.get("train_shots") or data["shots"]
+    assert run.train_shape == (train_ways, train_shots, train_query)
     assert run.test_shape == (data.get("ways", 1), data["shots"], data["query"])
 
 
 @pytest.mark.parametrize("data", DATASETS)
 @pytest.mark.parametrize("algo", ALGOS)
-def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str):
+def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_root):
     overrides = [f"algo={algo}", f"data={data}", *SMOKE]
-    if data == "omniglot":
-        root = real_data_root()
-        if root is None:
-            pytest.skip("real Omniglot not found: set METALEARN_DATA to the Omniglot data root")
-        overrides.append(f"data.root={root}")
+    if data != "sinusoid":
+        overrides.append(f"data.root={data_root(data)}")
+    if data == "miniimagenet":
+        overrides.append("data.query=5")  # the fixture has 21 images per class
     raw = compose_config(overrides)
     if (algo, data) in IMPOSSIBLE:
         with pytest.raises(ConfigError) as error:
@@ -94,9 +96,10 @@ def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str):
     run = build_run(raw)
     assert (run.config.algo.name, run.config.data.name) == (algo, data)
     # Each data set gets its usual network unless model=<name> says otherwise.
-    assert run.config.model.name == {"omniglot": "conv4", "sinusoid": "mlp"}[data]
-    assert run.metric == {"omniglot": "accuracy", "sinusoid": "mse"}[data]
-    assert run.tasks.kind == {"omniglot": "classification", "sinusoid": "regression"}[data]
+    images = data != "sinusoid"
+    assert run.config.model.name == ("conv4" if images else "mlp")
+    assert run.metric == ("accuracy" if images else "mse")
+    assert run.tasks.kind == ("classification" if images else "regression")
     assert run.name.startswith(f"{algo}-{data}-")
     if algo == "fomaml":
         assert run.config.algo.first_order

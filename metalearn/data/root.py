@@ -50,13 +50,16 @@ def fingerprint(path: Path, pattern: str = "*") -> str:
     return f"{len(stats)}:{sum(s.st_size for s in stats)}:{latest}"
 
 
-def load_cache(path: Path) -> dict[str, Any] | None:
-    """A dict written by `save_cache`, or None when absent or unreadable (the caller rebuilds)."""
+def load_cache(path: Path, *, mmap: bool = False) -> dict[str, Any] | None:
+    """A dict written by `save_cache`, or None when absent or unreadable (the caller rebuilds).
+
+    `mmap`: tensors are memory-mapped from the file instead of read, so a large image cache
+    opens in moments and its pages load as episodes touch them."""
     if not path.is_file():
         return None
     try:
         # weights_only: a cache holds tensors, strings, numbers and lists, never code.
-        blob = torch.load(path, weights_only=True)
+        blob = torch.load(path, weights_only=True, mmap=mmap)
         if not isinstance(blob, dict):
             raise ValueError(f"expected a dict, found {type(blob).__name__}")
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:

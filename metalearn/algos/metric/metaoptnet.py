@@ -33,17 +33,25 @@ class MetaOptNetConfig:
     """The base learner (ridge or SVM) and its regularisation."""
 
     name: str = "metaoptnet_svm"
-    outer_lr: float = 1e-3  # Adam step size (the paper: SGD with momentum, 0.1, decayed)
+    outer_lr: float = 1e-3  # outer step size (the paper: SGD 0.1 with momentum, decayed)
+    outer_optimizer: str = "adam"  # 'adam' or 'sgd' (the paper's, with momentum and decay)
+    momentum: float = 0.9  # SGD momentum (outer_optimizer=sgd)
+    weight_decay: float = 0.0  # outer weight decay (the paper: 5e-4)
     head: str = "svm"  # 'ridge' (R2D2) or 'svm' (Crammer-Singer)
     ridge_lambda: float = 50.0  # ridge regularisation lambda (MetaOptNet's R2D2 setting)
     svm_c: float = 0.1  # SVM slack penalty C (the paper: 0.1)
     svm_iterations: int = 30  # FISTA iterations of the dual QP, in training and at test
     scale: float = 1.0  # initial value of the learned logit scale
     train_ways: int | None = None  # ways in meta-training (None: data.ways)
+    train_shots: int | None = None  # shots in meta-training (None: data.shots; the paper: 15)
     train_query: int | None = None  # query examples per class in meta-training (None: data.query)
 
     def __post_init__(self) -> None:
         check_outer_lr(self)
+        if self.outer_optimizer not in ("adam", "sgd"):
+            raise ConfigError(
+                f"algo.outer_optimizer must be 'adam' or 'sgd', got {self.outer_optimizer!r}"
+            )
         if self.head not in HEADS:
             raise ConfigError(f"algo.head must be one of {', '.join(HEADS)}, got {self.head!r}")
         for key in ("ridge_lambda", "svm_c", "scale"):
