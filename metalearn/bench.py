@@ -31,7 +31,10 @@ from metalearn.config import from_dict
 from metalearn.data.tasks import EpisodeSampler, Split, TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.hardware import HardwareConfig, describe, task_batching
+from metalearn.pipeline_bench import markdown as pipeline_markdown
+from metalearn.pipeline_bench import pipeline_bench
 
+PIPELINE_TASKS = 4  # pipeline batches: 4 tasks of N-way (K+Q) images (320 at 5-way 1+15)
 FAMILY = ["maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "mamlpp"]
 # name -> (image shape, conv4 width, downsampling): Omniglot as MAML trains it, and
 # miniImageNet-shaped inputs with MAML's 32-filter conv4
@@ -46,8 +49,8 @@ class BenchConfig:
     """What to time and how long."""
 
     groups: list[str] = field(
-        default_factory=lambda: ["peak", "family", "protonet", "sampler"]
-    )  # any of: peak, family, protonet, sampler
+        default_factory=lambda: ["peak", "family", "protonet", "sampler", "pipeline"]
+    )  # any of: peak, family, protonet, sampler, pipeline
     algos: list[str] = field(default_factory=lambda: list(FAMILY))
     shapes: list[str] = field(default_factory=lambda: list(SHAPES))
     steps: list[int] = field(default_factory=lambda: [1, 5])  # inner steps
@@ -62,13 +65,15 @@ class BenchConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     reference: bool = True  # time learn2learn too when it is installed
     compile: bool = True  # time MAML and FOMAML with hardware.compile=true too
+    loader_workers: int = 2  # DataLoader workers of the pipeline group's ImageFolder baseline
     out: str = "outputs/bench"  # bench.json and bench.md go here
 
     def __post_init__(self) -> None:
-        unknown = set(self.groups) - {"peak", "family", "protonet", "sampler"}
+        unknown = set(self.groups) - {"peak", "family", "protonet", "sampler", "pipeline"}
         if unknown:
             raise ConfigError(
-                f"unknown bench group(s) {sorted(unknown)}; valid: peak, family, protonet, sampler"
+                f"unknown bench group(s) {sorted(unknown)}; valid: peak, family, protonet, "
+                f"sampler, pipeline"
             )
         if set(self.algos) - set(FAMILY):
             raise ConfigError(f"bench algos must be among {', '.join(FAMILY)}, got {self.algos}")
@@ -484,6 +489,16 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
         echo(_describe(result))
     report["results"] = results
     _add_ratios(report)
+    if "pipeline" in cfg.groups:
+        report["pipeline"] = pipeline_bench(
+            device,
+            tasks=PIPELINE_TASKS,
+            ways=cfg.ways,
+            per_class=cfg.shots + cfg.query,
+            workers=cfg.loader_workers,
+            min_seconds=cfg.min_seconds,
+        )
+        echo(pipeline_markdown(report["pipeline"]))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -606,6 +621,8 @@ def markdown(report: dict) -> str:
                 f"| {_ratio(r.get('speedup_vs_learn2learn'))} |"
             )
         lines.append("")
+    if report.get("pipeline"):
+        lines += [pipeline_markdown(report["pipeline"]), ""]
     return "\n".join(lines)
 
 

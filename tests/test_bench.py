@@ -85,3 +85,14 @@ def test_peak_memory_window_sees_a_temporary_allocation():
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     del block
     assert 60 < _peak_memory_mib(device) - before < 200
+
+
+def test_the_pipeline_group_times_the_cache_against_imagefolder(tmp_path):
+    cfg = BenchConfig(groups=["pipeline"], min_seconds=0.0, threads=1, out=str(tmp_path))
+    report = run_bench(cfg, echo=lambda line: None)
+    pipeline = report["pipeline"]
+    ours, base = pipeline["results"]["ours"], pipeline["results"]["imagefolder_dataloader"]
+    assert pipeline["images_per_batch"] == 4 * 5 * 16 and pipeline["image_size"] == 84
+    assert ours["images_per_second"] > 0 and base["images_per_second"] > 0
+    assert pipeline["speedup"] == ours["images_per_second"] / base["images_per_second"]
+    assert "ImageFolder + DataLoader" in (tmp_path / "bench.md").read_text()
