@@ -85,3 +85,29 @@ def test_sinusoid_tasks_follow_the_maml_family():
     fixed = [b.support.x for b in tasks.episodes("test", 10, 1, 5, 10, seed=3, batch_size=4)]
     again = [b.support.x for b in tasks.episodes("test", 10, 1, 5, 10, seed=3, batch_size=10)]
     torch.testing.assert_close(torch.cat(fixed), again[0])
+
+
+def test_classes_of_different_sizes_are_sampled_within_each_class():
+    counts = torch.tensor([3, 7, 5, 4])
+    owner = torch.repeat_interleave(torch.arange(4), counts)  # image i belongs to class owner[i]
+    position = torch.cat([torch.arange(int(c)) for c in counts])
+    images = (owner * 16 + position).to(torch.uint8).view(-1, 1, 1, 1)  # value = 16 c + e
+    sampler = EpisodeSampler(images, torch.device("cpu"), counts)
+    assert (sampler.classes, sampler.examples_per_class, sampler.fewest_examples) == (4, 7, 3)
+    with pytest.raises(DataError, match="has 3 in its smallest class"):
+        sampler.check("train", 2, 2, 2)
+    seen = set()
+    for seed in range(30):
+        batch = sampler.sample(torch.Generator().manual_seed(seed), 2, 4, 1, 2)
+        values = torch.cat([batch.support.x, batch.query.x], 1).mul(255).round().long().flatten(1)
+        labels = torch.cat([batch.support.y, batch.query.y], 1)
+        for task_values, task_labels in zip(values, labels, strict=True):
+            for label in range(4):
+                drawn = task_values[task_labels == label]
+                classes = drawn // 16
+                assert (classes == classes[0]).all() and len(set(drawn.tolist())) == 3
+                assert (drawn % 16 < counts[classes[0]]).all()
+                seen.update(drawn.tolist())
+    assert len(seen) == int(counts.sum())  # every example of every class gets drawn
+    batch = sampler.sample_labelled(torch.Generator().manual_seed(0), 200)
+    assert torch.equal(batch.x.flatten().mul(255).round().long() // 16, batch.y)

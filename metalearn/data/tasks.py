@@ -56,19 +56,37 @@ class EpisodeSampler:
     No per-episode file I/O and no worker processes: a task is two index tensors (classes and
     examples) and one gather. Labels are the positions of the drawn classes, which are in random
     order, so labels are shuffled per task.
+
+    Classes of equal size come as one (C, E, channels, H, W) tensor; classes of different sizes
+    (tieredImageNet, CUB) as the examples of every class one after another, (sum E_c, channels,
+    H, W), with `counts` (C,). Images larger than DEVICE_BYTES stay in host memory (a memory-
+    mapped cache is paged in as episodes touch it) and only each batch moves to the device.
     """
 
-    def __init__(self, images: Tensor, device: torch.device) -> None:
-        self.images = images.to(device)  # (C, E, channels, H, W) uint8
+    DEVICE_BYTES = 4 * 2**30
+
+    def __init__(self, images: Tensor, device: torch.device, counts: Tensor | None = None) -> None:
+        resident = device.type == "cpu" or images.nbytes <= self.DEVICE_BYTES
+        self.images = images.to(device) if resident else images
         self.device = device
+        self.counts = None if counts is None else counts.long().to(self.images.device)
+        if self.counts is not None:
+            if len(images) != int(self.counts.sum()):
+                raise DataError(f"{len(images)} images but the class counts sum to {counts.sum()}")
+            self.offsets = torch.cumsum(self.counts, 0) - self.counts  # first example of each
 
     @property
     def classes(self) -> int:
-        return self.images.shape[0]
+        return self.images.shape[0] if self.counts is None else len(self.counts)
 
     @property
     def examples_per_class(self) -> int:
-        return self.images.shape[1]
+        """The most examples any class has (all of them when classes are of equal size)."""
+        return self.images.shape[1] if self.counts is None else int(self.counts.max())
+
+    @property
+    def fewest_examples(self) -> int:
+        return self.images.shape[1] if self.counts is None else int(self.counts.min())
 
     def check(self, split: str, ways: int, shots: int, query: int) -> None:
         """Raise a DataError if this split cannot hold N-way K-shot Q-query tasks."""
@@ -77,11 +95,13 @@ class EpisodeSampler:
                 f"{ways}-way tasks need {ways} classes but the {split} split has {self.classes}; "
                 f"lower data.ways (or algo.train_ways) to at most {self.classes}"
             )
-        if shots + query > self.examples_per_class:
+        fewest = self.fewest_examples
+        if shots + query > fewest:
+            where = "per class" if self.counts is None else "in its smallest class"
             raise DataError(
                 f"shots + query = {shots} + {query} = {shots + query} examples per class, but the "
-                f"{split} split has {self.examples_per_class} per class; lower data.shots or "
-                f"data.query so that they sum to at most {self.examples_per_class}"
+                f"{split} split has {fewest} {where}; lower data.shots or data.query so that "
+                f"they sum to at most {fewest}"
             )
 
     def sample(
@@ -89,30 +109,48 @@ class EpisodeSampler:
     ) -> TaskBatch:
         """Draw T fresh tasks with `generator` (which lives on the sampler's device)."""
         classes = self._draw(generator, (tasks, self.classes), ways)  # (T, N)
-        examples = self._draw(generator, (tasks, ways, self.examples_per_class), shots + query)
+        examples = self._draw_examples(generator, classes, shots + query)  # (T, N, K+Q)
         return self.gather(classes, examples, shots)
 
     def sample_labelled(self, generator: torch.Generator, size: int) -> LabelledBatch:
-        """`size` examples drawn uniformly over the split's classes and their examples, each
-        labelled with its class index (standard supervised pre-training batches)."""
-        shape = (size,)
-        classes = torch.randint(self.classes, shape, generator=generator, device=generator.device)
-        examples = torch.randint(
-            self.examples_per_class, shape, generator=generator, device=generator.device
-        )
-        classes, examples = classes.to(self.device), examples.to(self.device)
-        return LabelledBatch(self.images[classes, examples].float().div_(255.0), classes)
+        """`size` examples drawn uniformly from the split, each labelled with its class index
+        (standard supervised pre-training batches)."""
+        options = {"generator": generator, "device": generator.device}
+        if self.counts is None:
+            classes = torch.randint(self.classes, (size,), **options).to(self.images.device)
+            examples = torch.randint(self.examples_per_class, (size,), **options)
+            x = self.images[classes, examples.to(self.images.device)]
+        else:
+            index = torch.randint(len(self.images), (size,), **options).to(self.images.device)
+            classes = torch.searchsorted(self.offsets, index, right=True) - 1
+            x = self.images[index]
+        x = x.to(self.device, non_blocking=True).float().div_(255.0)
+        return LabelledBatch(x, classes.to(self.device))
 
     def _draw(self, generator: torch.Generator, shape: tuple[int, ...], k: int) -> Tensor:
         """k distinct indices along the last axis: the first k of a random permutation."""
         keys = torch.rand(shape, generator=generator, device=generator.device)
-        return keys.argsort(dim=-1)[..., :k].to(self.device)
+        return keys.argsort(dim=-1)[..., :k].to(self.images.device)
+
+    def _draw_examples(self, generator: torch.Generator, classes: Tensor, k: int) -> Tensor:
+        """k distinct examples of each drawn class: classes (T, N) -> (T, N, k)."""
+        shape = (*classes.shape, self.examples_per_class)
+        keys = torch.rand(shape, generator=generator, device=generator.device)
+        if self.counts is not None:  # positions past a class's size sort last, never drawn
+            counts = self.counts[classes.to(self.counts.device)].to(keys.device)
+            keys = keys.masked_fill(
+                torch.arange(shape[-1], device=keys.device) >= counts[..., None], 2.0
+            )
+        return keys.argsort(dim=-1)[..., :k].to(self.images.device)
 
     def gather(self, classes: Tensor, examples: Tensor, shots: int) -> TaskBatch:
         """Index the images: classes (T, N), examples (T, N, K+Q) -> a TaskBatch."""
         tasks, ways, per_class = examples.shape
-        x = self.images[classes[..., None], examples]  # (T, N, K+Q, channels, H, W)
-        x = x.float().div_(255.0)
+        if self.counts is None:
+            x = self.images[classes[..., None], examples]  # (T, N, K+Q, channels, H, W)
+        else:
+            x = self.images[self.offsets[classes][..., None] + examples]
+        x = x.to(self.device, non_blocking=True).float().div_(255.0)
         y = torch.arange(ways, device=self.device).view(1, ways, 1).expand(tasks, ways, per_class)
         image = x.shape[3:]
         return TaskBatch(
@@ -131,7 +169,7 @@ class EpisodeSampler:
         """The same n episodes for a given seed, whatever the model or the batch size."""
         generator = torch.Generator().manual_seed(seed)  # CPU: identical episodes on any device
         classes = self._draw(generator, (n, self.classes), ways)  # (n, N)
-        examples = self._draw(generator, (n, ways, self.examples_per_class), shots + query)
+        examples = self._draw_examples(generator, classes, shots + query)  # (n, N, K+Q)
         for start in range(0, n, batch_size):
             part = slice(start, start + batch_size)
             yield self.gather(classes[part], examples[part], shots)
@@ -142,9 +180,20 @@ class ClassTasks:
 
     kind = "classification"
 
-    def __init__(self, images: dict[str, Tensor], device: torch.device) -> None:
-        self.samplers = {split: EpisodeSampler(x, device) for split, x in images.items()}
-        self.in_shape = tuple(images["train"].shape[2:])  # (channels, H, W)
+    def __init__(
+        self,
+        images: dict[str, Tensor],
+        device: torch.device,
+        counts: dict[str, Tensor] | None = None,
+    ) -> None:
+        """images[split]: (C, E, channels, H, W), or (sum E_c, channels, H, W) with
+        counts[split] (C,) for classes of different sizes (see EpisodeSampler)."""
+        counts = counts or {}
+        self.samplers = {
+            split: EpisodeSampler(x, device, counts.get(split)) for split, x in images.items()
+        }
+        train = images["train"]
+        self.in_shape = tuple(train.shape[1:] if "train" in counts else train.shape[2:])
 
     def check(self, split: str, ways: int, shots: int, query: int) -> None:
         self.samplers[split].check(split, ways, shots, query)
