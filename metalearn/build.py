@@ -12,11 +12,17 @@ from metalearn import checkpoint
 from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
 from metalearn.config import as_dict, from_dict
+from metalearn.data.cifar import PREPROCESS as CIFAR_PREPROCESS
+from metalearn.data.cifar import CIFARFSConfig, FC100Config, cifarfs_tasks, fc100_tasks
+from metalearn.data.cub import PREPROCESS as CUB_PREPROCESS
+from metalearn.data.cub import CUBConfig, cub_tasks
 from metalearn.data.images import OmniglotConfig, omniglot_tasks
 from metalearn.data.miniimagenet import PREPROCESS as MINIIMAGENET_PREPROCESS
 from metalearn.data.miniimagenet import MiniImageNetConfig, miniimagenet_tasks
 from metalearn.data.omniglot import PREPROCESS as OMNIGLOT_PREPROCESS
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
+from metalearn.data.tieredimagenet import PREPROCESS as TIEREDIMAGENET_PREPROCESS
+from metalearn.data.tieredimagenet import TieredImageNetConfig, tieredimagenet_tasks
 from metalearn.errors import CheckpointError, ConfigError
 from metalearn.evaluate import EvalConfig
 from metalearn.hardware import HardwareConfig, autocast, select_device, task_batching
@@ -29,9 +35,20 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "omniglot": (OmniglotConfig, omniglot_tasks),
     "sinusoid": (SinusoidConfig, SinusoidTasks),
     "miniimagenet": (MiniImageNetConfig, miniimagenet_tasks),
+    "tieredimagenet": (TieredImageNetConfig, tieredimagenet_tasks),
+    "cifarfs": (CIFARFSConfig, cifarfs_tasks),
+    "fc100": (FC100Config, fc100_tasks),
+    "cub": (CUBConfig, cub_tasks),
 }
 # How a user's own images become model inputs, exactly as the cached training data was made.
-PREPROCESS = {"omniglot": OMNIGLOT_PREPROCESS, "miniimagenet": MINIIMAGENET_PREPROCESS}
+PREPROCESS = {
+    "omniglot": OMNIGLOT_PREPROCESS,
+    "miniimagenet": MINIIMAGENET_PREPROCESS,
+    "tieredimagenet": TIEREDIMAGENET_PREPROCESS,
+    "cifarfs": CIFAR_PREPROCESS,
+    "fc100": CIFAR_PREPROCESS,
+    "cub": CUB_PREPROCESS,
+}
 SECTIONS = ("algo", "data", "model", "hardware", "logger", "trainer", "eval", "seed")
 
 

@@ -88,19 +88,61 @@ def miniimagenet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tieredimagenet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tieredImageNet fixture in Ren et al.'s PNG-pickle format, classes of 21 to 26 images,
+    enough for every published protocol (30-way training, 10-shot 6-query MetaOptNet episodes,
+    5-shot 15-query tests)."""
+    from fixtures.tieredimagenet import class_sizes, make_png_pickles, pixels
+
+    root = tmp_path_factory.mktemp("tieredimagenet")
+    make_png_pickles(root, pixels(class_sizes()))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar100_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cifar-100-python.tar.gz in the real format, all 100 classes with 21 images each (17 + 4):
+    enough for every CIFAR-FS and FC100 protocol."""
+    from fixtures.cifar100 import PROTOCOL_PER_CLASS, make_archive
+
+    root = tmp_path_factory.mktemp("cifar100")
+    make_archive(root, per_class=PROTOCOL_PER_CLASS)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CUB-200-2011 archive in the official layout with 21 to 23 images per class."""
+    from fixtures.cub import PROTOCOL_SIZES, make_archive, make_images
+
+    root = tmp_path_factory.mktemp("cub")
+    make_archive(root, make_images(sizes=PROTOCOL_SIZES))
+    return root
+
+
+# data set -> the session fixture holding a protocol-sized copy in its real on-disk format
+FIXTURE_ROOTS = {
+    "miniimagenet": "miniimagenet_root",
+    "tieredimagenet": "tieredimagenet_root",
+    "cifarfs": "cifar100_root",
+    "fc100": "cifar100_root",
+    "cub": "cub_root",
+}
+
+
 @pytest.fixture
-def data_root(
-    request: pytest.FixtureRequest, miniimagenet_root: Path, monkeypatch: pytest.MonkeyPatch
-):
-    """data name -> the root its tests read (real Omniglot, or a fixture with its own cache;
-    procedural data needs none, so any root does)."""
+def data_root(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """data name -> the root its tests read: real Omniglot, or a fixture (with its own decoded
+    cache, shared by the session); procedural data needs none, so any folder does."""
 
     def root(data: str) -> Path:
         if data == "sinusoid":
-            return miniimagenet_root
+            return request.getfixturevalue("tmp_path")
         if data == "omniglot":
             return request.getfixturevalue("omniglot_root")
-        monkeypatch.setenv("METALEARN_CACHE", str(miniimagenet_root / "cache"))
-        return {"miniimagenet": miniimagenet_root}[data]
+        folder = request.getfixturevalue(FIXTURE_ROOTS[data])
+        monkeypatch.setenv("METALEARN_CACHE", str(folder / "cache"))
+        return folder
 
     return root

@@ -32,7 +32,7 @@ GROUPS = {
     "algo": sorted(
         ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "reptile", *METRIC, *PRETRAINING]
     ),
-    "data": ["miniimagenet", "omniglot", "sinusoid"],
+    "data": ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"],
     "model": ["conv4", "conv4_32", "mlp", "resnet12"],
     "hardware": ["auto", "cpu", "cuda"],
     "logger": ["none", "wandb"],
@@ -47,7 +47,7 @@ def load_yaml(path: Path) -> dict:
 
 def test_the_config_folders_hold_what_the_tests_expect():
     assert ALGOS == GROUPS["algo"]
-    assert DATASETS == ["miniimagenet", "omniglot", "sinusoid"]
+    assert DATASETS == sorted(GROUPS["data"])
     assert len(EXPERIMENTS) >= 10
 
 
@@ -84,8 +84,8 @@ def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_
     overrides = [f"algo={algo}", f"data={data}", *SMOKE]
     if data != "sinusoid":
         overrides.append(f"data.root={data_root(data)}")
-    if data == "miniimagenet":
-        overrides.append("data.query=5")  # the fixture has 21 images per class
+    if data not in ("omniglot", "sinusoid"):
+        overrides.append("data.query=5")  # the fixtures have 21 images per class
     raw = compose_config(overrides)
     if (algo, data) in IMPOSSIBLE:
         with pytest.raises(ConfigError) as error:

@@ -10,7 +10,16 @@ from metalearn.build import build_run
 from metalearn.evaluate import run_episodes
 from metalearn.train import outer_optimizer
 
-BENCHMARKS = ("miniimagenet",)
+ALL = {"maml", "protonet", "matchingnet", "relationnet", "metaoptnet_svm", "metaoptnet_ridge",
+       "baseline", "baselinepp", "rfs"}  # fmt: skip
+# benchmark -> (its image size, the algorithms whose published protocols it must have)
+BENCHMARKS = {
+    "miniimagenet": (84, ALL),
+    "tieredimagenet": (84, ALL),
+    "cifarfs": (32, ALL),
+    "fc100": (32, ALL),
+    "cub": (84, {"maml", "protonet", "matchingnet", "relationnet", "baselinepp"}),
+}
 EXPERIMENTS = sorted(
     p.stem for p in (CONFIGS / "experiment").glob("*.yaml") if p.stem.split("_")[-2] in BENCHMARKS
 )
@@ -21,9 +30,7 @@ SMALL_MODEL = {"resnet12": ["model.widths=[8,8,8,8]"], "conv4": ["model.hidden=8
 
 
 def test_each_benchmark_has_the_protocols_of_every_algorithm():
-    algos = {"maml", "protonet", "matchingnet", "relationnet", "metaoptnet_svm",
-             "metaoptnet_ridge", "baseline", "baselinepp", "rfs"}  # fmt: skip
-    for benchmark in BENCHMARKS:
+    for benchmark, (_, algos) in BENCHMARKS.items():
         for algo in algos:
             for shots in (1, 5):
                 assert f"{algo}_{benchmark}_5w{shots}s" in EXPERIMENTS
@@ -35,7 +42,8 @@ def test_the_protocol_builds_and_takes_a_step(experiment: str, data_root):
     data = next(e["override /data"] for e in preset["defaults"] if "override /data" in e)
     overrides = [f"experiment={experiment}", *SMOKE, f"data.root={data_root(data)}"]
     full = build_run(compose_config(overrides))
-    assert full.tasks.in_shape[1:] == (84, 84)
+    size = BENCHMARKS[data][0]
+    assert full.tasks.in_shape == (3, size, size)
     small = compose_config([*overrides, *SMALL])
     small_model = SMALL_MODEL[small["model"]["name"]]
     run = build_run(compose_config([*overrides, *SMALL, *small_model]))

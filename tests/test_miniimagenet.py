@@ -109,3 +109,17 @@ def test_the_packaged_ravi_split_is_64_16_20_classes_of_600():
     assert all(len(files) == 600 for split in lists.values() for files in split.values())
     classes = [set(lists[s]) for s in lists]
     assert not (classes[0] & classes[1] or classes[0] & classes[2] or classes[1] & classes[2])
+
+
+def test_a_pickle_calling_numpy_functions_is_refused(tmp_path: Path):
+    folder = make_pickles(tmp_path, pixels())
+    target = tmp_path / "written.npy"
+
+    class Exploit:  # numpy.save would write a file: only data constructors may load
+        def __reduce__(self):
+            return (np.save, (str(target), np.zeros(1)))
+
+    (folder / "mini-imagenet-cache-test.pkl").write_bytes(pickle.dumps({"x": Exploit()}))
+    with pytest.raises(DataError, match="refusing to load numpy"):
+        load(tmp_path)
+    assert not target.exists()

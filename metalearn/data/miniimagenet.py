@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from metalearn.data.download import download
+from metalearn.data.pickles import SafeUnpickler
 from metalearn.data.preprocess import image_array
 from metalearn.data.root import cache_dir, fingerprint, load_cache, resolve_root, save_cache
 from metalearn.data.tasks import ClassTasks
@@ -40,9 +41,6 @@ SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the 
 PICKLE_URL = "https://zenodo.org/record/7978538/files/mini-imagenet-cache-{}.pkl"
 PREPROCESS = {"mode": "RGB", "invert": False}
 CACHE_FORMAT = 1
-# numpy arrays and plain containers are all a miniImageNet pickle may hold; nothing else loads
-_SAFE_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "collections")
-_SAFE_BUILTINS = ("dict", "list", "tuple", "set", "frozenset", "bytearray", "int", "float", "str")
 
 
 @dataclass
@@ -88,20 +86,11 @@ def ravi_lists(folder: Path) -> dict[str, dict[str, list[str]]]:
     return lists
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and containers only: a downloaded pickle cannot run code."""
-
-    def find_class(self, module: str, name: str):
-        if module in _SAFE_MODULES or (module == "builtins" and name in _SAFE_BUILTINS):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
-
-
 def read_pickle(path: Path) -> dict:
     """A miniImageNet pickle's dict, checked for the keys and dtypes of the distributed files."""
     try:
         with open(path, "rb") as f:
-            blob = _SafeUnpickler(f, encoding="latin1").load()
+            blob = SafeUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, AttributeError) as error:
         raise DataError(
             f"{path} is not a readable miniImageNet pickle ({error}); delete it and download "
