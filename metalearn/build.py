@@ -130,8 +130,10 @@ def parse_config(raw: dict) -> RunConfig:
     )
 
 
-def build_run(raw: dict) -> Run:
-    """Parse the config, then build data, model and algorithm; check task shapes before training."""
+def build_run(raw: dict, *, training: bool = True) -> Run:
+    """Parse the config, then build data, model and algorithm; check task shapes before training.
+
+    `training=False` (re-testing a checkpoint) skips what only meta-training uses (a teacher)."""
     config = parse_config(raw)
     data, algo_cfg = config.data, config.algo
     algo_cls = ALGOS[algo_cfg.name][1]
@@ -169,7 +171,7 @@ def build_run(raw: dict) -> Run:
     if getattr(algo_cls, "needs_train_classes", False):  # pre-training over all train classes
         classification = tasks.kind == "classification"  # else the algorithm says why not
         extra["train_classes"] = tasks.classes("train") if classification else 0
-        if algo_cfg.distill_from and classification:
+        if algo_cfg.distill_from and classification and training:
             extra["teacher"] = _teacher(algo_cfg.distill_from, tasks, device)
     algo = algo_cls(algo_cfg, model, tasks.kind, batching, **extra)
     if config.hardware.compile:

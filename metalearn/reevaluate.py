@@ -43,7 +43,7 @@ def evaluate_checkpoint(composed: dict[str, Any], overrides: list[str], run_dir:
     """Re-test the checkpoint (or classify one user episode); write results.json in run_dir."""
     path = Path(composed["checkpoint"]).expanduser()
     state = checkpoint.load(path)
-    run = build_run(merge_config(state["config"], composed, overrides, path))
+    run = build_run(merge_config(state["config"], composed, overrides, path), training=False)
     checkpoint.check_compatible(state, run.config.algo.name, run.config.model.name, path)
     run.load_algo_state(state, path)
     episode = composed.get("episode") or {}

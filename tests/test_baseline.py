@@ -22,6 +22,7 @@ from metalearn.data.augment import augment, colour_jitter, random_crop
 from metalearn.data.tasks import EpisodeSampler, LabelledBatch
 from metalearn.errors import CheckpointError
 from metalearn.models.conv4 import Conv4, Conv4Config
+from metalearn.reevaluate import evaluate_checkpoint
 from metalearn.train import train
 
 SMOKE = ["debug=smoke", "hardware.threads=1", "data=omniglot"]
@@ -130,6 +131,14 @@ def test_rfs_distill_trains_from_a_real_teacher_checkpoint(omniglot_root: Path, 
     results = train(student, tmp_path / "student")
     assert results["train"]["examples_per_second"] > 0
     assert 0 <= results["test"]["accuracy"]["mean"] <= 1
+    # re-testing the student needs no teacher: a moved or deleted teacher changes nothing
+    teacher.unlink()
+    retest = evaluate_checkpoint(
+        compose_config([f"checkpoint={tmp_path / 'student' / 'checkpoints' / 'best.pt'}"], "eval"),
+        [f"checkpoint={tmp_path / 'student' / 'checkpoints' / 'best.pt'}"],
+        tmp_path / "retest",
+    )
+    assert retest["test"]["accuracy"] == results["test"]["accuracy"]
 
 
 def test_distilling_from_a_meta_learner_checkpoint_is_refused(

@@ -191,8 +191,6 @@ class Baseline:
             raise ConfigError(
                 f"algo={cfg.name} classifies; pick a classification data set (omniglot)"
             )
-        if cfg.distill_from and teacher is None:
-            raise ConfigError("algo.distill_from is set but no teacher was built from it")
         self.cfg, self.model, self.kind, self.teacher = cfg, model, kind, teacher
         device = next(model.parameters()).device
         dim = model.embedding_dim
