@@ -172,7 +172,8 @@ def _kept(run_dir: Path) -> str:
 
 
 def outer_optimizer(algo_cfg: Any, algo: Any) -> torch.optim.Optimizer:
-    """Adam (the default), or SGD where the algorithm asks for it (Reptile's epsilon step)."""
+    """Adam (the default), or SGD where the algorithm asks for it (Reptile's epsilon step; RFS's
+    and MetaOptNet's momentum SGD); `weight_decay` and `momentum` where the config has them."""
     kind = getattr(algo_cfg, "outer_optimizer", "adam")
     decay = getattr(algo_cfg, "weight_decay", 0.0)
     if kind == "sgd":

@@ -19,9 +19,13 @@ from metalearn.train import train
 
 BASE = ["debug=smoke", "hardware.threads=1"]
 VALID_NAMES = {
-    "algo": ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "protonet", "reptile"],
-    "data": ["omniglot", "sinusoid"],
-    "model": ["conv4", "mlp"],
+    "algo": sorted(
+        ["anil", "baseline", "baselinepp", "fomaml", "imaml", "maml", "mamlpp", "matchingnet"]
+        + ["metaoptnet_ridge", "metaoptnet_svm", "metasgd", "protonet", "relationnet", "reptile"]
+        + ["rfs"]
+    ),
+    "data": ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"],
+    "model": ["conv4", "mlp", "resnet12"],
 }
 # Sinusoid MAML that validates and checkpoints after every iteration, on tiny episodes.
 SINUSOID_EVERY_STEP = [
