@@ -30,7 +30,7 @@ from torch import nn
 from metalearn.config import from_dict
 from metalearn.data.tasks import EpisodeSampler, Split, TaskBatch
 from metalearn.errors import ConfigError
-from metalearn.hardware import HardwareConfig, describe, task_batching
+from metalearn.hardware import HardwareConfig, describe, synchronize, task_batching
 from metalearn.pipeline_bench import markdown as pipeline_markdown
 from metalearn.pipeline_bench import pipeline_bench
 
@@ -252,7 +252,7 @@ def sampler_step(cfg: BenchConfig, variant: str, device):
 
         def step() -> None:
             batch = sampler.sample(generator, cfg.meta_batch, cfg.ways, cfg.shots, cfg.query)
-            _sync(batch.query.x)
+            synchronize(batch.query.x)
 
         return step
     import learn2learn as l2l
@@ -274,14 +274,9 @@ def sampler_step(cfg: BenchConfig, variant: str, device):
     def step() -> None:
         for _ in range(cfg.meta_batch):
             x, _y = tasks.sample()
-            _sync(x.to(device))
+            synchronize(x.to(device))
 
     return step
-
-
-def _sync(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
 
 
 # -- measuring ----------------------------------------------------------------------------------

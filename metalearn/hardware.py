@@ -101,3 +101,9 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def synchronize(tensor: torch.Tensor) -> None:
+    """Wait for the device's queued work on `tensor` (timings; a no-op on the CPU)."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)

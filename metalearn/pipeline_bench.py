@@ -13,6 +13,7 @@ from PIL import Image
 from metalearn.data.preprocess import image_array
 from metalearn.data.root import load_cache, save_cache
 from metalearn.data.tasks import EpisodeSampler
+from metalearn.hardware import synchronize
 
 CLASSES, PER_CLASS, SIZE = 20, 60, 84  # 1200 JPEGs: a slice of miniImageNet's layout
 
@@ -74,7 +75,7 @@ def pipeline_bench(
 
         def ours() -> None:
             batch = sampler.sample(generator, tasks, ways, 1, per_class - 1)
-            _sync(batch.query.x)
+            synchronize(batch.query.x)
 
         import torchvision
 
@@ -94,7 +95,7 @@ def pipeline_bench(
 
         def baseline() -> None:
             x, _ = next(stream)
-            _sync(x.to(device, non_blocking=True))
+            synchronize(x.to(device, non_blocking=True))
 
         results = {
             "ours": _rate(ours, images_per_batch, min_seconds),
@@ -118,11 +119,6 @@ def pipeline_bench(
 def _forever(loader):
     while True:
         yield from loader
-
-
-def _sync(x: torch.Tensor) -> None:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
 
 
 def markdown(pipeline: dict[str, Any]) -> str:

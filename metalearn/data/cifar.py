@@ -16,7 +16,6 @@ Whatever the source, the images are decoded once into a uint8 cache under `cache
 memory-mapped from it afterwards. The class lists are packaged under metalearn/splits/.
 """
 
-import hashlib
 import io
 import pickle
 import tarfile
@@ -33,9 +32,9 @@ from metalearn.data.classes import read_class_list
 from metalearn.data.download import download
 from metalearn.data.pickles import SafeUnpickler
 from metalearn.data.preprocess import image_array
-from metalearn.data.root import cache_dir, fingerprint, load_cache, resolve_root, save_cache
-from metalearn.data.tasks import ClassTasks
-from metalearn.errors import ConfigError, DataError
+from metalearn.data.root import cache_path, cached, fingerprint, resolve_root, splits_blob
+from metalearn.data.tasks import ClassTasks, check_image_task_config
+from metalearn.errors import DataError
 
 SPLITS = ("train", "val", "test")
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -84,9 +83,7 @@ class CIFARFSConfig:
     download: bool = True  # fetch the CIFAR-100 archive when no source is found
 
     def __post_init__(self) -> None:
-        for key in ("ways", "shots", "query", "image_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be positive, got {getattr(self, key)}")
+        check_image_task_config(self)
 
 
 @dataclass
@@ -268,18 +265,15 @@ def load_cifar(cfg: CIFARFSConfig) -> dict[str, torch.Tensor]:
     kind, path, pattern = source
     lists = split_lists(cfg.name)
     stats = fingerprint(path, pattern.format("*")) + repr(sorted(lists.items()))
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{kind}|{path}|{stats}".encode()).hexdigest()[:16]
-    cache = cache_dir() / f"{cfg.name}-{cfg.image_size}-{key}.pt"
-    blob = load_cache(cache, mmap=True)
-    if blob is None:
+    cache = cache_path(f"{cfg.name}-{cfg.image_size}", CACHE_FORMAT, kind, path, stats)
+
+    def build() -> dict:
         if kind == "pickle":
-            decoded = decode_pickles(path, pattern, DATASETS[cfg.name].classes, cfg.image_size)
-        else:
-            decoded = decode_archive(path, lists, cfg.image_size)
-        blob = {split: images for split, (images, _) in decoded.items()}
-        blob |= {f"{split}_classes": names for split, (_, names) in decoded.items()}
-        save_cache(cache, blob)
-        blob = load_cache(cache, mmap=True) or blob  # the memory-mapped copy, when it was saved
+            layout = DATASETS[cfg.name]
+            return splits_blob(decode_pickles(path, pattern, layout.classes, cfg.image_size))
+        return splits_blob(decode_archive(path, lists, cfg.image_size))
+
+    blob = cached(cache, build)
     return {split: blob[split] for split in SPLITS}
 
 

@@ -15,7 +15,6 @@ keep their own sizes (41 to 60 images): a split is its classes' images one after
 the count of each (the counts form of EpisodeSampler).
 """
 
-import hashlib
 import io
 import tarfile
 import zlib
@@ -29,9 +28,9 @@ from tqdm import tqdm
 
 from metalearn.data.download import download
 from metalearn.data.preprocess import image_array
-from metalearn.data.root import cache_dir, fingerprint, load_cache, resolve_root, save_cache
-from metalearn.data.tasks import ClassTasks
-from metalearn.errors import ConfigError, DataError
+from metalearn.data.root import cache_path, cached, fingerprint, resolve_root
+from metalearn.data.tasks import ClassTasks, check_image_task_config
+from metalearn.errors import DataError
 
 FOLDER = "CUB_200_2011"  # the archive's top folder, and the extracted one
 ARCHIVE = f"{FOLDER}.tgz"
@@ -64,9 +63,7 @@ class CUBConfig:
     download: bool = True  # fetch the official archive when no source is found
 
     def __post_init__(self) -> None:
-        for key in ("ways", "shots", "query", "image_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be positive, got {getattr(self, key)}")
+        check_image_task_config(self)
 
 
 @dataclass
@@ -290,18 +287,17 @@ def load_cub(cfg: CUBConfig) -> dict[str, CUBSplit]:
         raise DataError(_missing(folder, "Not downloaded: data.download is false."))
     kind, path = source
     stats = fingerprint(path)  # a replaced or edited source is decoded again
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{kind}|{path}|{stats}".encode()).hexdigest()[:16]
-    cache = cache_dir() / f"cub-{cfg.image_size}-{key}.pt"
-    blob = load_cache(cache, mmap=True)
-    if blob is None:
+    cache = cache_path(f"cub-{cfg.image_size}", CACHE_FORMAT, kind, path, stats)
+
+    def build() -> dict:
         decode = decode_archive if kind == "archive" else decode_folder
-        splits = decode(path, cfg.image_size)
         blob = {}
-        for split, part in splits.items():
+        for split, part in decode(path, cfg.image_size).items():
             blob |= {split: part.images, f"{split}_counts": part.counts}
             blob[f"{split}_classes"] = part.classes
-        save_cache(cache, blob)
-        blob = load_cache(cache, mmap=True) or blob  # the memory-mapped copy, when it was saved
+        return blob
+
+    blob = cached(cache, build)
     return {s: CUBSplit(blob[s], blob[f"{s}_counts"], blob[f"{s}_classes"]) for s in SPLITS}
 
 

@@ -7,7 +7,7 @@ import torch
 
 from metalearn.data.omniglot import load_omniglot
 from metalearn.data.root import resolve_root
-from metalearn.data.tasks import ClassTasks
+from metalearn.data.tasks import ClassTasks, check_image_task_config
 from metalearn.errors import ConfigError
 
 OMNIGLOT_SPLITS = ("vinyals", "maml", "background")
@@ -36,9 +36,7 @@ class OmniglotConfig:
                 f"data.split={self.split!r} is not an Omniglot split; "
                 f"valid: {', '.join(OMNIGLOT_SPLITS)}"
             )
-        for key in ("ways", "shots", "query", "image_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be positive, got {getattr(self, key)}")
+        check_image_task_config(self)
 
 
 def omniglot_tasks(cfg: OmniglotConfig, device: torch.device) -> ClassTasks:

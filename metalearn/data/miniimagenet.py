@@ -17,7 +17,6 @@ from `<root>/miniimagenet/splits/ravi/` when present, else from the packaged cop
 
 import csv
 import gzip
-import hashlib
 import io
 import pickle
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ from tqdm import tqdm
 from metalearn.data.download import download
 from metalearn.data.pickles import SafeUnpickler
 from metalearn.data.preprocess import image_array
-from metalearn.data.root import cache_dir, fingerprint, load_cache, resolve_root, save_cache
-from metalearn.data.tasks import ClassTasks
+from metalearn.data.root import cache_path, cached, fingerprint, resolve_root, splits_blob
+from metalearn.data.tasks import ClassTasks, check_image_task_config
 from metalearn.errors import ConfigError, DataError
 
 SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the pickles' names
@@ -61,9 +60,7 @@ class MiniImageNetConfig:
     def __post_init__(self) -> None:
         if self.split != "ravi":
             raise ConfigError(f"data.split={self.split!r} is not a miniImageNet split; valid: ravi")
-        for key in ("ways", "shots", "query", "image_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be positive, got {getattr(self, key)}")
+        check_image_task_config(self)
 
 
 def ravi_lists(folder: Path) -> dict[str, dict[str, list[str]]]:
@@ -112,7 +109,10 @@ def _stack(per_class: list[list[np.ndarray]], where: str) -> torch.Tensor:
     """Equal-sized classes of (H, W, 3) images -> uint8 (C, E, 3, H, W)."""
     sizes = {len(images) for images in per_class}
     if len(sizes) != 1:
-        raise DataError(f"{where}: classes have different numbers of images {sorted(sizes)}")
+        raise DataError(
+            f"{where}: classes have different numbers of images {sorted(sizes)}, but every "
+            f"miniImageNet class has 600; the source is incomplete, replace it"
+        )
     array = np.stack([np.stack(images) for images in per_class])  # (C, E, H, W, 3)
     return torch.from_numpy(array).permute(0, 1, 4, 2, 3).contiguous()
 
@@ -227,19 +227,15 @@ def load_miniimagenet(cfg: MiniImageNetConfig) -> dict[str, torch.Tensor]:
     stats = (
         str(path) if kind == "imagenet" else fingerprint(path, "*.pkl" if kind == "pickle" else "*")
     )
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{kind}|{path}|{stats}".encode()).hexdigest()[:16]
-    cache = cache_dir() / f"miniimagenet-{cfg.image_size}-{key}.pt"
-    blob = load_cache(cache, mmap=True)
-    if blob is None:
+    cache = cache_path(f"miniimagenet-{cfg.image_size}", CACHE_FORMAT, kind, path, stats)
+
+    def build() -> dict:
         if kind == "pickle":
-            decoded = decode_pickles(path, cfg.image_size)
-        else:
-            decode = decode_folder if kind == "folder" else decode_imagenet
-            decoded = decode(path, ravi_lists(folder), cfg.image_size)
-        blob = {split: images for split, (images, _) in decoded.items()}
-        blob |= {f"{split}_classes": names for split, (_, names) in decoded.items()}
-        save_cache(cache, blob)
-        blob = load_cache(cache, mmap=True) or blob  # the memory-mapped copy, when it was saved
+            return splits_blob(decode_pickles(path, cfg.image_size))
+        decode = decode_folder if kind == "folder" else decode_imagenet
+        return splits_blob(decode(path, ravi_lists(folder), cfg.image_size))
+
+    blob = cached(cache, build)
     return {split: blob[split] for split in SPLITS}
 
 

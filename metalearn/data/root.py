@@ -1,9 +1,11 @@
 """Where data sets live on disk, and where and how their decoded tensor caches are kept."""
 
+import hashlib
 import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +89,27 @@ def save_cache(path: Path, blob: dict[str, Any]) -> None:
             f"to skip decoding next time.",
             stacklevel=2,
         )
+
+
+def cache_path(name: str, *key_parts: Any) -> Path:
+    """`cache_dir()/<name>-<key>.pt`, the key hashing what the decoded data depends on (the cache
+    format, the source's path and file statistics, the image size, the split lists)."""
+    key = hashlib.sha256("|".join(map(str, key_parts)).encode()).hexdigest()[:16]
+    return cache_dir() / f"{name}-{key}.pt"
+
+
+def cached(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The cache at `path`, memory-mapped; built by `build()` and saved first when it is absent
+    or unreadable. If it cannot be saved, the built dict is returned as it is."""
+    blob = load_cache(path, mmap=True)
+    if blob is None:
+        blob = build()
+        save_cache(path, blob)
+        blob = load_cache(path, mmap=True) or blob  # the memory-mapped copy, when it was saved
+    return blob
+
+
+def splits_blob(decoded: dict[str, tuple[Any, list[str]]]) -> dict[str, Any]:
+    """split -> (images, class names) as one cache dict: `<split>` and `<split>_classes`."""
+    blob = {split: images for split, (images, _) in decoded.items()}
+    return blob | {f"{split}_classes": names for split, (_, names) in decoded.items()}

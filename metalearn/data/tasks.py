@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from metalearn.errors import DataError
+from metalearn.errors import ConfigError, DataError
+
+
+def check_image_task_config(cfg) -> None:
+    """The keys every image data set's config shares: ways, shots, query and image_size >= 1."""
+    for key in ("ways", "shots", "query", "image_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"data.{key} must be positive, got {getattr(cfg, key)}")
 
 
 @dataclass

@@ -23,7 +23,7 @@ its classes' images one after another plus the count of each (the counts form of
 EpisodeSampler), classes in the order of their label ids.
 """
 
-import hashlib
+import functools
 import io
 import pickle
 import struct
@@ -40,9 +40,9 @@ from tqdm import tqdm
 from metalearn.data.download import download
 from metalearn.data.pickles import Refused, Restricted
 from metalearn.data.preprocess import image_array
-from metalearn.data.root import cache_dir, fingerprint, load_cache, resolve_root, save_cache
-from metalearn.data.tasks import ClassTasks
-from metalearn.errors import ConfigError, DataError
+from metalearn.data.root import cache_path, cached, fingerprint, resolve_root
+from metalearn.data.tasks import ClassTasks, check_image_task_config
+from metalearn.errors import DataError
 
 SPLITS = ("train", "val", "test")
 SOURCES = {"npz": "{}_images.npz", "png": "{}_images_png.pkl"}  # in the order they are tried
@@ -70,9 +70,7 @@ class TieredImageNetConfig:
     download: bool = True  # fetch Ren et al.'s PNG pickles when no source is found
 
     def __post_init__(self) -> None:
-        for key in ("ways", "shots", "query", "image_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be positive, got {getattr(self, key)}")
+        check_image_task_config(self)
 
 
 @dataclass
@@ -324,6 +322,10 @@ def decode_split(folder: Path, split: str, kind: str, size: int) -> TieredSplit:
     return TieredSplit(images, torch.from_numpy(np.bincount(classes)), names)
 
 
+def _decoded(folder: Path, split: str, kind: str, size: int) -> dict:
+    return vars(decode_split(folder, split, kind, size))  # what a cache holds: a plain dict
+
+
 def _files(kind: str) -> list[str]:
     return [name.format(s) for s in SPLITS for name in (SOURCES[kind], LABELS)]
 
@@ -360,14 +362,9 @@ def load_tieredimagenet(cfg: TieredImageNetConfig) -> dict[str, TieredSplit]:
     for split in SPLITS:  # one at a time, each its own cache
         sources = [folder / SOURCES[kind].format(split), folder / LABELS.format(split)]
         stats = "|".join(fingerprint(p) for p in sources)  # an edited source is decoded again
-        key = hashlib.sha256(f"{CACHE_FORMAT}|{kind}|{folder}|{stats}".encode()).hexdigest()[:16]
-        cache = cache_dir() / f"tieredimagenet-{cfg.image_size}-{split}-{key}.pt"
-        blob = load_cache(cache, mmap=True)
-        if blob is None:
-            part = decode_split(folder, split, kind, cfg.image_size)
-            save_cache(cache, vars(part))
-            blob = load_cache(cache, mmap=True) or vars(part)  # the memory-mapped copy if saved
-            del part
+        name = f"tieredimagenet-{cfg.image_size}-{split}"
+        cache = cache_path(name, CACHE_FORMAT, kind, folder, stats)
+        blob = cached(cache, functools.partial(_decoded, folder, split, kind, cfg.image_size))
         out[split] = TieredSplit(**blob)
     return out
 
