@@ -12,6 +12,7 @@ from metalearn import checkpoint
 from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
 from metalearn.config import as_dict, from_dict
+from metalearn.data.bandits import BanditConfig, BanditTasks, DependentBanditConfig
 from metalearn.data.cifar import PREPROCESS as CIFAR_PREPROCESS
 from metalearn.data.cifar import CIFARFSConfig, FC100Config, cifarfs_tasks, fc100_tasks
 from metalearn.data.cub import PREPROCESS as CUB_PREPROCESS
@@ -39,6 +40,8 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "cifarfs": (CIFARFSConfig, cifarfs_tasks),
     "fc100": (FC100Config, fc100_tasks),
     "cub": (CUBConfig, cub_tasks),
+    "bandit": (BanditConfig, BanditTasks),
+    "dependent_bandit": (DependentBanditConfig, BanditTasks),
 }
 # How a user's own images become model inputs, exactly as the cached training data was made.
 PREPROCESS = {
@@ -76,11 +79,12 @@ class Run:
     tasks: Any
     model: nn.Module
     algo: Any
-    train_shape: tuple[int, int, int]  # (ways, shots, query) of meta-training tasks
-    test_shape: tuple[int, int, int]  # (ways, shots, query) of validation and test tasks
+    # (ways, shots, query) of meta-training tasks; meta-RL: (actions, steps per trial, 0)
+    train_shape: tuple[int, int, int]
+    test_shape: tuple[int, int, int]  # the same, of validation and test tasks
     test_steps: int  # inner steps at validation and test (0 without an inner loop)
     task_batching: str  # hardware.task_batching resolved: 'vmap' or 'loop'
-    metric: str  # 'accuracy' or 'mse'
+    metric: str  # 'accuracy', 'mse' or 'reward'
     preprocess: dict | None  # user images -> inputs (image data sets only)
     name: str  # run name: algo-data-ways-shots-seed
 
@@ -137,11 +141,7 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
     config = parse_config(raw)
     data, algo_cfg = config.data, config.algo
     algo_cls = ALGOS[algo_cfg.name][1]
-    # (pre-training baselines have no training episodes: their shape is the test one)
-    train_ways = getattr(algo_cfg, "train_ways", None) or data.ways
-    train_shots = getattr(algo_cfg, "train_shots", None) or data.shots
-    train_shape = (train_ways, train_shots, getattr(algo_cfg, "train_query", None) or data.query)
-    test_shape = (data.ways, data.shots, config.eval.query or data.query)
+    train_shape, test_shape = _task_shapes(config, algo_cls)
     device = select_device(config.hardware)
     model_cls = MODELS[config.model.name][1]
     batching = task_batching(
@@ -155,10 +155,11 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
     tasks = DATASETS[data.name][1](data, device)
     tasks.check("train", *train_shape)
     for split in ("val", "test"):
-        for shots in {data.shots, *config.eval.shots}:
+        for shots in {test_shape[1], *config.eval.shots}:
             tasks.check(split, test_shape[0], shots, test_shape[2])
-    # a head has one output per training way (classification) or one value (regression)
-    out_features = train_shape[0] if tasks.kind == "classification" else 1
+    # a head has one output per training way (classification), per action (meta-RL) or one
+    # value (regression)
+    out_features = train_shape[0] if tasks.kind in ("classification", "rl") else 1
     model = model_cls(
         config.model,
         tasks.in_shape,
@@ -189,8 +190,27 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
         test_steps=getattr(algo_cfg, "test_inner_steps", 0),
         metric=metric_name(tasks.kind),
         preprocess=_preprocess(data),
-        name=f"{algo_cfg.name}-{data.name}-{data.ways}w{data.shots}s-seed{config.seed}",
+        name=f"{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
     )
+
+
+def _task_shapes(config: RunConfig, algo_cls: type) -> tuple[tuple, tuple]:
+    """(ways, shots, query) of training and of test tasks; meta-RL: (actions, pulls, 0)."""
+    data, algo_cfg = config.data, config.algo
+    if data.task_kind == "rl":
+        shape = (data.arms, data.pulls, 0)
+        return shape, shape
+    # (pre-training baselines have no training episodes: their shape is the test one)
+    train_ways = getattr(algo_cfg, "train_ways", None) or data.ways
+    train_shots = getattr(algo_cfg, "train_shots", None) or data.shots
+    train_shape = (train_ways, train_shots, getattr(algo_cfg, "train_query", None) or data.query)
+    return train_shape, (data.ways, data.shots, config.eval.query or data.query)
+
+
+def _task_name(data: Any) -> str:
+    if data.task_kind == "rl":
+        return f"{data.arms}arms{data.pulls}pulls"
+    return f"{data.ways}w{data.shots}s"
 
 
 def _teacher(path: str, tasks: Any, device: torch.device) -> nn.Module:
@@ -239,6 +259,24 @@ def _check_combination(
 ):
     """Settings that contradict each other, refused before any data is loaded."""
     name = config.algo.name
+    reinforcement = getattr(algo_cls, "reinforcement", False)
+    if reinforcement != (config.data.task_kind == "rl"):
+        raise ConfigError(
+            f"algo={name} learns from rewards in environments and data={config.data.name} "
+            f"holds supervised tasks; pair algo=rl2 with data=bandit or dependent_bandit"
+            if reinforcement
+            else f"algo={name} learns from labelled tasks and data={config.data.name} is a "
+            f"meta-RL environment; use algo=rl2 there, or a supervised data set such as "
+            f"data=omniglot or sinusoid"
+        )
+    model_cls = MODELS[config.model.name][1]
+    if reinforcement != getattr(model_cls, "recurrent", False):
+        raise ConfigError(
+            f"algo={name} needs model=recurrent (its memory is the learner)"
+            if reinforcement
+            else f"model={config.model.name} is a meta-RL agent; algo={name} needs a "
+            f"supervised network such as model=conv4 or mlp"
+        )
     if name == "fomaml" and not config.algo.first_order:
         raise ConfigError(
             "algo=fomaml is first-order by definition; use algo=maml for second order"

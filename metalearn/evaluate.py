@@ -44,7 +44,8 @@ def mean_ci95(values: torch.Tensor) -> dict[str, float]:
 def run_episodes(
     run, split: str, *, episodes: int, ways: int, shots: int, query: int, steps: list[int]
 ) -> dict[str, torch.Tensor]:
-    """Per-episode query loss and score after each number of inner steps: (episodes, len(steps))."""
+    """Per-episode query loss and score after each number of inner steps: (episodes, len(steps)),
+    and whatever else the algorithm reports per episode (meta-RL: the regret curve)."""
     cfg: EvalConfig = run.config.eval
     parts: dict[str, list[torch.Tensor]] = {"loss": [], "score": []}
     seed = cfg.seed + SPLIT_SEED_OFFSET[split]
@@ -55,8 +56,8 @@ def run_episodes(
         ):
             with run.autocast():
                 out = run.algo.evaluate(batch, steps)
-            for key in parts:
-                parts[key].append(out[key].detach().cpu())
+            for key, value in out.items():
+                parts.setdefault(key, []).append(value.detach().cpu())
     finally:
         run.model.train(True)
     return {key: torch.cat(values) for key, values in parts.items()}

@@ -8,7 +8,7 @@ from metalearn import checkpoint
 from metalearn.build import build_run
 from metalearn.episode import classify_episode
 from metalearn.errors import CheckpointError, ConfigError
-from metalearn.report import format_table, results_dict, test, write_json
+from metalearn.report import result_table, tested_results, write_json
 
 FIXED_GROUPS = ("algo", "model")  # the weights decide these; asking for others is an error
 SWAPPABLE_GROUPS = ("data", "hardware", "logger")  # a new choice replaces the whole section
@@ -59,7 +59,8 @@ def evaluate_checkpoint(composed: dict[str, Any], overrides: list[str], run_dir:
             + (f"; accuracy {100 * accuracy:.2f}%" if accuracy is not None else "")
         )
     else:
-        results = results_dict(run, test(run), val=None, train=None) | {"checkpoint": str(path)}
-        print(format_table(results))
+        results, _ = tested_results(run, val=None, train=None)
+        results["checkpoint"] = str(path)
+        print(result_table(results))
     write_json(run_dir / "results.json", results)
     return results

@@ -13,6 +13,7 @@ from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
 from metalearn.plots import plot_learning_curves, plot_sinusoid_tasks
+from metalearn.rl_report import format_rl_table, plot_regret, test_rl
 
 if TYPE_CHECKING:
     from metalearn.build import Run
@@ -59,7 +60,11 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
         "algo": algo.name,
         "data": config.data.name,
         "model": config.model.name,
-        "task": {"ways": ways, "shots": shots, "query": query},
+        "task": (
+            {"arms": ways, "pulls": shots}
+            if run.metric == "reward"
+            else {"ways": ways, "shots": shots, "query": query}
+        ),
         "metric": run.metric,
         "test": test_result,
         "val": val,
@@ -130,13 +135,28 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
         f"{unit}_per_second": round(progress.iteration * per_step / max(seconds, 1e-9), 2),
         "stopped_by": progress.stopped_by,
     }
-    results = results_dict(run, test(run), progress.best_val, train)
+    results, curves = tested_results(run, progress.best_val, train)
     write_json(run_dir / "results.json", results)
     plots = write_plots(run, run_dir)
-    print(format_table(results))
+    if curves:
+        plots.append(plot_regret(curves, run_dir / "plots" / "regret.png"))
+    print(result_table(results))
     logger.log_summary(results)
     logger.log_images(plots)
     return results
+
+
+def tested_results(run: Run, val: dict | None, train: dict | None) -> tuple[dict, dict]:
+    """results.json's dict after the test, and (meta-RL) each policy's mean regret curve."""
+    if run.metric == "reward":  # reward and regret, beside the baseline policies
+        test_result, baselines, curves = test_rl(run)
+        return results_dict(run, test_result, val, train) | {"baselines": baselines}, curves
+    return results_dict(run, test(run), val, train), {}
+
+
+def result_table(results: dict) -> str:
+    """The terminal table of a results.json dict."""
+    return format_rl_table(results) if results["metric"] == "reward" else format_table(results)
 
 
 def write_plots(run: Run, run_dir: Path) -> list[Path]:

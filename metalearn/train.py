@@ -215,7 +215,7 @@ def _log_train(
     run: Run, logger, bar, metrics, optimizer, rate: float, unit: str, iteration: int
 ) -> None:
     loss, score = metrics["loss"].item(), metrics["score"].item()
-    name = "query_acc" if run.metric == "accuracy" else "query_mse"
+    name = {"accuracy": "query_acc", "mse": "query_mse", "reward": "trial_reward"}[run.metric]
     logger.log(
         {
             "train/loss": loss,
@@ -254,8 +254,8 @@ def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, gen
             f"no longer finite; {_kept(run_dir)}"
         )
     score, loss = mean_ci95(out["score"][:, -1]), mean_ci95(out["loss"][:, -1])
-    short = "acc" if run.metric == "accuracy" else "mse"
-    sign = 1.0 if run.metric == "accuracy" else -1.0  # higher accuracy, lower MSE is better
+    short = {"accuracy": "acc", "mse": "mse", "reward": "reward"}[run.metric]
+    sign = -1.0 if run.metric == "mse" else 1.0  # higher accuracy and reward, lower MSE: better
     value = score["mean"]
     if math.isfinite(score["mean"]) and math.isfinite(loss["mean"]):
         logger.log(

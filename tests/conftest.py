@@ -121,6 +121,8 @@ def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# task families generated on the fly: no files, any root does
+PROCEDURAL = ("sinusoid", "bandit", "dependent_bandit")
 # data set -> the session fixture holding a protocol-sized copy in its real on-disk format
 FIXTURE_ROOTS = {
     "miniimagenet": "miniimagenet_root",
@@ -137,7 +139,7 @@ def data_root(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     cache, shared by the session); procedural data needs none, so any folder does."""
 
     def root(data: str) -> Path:
-        if data == "sinusoid":
+        if data in PROCEDURAL:
             return request.getfixturevalue("tmp_path")
         if data == "omniglot":
             return request.getfixturevalue("omniglot_root")

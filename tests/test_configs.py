@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO, compose_config
+from conftest import CONFIGS, PROCEDURAL, REPO, compose_config
 from omegaconf import OmegaConf
 
 from metalearn.build import build_run, parse_config
@@ -27,13 +27,36 @@ PRETRAINING = ["baseline", "baselinepp", "rfs"]
 IMPOSSIBLE = {
     (name, "sinusoid"): [name, "classification", "omniglot"] for name in METRIC + PRETRAINING
 }
+# meta-RL: rl2 only on environments, and only rl2 there
+META_RL_DATA = ["bandit", "dependent_bandit"]
+SUPERVISED_DATA = ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
+SUPERVISED_DATA.append("tieredimagenet")
+IMPOSSIBLE |= {("rl2", data): ["rl2", "supervised", data] for data in SUPERVISED_DATA}
+IMPOSSIBLE |= {
+    (name, data): [name, "meta-RL", "rl2"]
+    for name in ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "reptile"]
+    + METRIC
+    + PRETRAINING
+    for data in META_RL_DATA
+}
 # The groups `metalearn train --help` must list, with their options.
 GROUPS = {
     "algo": sorted(
-        ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "reptile", *METRIC, *PRETRAINING]
+        [
+            "anil",
+            "fomaml",
+            "imaml",
+            "maml",
+            "mamlpp",
+            "metasgd",
+            "reptile",
+            *METRIC,
+            *PRETRAINING,
+            "rl2",
+        ]
     ),
-    "data": ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"],
-    "model": ["conv4", "conv4_32", "mlp", "resnet12"],
+    "data": sorted(SUPERVISED_DATA + META_RL_DATA),
+    "model": ["conv4", "conv4_32", "mlp", "recurrent", "resnet12"],
     "hardware": ["auto", "cpu", "cuda"],
     "logger": ["none", "wandb"],
     "debug": ["smoke"],
@@ -70,7 +93,10 @@ def test_every_experiment_composes_and_builds(experiment: str, data_root):
             expected = smoke.get(section, {}).get(key, value)
             assert built[section][key] == expected, f"{experiment}: {section}.{key}"
     assert run.config.trainer.iterations == smoke["trainer"]["iterations"]
-    data, algo = preset["data"], preset["algo"]
+    data, algo = preset["data"], preset.get("algo", {})
+    if data_name in PROCEDURAL and "pulls" in data:  # meta-RL: (arms, pulls, 0)
+        assert run.train_shape == run.test_shape == (data["arms"], data["pulls"], 0)
+        return
     train_ways = algo.get("train_ways") or data.get("ways", 1)
     train_query = algo.get("train_query") or data["query"]
     train_shots = algo.get("train_shots") or data["shots"]
@@ -82,9 +108,9 @@ def test_every_experiment_composes_and_builds(experiment: str, data_root):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_root):
     overrides = [f"algo={algo}", f"data={data}", *SMOKE]
-    if data != "sinusoid":
+    if data not in PROCEDURAL:
         overrides.append(f"data.root={data_root(data)}")
-    if data not in ("omniglot", "sinusoid"):
+    if data not in ("omniglot", *PROCEDURAL):
         overrides.append("data.query=5")  # the fixtures have 21 images per class
     raw = compose_config(overrides)
     if (algo, data) in IMPOSSIBLE:
@@ -96,10 +122,11 @@ def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_
     run = build_run(raw)
     assert (run.config.algo.name, run.config.data.name) == (algo, data)
     # Each data set gets its usual network unless model=<name> says otherwise.
-    images = data != "sinusoid"
-    assert run.config.model.name == ("conv4" if images else "mlp")
-    assert run.metric == ("accuracy" if images else "mse")
-    assert run.tasks.kind == ("classification" if images else "regression")
+    kind = "rl" if data in META_RL_DATA else "regression" if data == "sinusoid" else "images"
+    model = {"rl": "recurrent", "regression": "mlp", "images": "conv4"}[kind]
+    assert run.config.model.name == model
+    assert run.metric == {"rl": "reward", "regression": "mse", "images": "accuracy"}[kind]
+    assert run.tasks.kind == {"images": "classification"}.get(kind, kind)
     assert run.name.startswith(f"{algo}-{data}-")
     if algo == "fomaml":
         assert run.config.algo.first_order

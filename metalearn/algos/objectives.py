@@ -14,8 +14,9 @@ def loss_fn(kind: str) -> Objective:
 
 
 def metric_name(kind: str) -> str:
-    """The primary metric that results.json reports for this kind of task."""
-    return "accuracy" if kind == "classification" else "mse"
+    """The primary metric that results.json reports for this kind of task (meta-RL: a
+    trial's total reward)."""
+    return {"classification": "accuracy", "regression": "mse", "rl": "reward"}[kind]
 
 
 def score(kind: str, prediction: Tensor, target: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ from torch import nn
 
 from metalearn.models.conv4 import Conv4, Conv4Config
 from metalearn.models.mlp import MLP, MLPConfig
+from metalearn.models.recurrent import RecurrentActorCritic, RecurrentConfig
 from metalearn.models.resnet12 import ResNet12, ResNet12Config
 
 # name -> (config class, module class); build.py is the only reader.
@@ -11,4 +12,5 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "conv4": (Conv4Config, Conv4),
     "mlp": (MLPConfig, MLP),
     "resnet12": (ResNet12Config, ResNet12),
+    "recurrent": (RecurrentConfig, RecurrentActorCritic),
 }

@@ -1,0 +1,174 @@
+"""Bernoulli bandit task families (Duan et al. 2016; Wang et al. 2016) as vectorised environments.
+
+A task is one bandit: k arms with success probabilities p (T, k). A trial is `pulls` one-step
+episodes on the same bandit (Duan et al. 2016, section 3: every pull is an episode, the agent's
+memory carries across them). Independent arms draw p ~ U[0, 1] per arm; the dependent
+two-armed bandit draws p1 ~ U[0, 1] and sets p2 = 1 - p1 (Wang et al. 2016, section 3.1).
+
+The randomness of a trial travels with its task batch: `reward_noise` (T, pulls) uniforms
+decide every reward (r_t = 1 if u_t < p[a_t]) and `action_noise` (T, pulls) uniforms let
+stochastic policies sample actions by inverse CDF. So a fixed test trial is the same for every
+policy (common random numbers: differences between policies are not sampling noise), and a
+training batch is reproduced exactly on resume.
+
+Shape letters: T tasks (trials run in parallel), A arms, P pulls per trial.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from gymnasium.spaces import Box, Discrete, MultiDiscrete
+from gymnasium.vector import AutoresetMode, VectorEnv
+from torch import Tensor
+
+from metalearn.errors import ConfigError
+
+
+@dataclass
+class BanditConfig:
+    """k-armed Bernoulli bandits with independent arm probabilities p_i ~ U[0, 1]."""
+
+    task_kind: ClassVar[str] = "rl"
+    dependent: ClassVar[bool] = False
+    name: str = "bandit"
+    arms: int = 5  # k
+    pulls: int = 10  # n: pulls (one-step episodes) per trial
+    root: str | None = None  # unused: procedural tasks need no files
+    split: str | None = None  # unused: every task is fresh; test trials come from a fixed seed
+
+    def __post_init__(self) -> None:
+        if self.arms < 2:
+            raise ConfigError(f"data.arms must be at least 2, got {self.arms}")
+        if self.pulls < 1:
+            raise ConfigError(f"data.pulls must be positive, got {self.pulls}")
+
+
+@dataclass
+class DependentBanditConfig(BanditConfig):
+    """Two arms with p2 = 1 - p1, p1 ~ U[0, 1] (Wang et al. 2016's dependent bandits)."""
+
+    dependent: ClassVar[bool] = True
+    name: str = "dependent_bandit"
+    arms: int = 2
+    pulls: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.arms != 2:
+            raise ConfigError(
+                f"data=dependent_bandit has two arms (p2 = 1 - p1); data.arms must be 2, got "
+                f"{self.arms}; use data=bandit for more arms"
+            )
+
+
+@dataclass
+class BanditBatch:
+    """T bandit trials: arm probabilities and the uniforms that decide rewards and actions."""
+
+    probs: Tensor  # (T, A)
+    reward_noise: Tensor  # (T, P)
+    action_noise: Tensor  # (T, P)
+    unit = "trials"  # what the trainer's throughput counts
+
+    @property
+    def tasks(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def pulls(self) -> int:
+        return self.reward_noise.shape[1]
+
+    def env(self) -> "BanditEnv":
+        """The vectorised environment that plays these trials."""
+        return BanditEnv(self)
+
+    def __getitem__(self, part: slice) -> "BanditBatch":
+        return BanditBatch(self.probs[part], self.reward_noise[part], self.action_noise[part])
+
+
+def sample_actions(probs: Tensor, noise: Tensor) -> Tensor:
+    """Draw a ~ Categorical(probs) (T, A) by inverse CDF with the given uniforms (T,)."""
+    cdf = probs.cumsum(-1)
+    return (cdf < noise[:, None] * cdf[:, -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)
+
+
+class BanditEnv(VectorEnv):
+    """T bandit trials stepped at once, with Gymnasium's vector API on torch tensors.
+
+    `step(actions)` pulls one arm per task and returns (observations (T, 0), rewards (T,),
+    terminations (T,), truncations (T,), info). Every pull ends an episode (terminations are
+    all True); `info["trial_over"]` says when the trial's last pull has been made (then
+    `reset()` starts the next trial). `info["regret"]` is each pull's expected regret
+    max(p) - p[a]. Bandits have no observation: RL² agents see only their previous action,
+    reward and termination flag.
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.DISABLED}
+
+    def __init__(self, batch: BanditBatch) -> None:
+        self.batch = batch
+        self.num_envs, arms = batch.probs.shape
+        self.single_observation_space = Box(0.0, 1.0, (0,), np.float32)
+        self.single_action_space = Discrete(arms)
+        self.observation_space = Box(0.0, 1.0, (self.num_envs, 0), np.float32)
+        self.action_space = MultiDiscrete(np.full(self.num_envs, arms))
+        self.best = batch.probs.max(-1).values  # (T,)
+        self.t = 0
+
+    def _observation(self) -> Tensor:
+        return self.batch.probs.new_zeros(self.num_envs, 0)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start the trial again at its first pull (the batch fixes all its randomness)."""
+        self.t = 0
+        return self._observation(), {}
+
+    def step(self, actions: Tensor):
+        if self.t >= self.batch.pulls:
+            raise RuntimeError(f"the trial is over after {self.batch.pulls} pulls; call reset()")
+        chosen = self.batch.probs.gather(1, actions.view(-1, 1)).squeeze(1)  # (T,)
+        rewards = (self.batch.reward_noise[:, self.t] < chosen).to(chosen.dtype)
+        self.t += 1
+        done = torch.ones_like(rewards, dtype=torch.bool)
+        info = {"regret": self.best - chosen, "trial_over": self.t == self.batch.pulls}
+        return self._observation(), rewards, done, ~done, info
+
+
+class BanditTasks:
+    """Draws bandit trials on the device; `episodes` gives the fixed validation and test ones."""
+
+    kind = "rl"
+    in_shape = (0,)  # bandits have no observation
+
+    def __init__(self, cfg: BanditConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.actions = cfg.arms
+
+    def check(self, split: str, *_shape: int) -> None:
+        """Any number of trials fits: the family is infinite."""
+
+    def sample(self, split: str, generator: torch.Generator, tasks: int, *_shape) -> BanditBatch:
+        """T fresh trials (every split draws from the same family; the shape is the config's)."""
+
+        def uniform(*shape: int) -> Tensor:
+            return torch.rand(shape, generator=generator, device=generator.device).to(self.device)
+
+        arms, pulls = self.cfg.arms, self.cfg.pulls
+        if self.cfg.dependent:
+            p1 = uniform(tasks, 1)
+            probs = torch.cat([p1, 1 - p1], dim=1)
+        else:
+            probs = uniform(tasks, arms)
+        return BanditBatch(probs, uniform(tasks, pulls), uniform(tasks, pulls))
+
+    def episodes(
+        self, split: str, n: int, *_shape: int, seed: int, batch_size: int
+    ) -> Iterator[BanditBatch]:
+        """n fixed trials: the same for a given seed whatever the batch size."""
+        batch = self.sample(split, torch.Generator().manual_seed(seed), n)
+        for start in range(0, n, batch_size):
+            yield batch[start : start + batch_size]
