@@ -17,6 +17,7 @@ from metalearn.data.cifar import PREPROCESS as CIFAR_PREPROCESS
 from metalearn.data.cifar import CIFARFSConfig, FC100Config, cifarfs_tasks, fc100_tasks
 from metalearn.data.cub import PREPROCESS as CUB_PREPROCESS
 from metalearn.data.cub import CUBConfig, cub_tasks
+from metalearn.data.harlow import HarlowConfig, HarlowTasks
 from metalearn.data.images import OmniglotConfig, omniglot_tasks
 from metalearn.data.miniimagenet import PREPROCESS as MINIIMAGENET_PREPROCESS
 from metalearn.data.miniimagenet import MiniImageNetConfig, miniimagenet_tasks
@@ -42,6 +43,7 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "cub": (CUBConfig, cub_tasks),
     "bandit": (BanditConfig, BanditTasks),
     "dependent_bandit": (DependentBanditConfig, BanditTasks),
+    "harlow": (HarlowConfig, HarlowTasks),
 }
 # How a user's own images become model inputs, exactly as the cached training data was made.
 PREPROCESS = {
@@ -141,7 +143,7 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
     config = parse_config(raw)
     data, algo_cfg = config.data, config.algo
     algo_cls = ALGOS[algo_cfg.name][1]
-    train_shape, test_shape = _task_shapes(config, algo_cls)
+    train_shape, test_shape = _task_shapes(config)
     device = select_device(config.hardware)
     model_cls = MODELS[config.model.name][1]
     batching = task_batching(
@@ -194,11 +196,11 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
     )
 
 
-def _task_shapes(config: RunConfig, algo_cls: type) -> tuple[tuple, tuple]:
+def _task_shapes(config: RunConfig) -> tuple[tuple, tuple]:
     """(ways, shots, query) of training and of test tasks; meta-RL: (actions, pulls, 0)."""
     data, algo_cfg = config.data, config.algo
     if data.task_kind == "rl":
-        shape = (data.arms, data.pulls, 0)
+        shape = (data.actions, data.steps, 0)
         return shape, shape
     # (pre-training baselines have no training episodes: their shape is the test one)
     train_ways = getattr(algo_cfg, "train_ways", None) or data.ways
@@ -208,8 +210,8 @@ def _task_shapes(config: RunConfig, algo_cls: type) -> tuple[tuple, tuple]:
 
 
 def _task_name(data: Any) -> str:
-    if data.task_kind == "rl":
-        return f"{data.arms}arms{data.pulls}pulls"
+    if data.task_kind == "rl":  # e.g. 5arms10pulls
+        return "".join(f"{v}{k}" for k, v in data.describe().items())
     return f"{data.ways}w{data.shots}s"
 
 
@@ -263,7 +265,7 @@ def _check_combination(
     if reinforcement != (config.data.task_kind == "rl"):
         raise ConfigError(
             f"algo={name} learns from rewards in environments and data={config.data.name} "
-            f"holds supervised tasks; pair algo=rl2 with data=bandit or dependent_bandit"
+            f"holds supervised tasks; pair algo=rl2 with data=bandit, dependent_bandit or harlow"
             if reinforcement
             else f"algo={name} learns from labelled tasks and data={config.data.name} is a "
             f"meta-RL environment; use algo=rl2 there, or a supervised data set such as "

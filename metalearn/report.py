@@ -13,7 +13,7 @@ from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
 from metalearn.plots import plot_learning_curves, plot_sinusoid_tasks
-from metalearn.rl_report import format_rl_table, plot_regret, test_rl
+from metalearn.rl_report import format_rl_table, plot_curves, test_rl
 
 if TYPE_CHECKING:
     from metalearn.build import Run
@@ -61,7 +61,7 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
         "data": config.data.name,
         "model": config.model.name,
         "task": (
-            {"arms": ways, "pulls": shots}
+            config.data.describe()
             if run.metric == "reward"
             else {"ways": ways, "shots": shots, "query": query}
         ),
@@ -138,8 +138,10 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     results, curves = tested_results(run, progress.best_val, train)
     write_json(run_dir / "results.json", results)
     plots = write_plots(run, run_dir)
-    if curves:
-        plots.append(plot_regret(curves, run_dir / "plots" / "regret.png"))
+    if curves:  # meta-RL: per-step accuracy where the task has it (Harlow), else regret
+        accuracy = getattr(run.tasks, "per_step_accuracy", False)
+        name, label = ("accuracy", "accuracy") if accuracy else ("regret", "cumulative regret")
+        plots.append(plot_curves(curves, label, run_dir / "plots" / f"{name}.png"))
     print(result_table(results))
     logger.log_summary(results)
     logger.log_images(plots)

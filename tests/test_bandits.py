@@ -10,15 +10,11 @@ import pytest
 import torch
 from conftest import compose_config
 
-from metalearn.algos.blackbox.bandit_baselines import BASELINES, finite_horizon_gittins, play
+from metalearn.algos.blackbox.bandit_baselines import bandit_baselines, finite_horizon_gittins
 from metalearn.algos.blackbox.rl2 import RL2, RL2Config
 from metalearn.build import build_run
-from metalearn.data.bandits import (
-    BanditConfig,
-    BanditTasks,
-    DependentBanditConfig,
-    sample_actions,
-)
+from metalearn.data.bandits import BanditConfig, BanditTasks, DependentBanditConfig
+from metalearn.data.envs import play, sample_actions
 from metalearn.errors import ConfigError
 from metalearn.models.recurrent import RecurrentActorCritic, RecurrentConfig
 from metalearn.train import train
@@ -101,8 +97,9 @@ def test_baselines_on_the_fixed_trials_match_duan_et_al():
     """Duan et al. (2016), Table 1, k = 5, n = 10: random 5.0, Gittins 6.6."""
     tasks = BanditTasks(BanditConfig(arms=5, pulls=10), CPU)
     (batch,) = tasks.episodes("test", 2000, seed=1234, batch_size=2000)
+    policies = bandit_baselines(10)
     reward = {
-        name: play(batch.env(), make(10), seed=0)["reward"] for name, make in BASELINES.items()
+        name: play(batch.env(), policy, seed=0)["reward"] for name, policy in policies.items()
     }
     mean = {name: r.mean().item() for name, r in reward.items()}
     assert mean["random"] == pytest.approx(5.0, abs=0.15)
@@ -164,7 +161,7 @@ def test_a_meta_rl_run_writes_reward_regret_baselines_and_the_regret_plot(tmp_pa
     for key in ("reward", "regret"):
         assert set(results["test"][key]) == {"mean", "ci95"}
     assert results["test"]["episodes"] == 10
-    assert set(results["baselines"]) == set(BASELINES)
+    assert set(results["baselines"]) == set(bandit_baselines(20))
     assert 0 <= results["test"]["reward"]["mean"] <= 20
     assert (tmp_path / "plots" / "regret.png").stat().st_size > 0
     assert "gittins" in done.stdout and "thompson" in done.stdout

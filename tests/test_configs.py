@@ -28,7 +28,7 @@ IMPOSSIBLE = {
     (name, "sinusoid"): [name, "classification", "omniglot"] for name in METRIC + PRETRAINING
 }
 # meta-RL: rl2 only on environments, and only rl2 there
-META_RL_DATA = ["bandit", "dependent_bandit"]
+META_RL_DATA = ["bandit", "dependent_bandit", "harlow"]
 SUPERVISED_DATA = ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
 SUPERVISED_DATA.append("tieredimagenet")
 IMPOSSIBLE |= {("rl2", data): ["rl2", "supervised", data] for data in SUPERVISED_DATA}
@@ -94,8 +94,9 @@ def test_every_experiment_composes_and_builds(experiment: str, data_root):
             assert built[section][key] == expected, f"{experiment}: {section}.{key}"
     assert run.config.trainer.iterations == smoke["trainer"]["iterations"]
     data, algo = preset["data"], preset.get("algo", {})
-    if data_name in PROCEDURAL and "pulls" in data:  # meta-RL: (arms, pulls, 0)
-        assert run.train_shape == run.test_shape == (data["arms"], data["pulls"], 0)
+    if run.metric == "reward":  # meta-RL: (actions, steps of a trial, 0)
+        shape = (run.config.data.actions, run.config.data.steps, 0)
+        assert run.train_shape == run.test_shape == shape
         return
     train_ways = algo.get("train_ways") or data.get("ways", 1)
     train_query = algo.get("train_query") or data["query"]

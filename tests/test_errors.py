@@ -22,10 +22,13 @@ VALID_NAMES = {
     "algo": sorted(
         ["anil", "baseline", "baselinepp", "fomaml", "imaml", "maml", "mamlpp", "matchingnet"]
         + ["metaoptnet_ridge", "metaoptnet_svm", "metasgd", "protonet", "relationnet", "reptile"]
-        + ["rfs"]
+        + ["rfs", "rl2"]
     ),
-    "data": ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"],
-    "model": ["conv4", "mlp", "resnet12"],
+    "data": sorted(
+        ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"]
+        + ["bandit", "dependent_bandit", "harlow"]
+    ),
+    "model": ["conv4", "mlp", "recurrent", "resnet12"],
 }
 # Sinusoid MAML that validates and checkpoints after every iteration, on tiny episodes.
 SINUSOID_EVERY_STEP = [

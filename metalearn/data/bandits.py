@@ -5,11 +5,9 @@ episodes on the same bandit (Duan et al. 2016, section 3: every pull is an episo
 memory carries across them). Independent arms draw p ~ U[0, 1] per arm; the dependent
 two-armed bandit draws p1 ~ U[0, 1] and sets p2 = 1 - p1 (Wang et al. 2016, section 3.1).
 
-The randomness of a trial travels with its task batch: `reward_noise` (T, pulls) uniforms
-decide every reward (r_t = 1 if u_t < p[a_t]) and `action_noise` (T, pulls) uniforms let
-stochastic policies sample actions by inverse CDF. So a fixed test trial is the same for every
-policy (common random numbers: differences between policies are not sampling noise), and a
-training batch is reproduced exactly on resume.
+The randomness of a trial travels with its task batch (see data/envs.py): `reward_noise`
+(T, pulls) uniforms decide every reward (r_t = 1 if u_t < p[a_t]) and `action_noise`
+(T, pulls) uniforms let stochastic policies sample actions by inverse CDF.
 
 Shape letters: T tasks (trials run in parallel), A arms, P pulls per trial.
 """
@@ -45,6 +43,18 @@ class BanditConfig:
         if self.pulls < 1:
             raise ConfigError(f"data.pulls must be positive, got {self.pulls}")
 
+    @property
+    def actions(self) -> int:
+        return self.arms
+
+    @property
+    def steps(self) -> int:
+        return self.pulls
+
+    def describe(self) -> dict[str, int]:
+        """The task's setting, for results.json and run names."""
+        return {"arms": self.arms, "pulls": self.pulls}
+
 
 @dataclass
 class DependentBanditConfig(BanditConfig):
@@ -78,7 +88,7 @@ class BanditBatch:
         return self.probs.shape[0]
 
     @property
-    def pulls(self) -> int:
+    def steps(self) -> int:  # P: pulls per trial
         return self.reward_noise.shape[1]
 
     def env(self) -> "BanditEnv":
@@ -87,12 +97,6 @@ class BanditBatch:
 
     def __getitem__(self, part: slice) -> "BanditBatch":
         return BanditBatch(self.probs[part], self.reward_noise[part], self.action_noise[part])
-
-
-def sample_actions(probs: Tensor, noise: Tensor) -> Tensor:
-    """Draw a ~ Categorical(probs) (T, A) by inverse CDF with the given uniforms (T,)."""
-    cdf = probs.cumsum(-1)
-    return (cdf < noise[:, None] * cdf[:, -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)
 
 
 class BanditEnv(VectorEnv):
@@ -127,13 +131,13 @@ class BanditEnv(VectorEnv):
         return self._observation(), {}
 
     def step(self, actions: Tensor):
-        if self.t >= self.batch.pulls:
-            raise RuntimeError(f"the trial is over after {self.batch.pulls} pulls; call reset()")
+        if self.t >= self.batch.steps:
+            raise RuntimeError(f"the trial is over after {self.batch.steps} pulls; call reset()")
         chosen = self.batch.probs.gather(1, actions.view(-1, 1)).squeeze(1)  # (T,)
         rewards = (self.batch.reward_noise[:, self.t] < chosen).to(chosen.dtype)
         self.t += 1
         done = torch.ones_like(rewards, dtype=torch.bool)
-        info = {"regret": self.best - chosen, "trial_over": self.t == self.batch.pulls}
+        info = {"regret": self.best - chosen, "trial_over": self.t == self.batch.steps}
         return self._observation(), rewards, done, ~done, info
 
 
@@ -150,6 +154,12 @@ class BanditTasks:
 
     def check(self, split: str, *_shape: int) -> None:
         """Any number of trials fits: the family is infinite."""
+
+    def baselines(self) -> dict:
+        """name -> policy, the classic bandit algorithms scored beside a learned agent."""
+        from metalearn.algos.blackbox.bandit_baselines import bandit_baselines
+
+        return bandit_baselines(self.cfg.pulls)
 
     def sample(self, split: str, generator: torch.Generator, tasks: int, *_shape) -> BanditBatch:
         """T fresh trials (every split draws from the same family; the shape is the config's)."""

@@ -10,17 +10,18 @@ chooses with them (Duan et al. 2016, section 4.1 lists these baselines):
 - Thompson sampling: the highest draw from each arm's Beta(S + 1, N - S + 1) posterior;
 - Gittins: the highest finite-horizon Gittins index of the arm's posterior and the pulls left,
   from an exact dynamic programme (`finite_horizon_gittins`).
+
+They run through `data.envs.play`, the loop that scores learned agents too.
 """
 
 import functools
 import math
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from metalearn.data.bandits import BanditEnv
+from metalearn.data.envs import RandomPolicy
 
 
 class CountingPolicy:
@@ -39,17 +40,8 @@ class CountingPolicy:
         self.successes[rows, actions] += rewards
         self.t += 1
 
-    def random_arm(self) -> Tensor:
-        noise = self.batch.action_noise[:, self.t]
-        return (noise * self.pulls.shape[1]).long().clamp_max(self.pulls.shape[1] - 1)
-
     def posterior_mean(self) -> Tensor:
         return (self.successes + 1) / (self.pulls + 2)
-
-
-class Random(CountingPolicy):
-    def act(self) -> Tensor:
-        return self.random_arm()
 
 
 class EpsilonGreedy(CountingPolicy):
@@ -93,7 +85,7 @@ class Gittins(CountingPolicy):
         self.table = self.table.to(self.batch.probs.device)
 
     def act(self) -> Tensor:
-        left = self.batch.pulls - self.t  # pulls left, this one included
+        left = self.batch.steps - self.t  # pulls left, this one included
         s, f = self.successes.long(), (self.pulls - self.successes).long()
         return self.table[left][s, f].argmax(-1)
 
@@ -134,29 +126,13 @@ def finite_horizon_gittins(horizon: int, grid: int = 1001) -> Tensor:
     return table.float()
 
 
-BASELINES: dict[str, Callable[[int], CountingPolicy]] = {
-    "random": lambda pulls: Random(),
-    "greedy": lambda pulls: EpsilonGreedy(0.0),
-    "epsilon_greedy": lambda pulls: EpsilonGreedy(0.1),
-    "ucb1": lambda pulls: UCB1(),
-    "thompson": lambda pulls: Thompson(),
-    "gittins": Gittins,
-}
-
-
-def play(env: BanditEnv, policy, seed: int) -> dict[str, Tensor]:
-    """Run the env's trials with a policy: start(env, observation, seed), then act() and
-    observe(actions, rewards, observation, done) at every pull; `seed` seeds the policy's own
-    randomness. Per task: the total reward (T,), the total expected regret (T,) and the
-    cumulative regret after every pull (T, P)."""
-    observation, _ = env.reset()
-    policy.start(env, observation, seed)
-    rewards, regrets = [], []
-    for _ in range(env.batch.pulls):
-        actions = policy.act()
-        observation, reward, done, _, info = env.step(actions)
-        policy.observe(actions, reward, observation, done)
-        rewards.append(reward)
-        regrets.append(info["regret"])
-    curve = torch.stack(regrets, 1).cumsum(1)
-    return {"reward": torch.stack(rewards, 1).sum(1), "regret": curve[:, -1], "curve": curve}
+def bandit_baselines(pulls: int) -> dict[str, CountingPolicy]:
+    """The baselines of Duan et al. (2016), section 4.1, for trials of `pulls` pulls."""
+    return {
+        "random": RandomPolicy(),
+        "greedy": EpsilonGreedy(0.0),
+        "epsilon_greedy": EpsilonGreedy(0.1),
+        "ucb1": UCB1(),
+        "thompson": Thompson(),
+        "gittins": Gittins(pulls),
+    }

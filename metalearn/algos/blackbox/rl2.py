@@ -11,7 +11,7 @@ et al. 2016) over the trial, one gradient step per meta-batch of trials: the tra
 `meta_loss -> backward -> step` contract, as for every other algorithm. (Duan et al. use
 TRPO, Wang et al. A2C.)
 
-Shape letters: T trials run in parallel, P pulls per trial, A actions.
+Shape letters: T trials run in parallel, P steps per trial (pulls of a bandit), A actions.
 """
 
 from dataclasses import dataclass
@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algos.blackbox.bandit_baselines import play
-from metalearn.data.bandits import sample_actions
+from metalearn.data.envs import play, sample_actions
 from metalearn.errors import ConfigError
 
 
@@ -31,7 +30,7 @@ class RL2Config:
 
     name: str = "rl2"
     outer_lr: float = 3e-3  # Adam step size
-    gamma: float = 0.9  # discount across the pulls of a trial (0.99: slower to learn in our runs)
+    gamma: float = 0.9  # discount across the steps of a trial (0.99: slower to learn in our runs)
     gae_lambda: float = 0.95  # GAE's bias-variance trade-off
     value_coef: float = 0.5  # weight of the value loss
     entropy_coef: float = 0.01  # entropy bonus at the start of training ...
@@ -83,7 +82,7 @@ class RL2:
         previous = observation.new_zeros(tasks, actions + 2)  # nothing done yet
         out: dict[str, list[Tensor]] = {k: [] for k in ("logp", "entropy", "value", "reward")}
         out["regret"] = []
-        for t in range(batch.pulls):
+        for t in range(batch.steps):
             logits, value, state = self.model(torch.cat([observation, previous], -1), state)
             logp_all = F.log_softmax(logits, -1)  # (T, A)
             action = sample_actions(logp_all.detach().exp(), batch.action_noise[:, t])
@@ -130,13 +129,14 @@ class RL2:
         }
 
     def evaluate(self, batch, steps: list[int]) -> dict[str, Tensor]:
-        """Per trial: total reward as the score, total expected regret as the loss (T, 1), and
-        the cumulative regret after every pull (T, P)."""
+        """Per trial: total reward as the score, total expected regret as the loss (T, 1), each
+        step's reward and the cumulative regret after every step (T, P)."""
         with torch.no_grad():
             out = play(batch.env(), AgentPolicy(self.model), seed=0)
         return {
             "score": out["reward"][:, None],
             "loss": out["regret"][:, None],
+            "rewards": out["rewards"],
             "curve": out["curve"],
         }
 
