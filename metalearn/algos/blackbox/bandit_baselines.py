@@ -16,6 +16,7 @@ They run through `data.envs.play`, the loop that scores learned agents too.
 
 import functools
 import math
+
 import numpy as np
 import torch
 from torch import Tensor
