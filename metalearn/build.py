@@ -171,6 +171,8 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
         running_stats=getattr(algo_cfg, "bn_mode", "transductive") != "transductive",
     ).to(device)
     extra = {}
+    if getattr(algo_cls, "needs_ways", False):  # sequence learners: the label inputs' width
+        extra["ways"] = train_shape[0]
     if getattr(algo_cls, "needs_train_classes", False):  # pre-training over all train classes
         classification = tasks.kind == "classification"  # else the algorithm says why not
         extra["train_classes"] = tasks.classes("train") if classification else 0

@@ -13,6 +13,7 @@ from metalearn.algos.bilevel.mamlpp import MAMLPlusPlus, MAMLPlusPlusConfig
 from metalearn.algos.bilevel.metasgd import MetaSGD, MetaSGDConfig
 from metalearn.algos.bilevel.reptile import Reptile, ReptileConfig
 from metalearn.algos.blackbox.rl2 import RL2, RL2Config
+from metalearn.algos.blackbox.sequence import SequenceConfig, SequenceLearner
 from metalearn.algos.metric.baseline import Baseline, BaselineConfig
 from metalearn.algos.metric.matchingnet import MatchingNet, MatchingNetConfig
 from metalearn.algos.metric.metaoptnet import MetaOptNet, MetaOptNetConfig
@@ -37,4 +38,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "baselinepp": (BaselineConfig, Baseline),  # its YAML sets classifier: cosine
     "rfs": (BaselineConfig, Baseline),  # its YAML sets the RFS recipe (logistic test head)
     "rl2": (RL2Config, RL2),
+    "mann": (SequenceConfig, SequenceLearner),  # each YAML names its sequence core
+    "snail": (SequenceConfig, SequenceLearner),
+    "icl_transformer": (SequenceConfig, SequenceLearner),
 }

@@ -1,0 +1,245 @@
+"""Black-box supervised meta-learners: a sequence model reads a task's labelled support set and
+predicts its queries' labels in its forward pass (no gradient step at test time).
+
+- `mann` (Santoro et al. 2016, the recurrent learner of their MANN comparison): an LSTM reads
+  (x_t, y_{t-1}) over the support set (each label arrives one step after its example, so the
+  model must hold the example in memory to bind it to its label); each query is one more step
+  from the support's final state, given the last support label.
+- `snail` (Mishra et al. 2018): temporal-convolution (dense blocks of dilated causal
+  convolutions) and causal-attention blocks over the support (x, y) pairs followed by one
+  query (x, 0), the query's label read at the last position.
+- `icl_transformer` (general-purpose in-context learning, Kirsch et al. 2022): a causal
+  transformer over (x, y) tokens of the support set and (x, unknown) tokens of the queries;
+  each query attends to the support set and itself only.
+
+Every image is embedded by the shared image network (`model=conv4`, ...) and the labels enter
+as one-hot vectors; queries never see each other or their own labels, so accuracies compare
+directly with every other learner's on the same fixed episodes. In meta-training the support
+set comes in a new random order per task (labels are already random per task), so nothing can
+be read off positions; at test it comes in the sampler's order.
+
+Shape letters: T tasks, S = N*K support examples, M queries, D embedding, H hidden.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalearn.algos.metric.episodic import EpisodicLearner, check_outer_lr
+from metalearn.errors import ConfigError
+
+
+@dataclass
+class SequenceConfig:
+    """A sequence model over labelled support examples; sizes of its core."""
+
+    name: str = "icl_transformer"  # 'mann', 'snail' or 'icl_transformer'
+    outer_lr: float = 1e-3  # Adam step size
+    train_ways: int | None = None  # ways in meta-training (None: data.ways)
+    train_query: int | None = None  # query examples per class in meta-training (None: data.query)
+    hidden: int = 128  # LSTM units (mann); model width (icl_transformer); TC filters (snail)
+    layers: int = 4  # transformer layers (icl_transformer)
+    heads: int = 4  # attention heads (icl_transformer)
+    key_size: int = 64  # attention key size (snail)
+    value_size: int = 32  # attention value size (snail)
+    max_ways: int = 0  # label one-hot width (0: the training ways): the most ways it can test
+    max_length: int = 26  # snail: sequence length its TC blocks' receptive field spans (5x5+1)
+
+    def __post_init__(self) -> None:
+        check_outer_lr(self)
+        for key in ("hidden", "layers", "heads", "key_size", "value_size", "max_length"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"algo.{key} must be positive, got {getattr(self, key)}")
+        if self.name == "icl_transformer" and self.hidden % self.heads:
+            raise ConfigError(
+                f"algo.hidden ({self.hidden}) must be a multiple of algo.heads ({self.heads})"
+            )
+
+
+class SequenceLearner(EpisodicLearner):
+    """The episodic base (embedding, loss, evaluation) with a sequence model as the scorer."""
+
+    needs_ways = True  # build.py passes the training ways: the width of the label one-hots
+
+    def __init__(
+        self, cfg: SequenceConfig, model: nn.Module, kind: str, task_batching: str, *, ways: int
+    ):
+        super().__init__(cfg, model, kind, task_batching)
+        self.ways = max(ways, cfg.max_ways)
+        dim = model.embedding_dim + self.ways
+        device = next(model.parameters()).device
+        self.core = CORES[cfg.name](cfg, dim, self.ways).to(device)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"core": self.core}
+
+    def scores(self, support_z: Tensor, support_y: Tensor, query_z: Tensor, ways: int) -> Tensor:
+        if ways > self.ways:
+            raise ConfigError(
+                f"algo={self.cfg.name} was built for {self.ways}-way tasks and got {ways}-way "
+                f"ones; its label inputs and outputs have a fixed width (algo.max_ways)"
+            )
+        if self.model.training:  # a new support order per task (T, S)
+            order = torch.rand(support_y.shape, device=support_y.device).argsort(1)
+            support_z = support_z.gather(1, order[..., None].expand_as(support_z))
+            support_y = support_y.gather(1, order)
+        labels = F.one_hot(support_y, self.ways).to(support_z.dtype)  # (T, S, N)
+        return self.core(support_z, labels, query_z)  # (T, M, N)
+
+
+class LSTMCore(nn.Module):
+    """MANN-style: (x_t, y_{t-1}) through an LSTM; a query is one step from the support's end."""
+
+    def __init__(self, cfg: SequenceConfig, dim: int, ways: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(dim, cfg.hidden, batch_first=True)
+        self.out = nn.Linear(cfg.hidden, ways)
+
+    def forward(self, support_z: Tensor, labels: Tensor, query_z: Tensor) -> Tensor:
+        previous = F.pad(labels[:, :-1], (0, 0, 1, 0))  # y_{t-1}: (T, S, N), zeros first
+        _, (h, c) = self.lstm(torch.cat([support_z, previous], -1))  # (1, T, H) each
+        tasks, queries = query_z.shape[:2]
+        last = labels[:, -1:].expand(-1, queries, -1)  # the last support label, with each query
+        x = torch.cat([query_z, last], -1).flatten(0, 1)[:, None]  # (T*M, 1, D + N)
+        state = tuple(s.repeat_interleave(queries, dim=1) for s in (h, c))
+        out, _ = self.lstm(x, state)
+        return self.out(out[:, 0]).view(tasks, queries, -1)
+
+
+class SNAILCore(nn.Module):
+    """Mishra et al. (2018), Omniglot: attention(64, 32), TC(128), attention(256, 128), TC(128),
+    attention(512, 256), then a 1x1 convolution to the labels; each block concatenates its
+    output to its input. `hidden` is the TC filters, key_size and value_size the first
+    attention's sizes (the others scale as in the paper).
+
+    Every query is the last position of its own sequence (support set, query). The support
+    positions are causal, so they do not depend on the query: they run once per task, and each
+    query needs only its own position, computed against the support's cached activations
+    (`extend`) - the same numbers as one full sequence per query (tested), M times cheaper.
+    """
+
+    def __init__(self, cfg: SequenceConfig, dim: int, ways: int) -> None:
+        super().__init__()
+        k, v = cfg.key_size, cfg.value_size
+        plan = [(k, v), "tc", (4 * k, 4 * v), "tc", (8 * k, 8 * v)]  # attention (key, value)
+        channels, blocks = dim, []
+        for step in plan:
+            if step == "tc":
+                blocks.append(TCBlock(channels, cfg.max_length, cfg.hidden))
+            else:
+                blocks.append(AttentionBlock(channels, *step))
+            channels += blocks[-1].added
+        self.blocks = nn.ModuleList(blocks)
+        self.out = nn.Linear(channels, ways)  # the paper's 1x1 convolution, at one position
+
+    def forward(self, support_z: Tensor, labels: Tensor, query_z: Tensor) -> Tensor:
+        support = torch.cat([support_z, labels], -1).transpose(1, 2)  # (T, C, S)
+        no_label = labels.new_zeros(*query_z.shape[:2], labels.shape[-1])
+        query = torch.cat([query_z, no_label], -1)  # (T, M, C)
+        for block in self.blocks:
+            support, query = block(support), block.extend(support, query)
+        return self.out(query)  # (T, M, N)
+
+
+class TCBlock(nn.Module):
+    """ceil(log2 L) dense layers with dilations 1, 2, 4, ...: gated (tanh * sigmoid) causal
+    convolutions of kernel 2 (position t sees t and t - dilation), concatenated to the input."""
+
+    def __init__(self, channels: int, length: int, filters: int) -> None:
+        super().__init__()
+        depth = max(1, math.ceil(math.log2(length)))
+        self.convs = nn.ModuleList(
+            nn.Conv1d(channels + i * filters, 2 * filters, 2, dilation=2**i) for i in range(depth)
+        )
+        self.added = depth * filters
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, L) -> (B, C + added, L)
+        for conv in self.convs:
+            x = self._layer(conv, x)
+        return x
+
+    def extend(self, support: Tensor, query: Tensor) -> Tensor:
+        """The block at one more position after `support` (T, C, S), for each query (T, M, C)."""
+        length = support.shape[-1]
+        for conv in self.convs:
+            d = conv.dilation[0]
+            # the position d back is a support position (or the zero padding before it)
+            back = (
+                support[:, :, length - d] if d <= length else support.new_zeros(support.shape[:2])
+            )
+            w = conv.weight  # (2F, C, 2): tap 0 looks d back, tap 1 at the query itself
+            out = query @ w[:, :, 1].T + (back @ w[:, :, 0].T)[:, None] + conv.bias
+            f, g = out.chunk(2, dim=-1)
+            query = torch.cat([query, torch.tanh(f) * torch.sigmoid(g)], -1)
+            support = self._layer(conv, support)
+        return query
+
+    @staticmethod
+    def _layer(conv: nn.Conv1d, x: Tensor) -> Tensor:
+        f, g = conv(F.pad(x, (conv.dilation[0], 0))).chunk(2, dim=1)  # causal: pad the past
+        return torch.cat([x, torch.tanh(f) * torch.sigmoid(g)], 1)
+
+
+class AttentionBlock(nn.Module):
+    """Causal single-head soft attention; its read is concatenated to the input."""
+
+    def __init__(self, channels: int, key_size: int, value_size: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(channels, key_size)
+        self.key = nn.Linear(channels, key_size)
+        self.value = nn.Linear(channels, value_size)
+        self.added = value_size
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, L)
+        h = x.transpose(1, 2)  # (B, L, C)
+        read = F.scaled_dot_product_attention(
+            self.query(h), self.key(h), self.value(h), is_causal=True
+        )
+        return torch.cat([x, read.transpose(1, 2)], 1)
+
+    def extend(self, support: Tensor, query: Tensor) -> Tensor:
+        """Each query (T, M, C) attends to the support positions (T, C, S) and to itself."""
+        h = support.transpose(1, 2)
+        q, k_self, v_self = self.query(query), self.key(query), self.value(query)
+        scale = q.shape[-1] ** -0.5
+        scores = torch.cat(
+            [q @ self.key(h).transpose(1, 2), (q * k_self).sum(-1, keepdim=True)], -1
+        )  # (T, M, S + 1)
+        weights = (scores * scale).softmax(-1)
+        read = weights[..., :-1] @ self.value(h) + weights[..., -1:] * v_self
+        return torch.cat([query, read], -1)
+
+
+class TransformerCore(nn.Module):
+    """A causal pre-norm transformer over support (x, y) tokens, then query (x, ?) tokens that
+    attend to the support set and to themselves only."""
+
+    def __init__(self, cfg: SequenceConfig, dim: int, ways: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(dim, cfg.hidden)
+        self.unknown = nn.Parameter(torch.zeros(ways))  # the label input of a query
+        layer = nn.TransformerEncoderLayer(
+            cfg.hidden, cfg.heads, 2 * cfg.hidden, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.out = nn.Linear(cfg.hidden, ways)
+
+    def forward(self, support_z: Tensor, labels: Tensor, query_z: Tensor) -> Tensor:
+        shots, queries = support_z.shape[1], query_z.shape[1]
+        unknown = self.unknown.expand(*query_z.shape[:2], -1)
+        tokens = torch.cat(
+            [torch.cat([support_z, labels], -1), torch.cat([query_z, unknown], -1)], 1
+        )  # (T, S + M, D + N)
+        length = shots + queries
+        # True = masked: support causal among itself; each query sees the support and itself
+        mask = torch.ones(length, length, dtype=torch.bool, device=tokens.device).triu(1)
+        mask[shots:, shots:] = ~torch.eye(queries, dtype=torch.bool, device=tokens.device)
+        h = self.encoder(self.embed(tokens), mask=mask)
+        return self.out(self.norm(h[:, shots:]))  # (T, M, N)
+
+
+CORES = {"mann": LSTMCore, "snail": SNAILCore, "icl_transformer": TransformerCore}
