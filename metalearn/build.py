@@ -23,6 +23,7 @@ from metalearn.data.miniimagenet import PREPROCESS as MINIIMAGENET_PREPROCESS
 from metalearn.data.miniimagenet import MiniImageNetConfig, miniimagenet_tasks
 from metalearn.data.omniglot import PREPROCESS as OMNIGLOT_PREPROCESS
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
+from metalearn.data.tabular_mdp import MDPTasks, TabularMDPConfig
 from metalearn.data.tieredimagenet import PREPROCESS as TIEREDIMAGENET_PREPROCESS
 from metalearn.data.tieredimagenet import TieredImageNetConfig, tieredimagenet_tasks
 from metalearn.errors import CheckpointError, ConfigError
@@ -44,6 +45,7 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "bandit": (BanditConfig, BanditTasks),
     "dependent_bandit": (DependentBanditConfig, BanditTasks),
     "harlow": (HarlowConfig, HarlowTasks),
+    "tabular_mdp": (TabularMDPConfig, MDPTasks),
 }
 # How a user's own images become model inputs, exactly as the cached training data was made.
 PREPROCESS = {
@@ -267,7 +269,8 @@ def _check_combination(
     if reinforcement != (config.data.task_kind == "rl"):
         raise ConfigError(
             f"algo={name} learns from rewards in environments and data={config.data.name} "
-            f"holds supervised tasks; pair algo=rl2 with data=bandit, dependent_bandit or harlow"
+            f"holds supervised tasks; pair algo=rl2 with data=bandit, dependent_bandit, harlow "
+            f"or tabular_mdp"
             if reinforcement
             else f"algo={name} learns from labelled tasks and data={config.data.name} is a "
             f"meta-RL environment; use algo=rl2 there, or a supervised data set such as "

@@ -29,7 +29,7 @@ IMPOSSIBLE = {
     (name, "sinusoid"): [name, "classification", "omniglot"] for name in METRIC + PRETRAINING
 }
 # meta-RL: rl2 only on environments, and only rl2 there
-META_RL_DATA = ["bandit", "dependent_bandit", "harlow"]
+META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp"]
 SUPERVISED_DATA = ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
 SUPERVISED_DATA.append("tieredimagenet")
 IMPOSSIBLE |= {("rl2", data): ["rl2", "supervised", data] for data in SUPERVISED_DATA}

@@ -26,7 +26,7 @@ VALID_NAMES = {
     ),
     "data": sorted(
         ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"]
-        + ["bandit", "dependent_bandit", "harlow"]
+        + ["bandit", "dependent_bandit", "harlow", "tabular_mdp"]
     ),
     "model": ["conv4", "mlp", "recurrent", "resnet12"],
 }
