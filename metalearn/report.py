@@ -127,8 +127,9 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     seconds = progress.seconds
     if getattr(run.algo, "pretrains", False):  # pre-training counts examples, not tasks
         unit, per_step = "examples", run.config.algo.batch_size
-    else:
-        unit, per_step = "tasks", run.config.trainer.meta_batch_size
+    else:  # meta-RL counts trials (a trial is one task's whole run of episodes)
+        unit = "trials" if run.metric == "reward" else "tasks"
+        per_step = run.config.trainer.meta_batch_size
     train = {
         "iterations": progress.iteration,
         "wall_seconds": round(seconds, 2),

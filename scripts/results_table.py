@@ -71,6 +71,19 @@ PUBLISHED = {
         "MAML sinusoid, K=10 trained, K=5 tested",
         "0.67 / 0.38 / 0.35 (1 / 5 / 10 steps)",
     ),
+    "mann_5w1s_8min": (
+        "MANN-style LSTM, Omniglot 5-way 1-shot",
+        "- (Santoro et al. 2016 report instance accuracies in an online protocol)",
+    ),
+    "snail_5w1s_8min": ("SNAIL, Omniglot 5-way 1-shot", "99.07 ± 0.16% (Mishra et al. 2018)"),
+    "icl_transformer_5w1s_8min": (
+        "In-context transformer, Omniglot 5-way 1-shot",
+        "- (Kirsch et al. 2022 report other settings)",
+    ),
+    "rl2_harlow": (
+        "RL², Harlow task, accuracy on choice 1 / 2 / 6 of held-out object pairs",
+        "- (Wang et al. 2018 show a curve: chance on choice 1, near perfect from choice 2)",
+    ),
 }
 
 
@@ -88,6 +101,9 @@ def row(name: str, run_dir: Path) -> str:
     if results["metric"] == "mse":
         cells = {(e["shots"], e["inner_steps"]): e["mse"] for e in results["test"]["breakdown"]}
         ours = " / ".join(cell(cells[(5, s)], False) for s in (1, 5, 10))
+    elif results["metric"] == "reward":  # Harlow: accuracy by choice within an episode
+        by_choice = results["test"]["breakdown"]
+        ours = " / ".join(cell(by_choice[i]["accuracy"], True) for i in (0, 1, -1))
     else:
         ours = cell(results["test"]["accuracy"], True)
     what, published = PUBLISHED[name]

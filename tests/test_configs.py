@@ -23,7 +23,7 @@ DATASETS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
 SMOKE = ["debug=smoke", "hardware.threads=1"]
 # Pairs that cannot work, and the words the error must contain.
 METRIC = ["matchingnet", "metaoptnet_ridge", "metaoptnet_svm", "protonet", "relationnet"]
-METRIC += ["icl_transformer", "mann", "snail"]  # black-box sequence learners classify too
+METRIC += ["icl_transformer", "lstm", "mann", "snail"]  # black-box sequence learners classify too
 PRETRAINING = ["baseline", "baselinepp", "rfs"]
 IMPOSSIBLE = {
     (name, "sinusoid"): [name, "classification", "omniglot"] for name in METRIC + PRETRAINING

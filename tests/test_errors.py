@@ -22,7 +22,7 @@ VALID_NAMES = {
     "algo": sorted(
         ["anil", "baseline", "baselinepp", "fomaml", "imaml", "maml", "mamlpp", "matchingnet"]
         + ["metaoptnet_ridge", "metaoptnet_svm", "metasgd", "protonet", "relationnet", "reptile"]
-        + ["rfs", "rl2", "icl_transformer", "mann", "snail"]
+        + ["rfs", "rl2", "icl_transformer", "lstm", "mann", "snail"]
     ),
     "data": sorted(
         ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"]

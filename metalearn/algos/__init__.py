@@ -39,6 +39,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "rfs": (BaselineConfig, Baseline),  # its YAML sets the RFS recipe (logistic test head)
     "rl2": (RL2Config, RL2),
     "mann": (SequenceConfig, SequenceLearner),  # each YAML names its sequence core
+    "lstm": (SequenceConfig, SequenceLearner),
     "snail": (SequenceConfig, SequenceLearner),
     "icl_transformer": (SequenceConfig, SequenceLearner),
 }

@@ -74,7 +74,7 @@ class HarlowBatch:
     shown: Tensor  # (T, P, 2, D): left and right object at every choice
     rewarded_side: Tensor  # (T, P): 0 left, 1 right
     action_noise: Tensor  # (T, P)
-    unit = "episodes"  # what the trainer's throughput counts
+    unit = "trials"  # what the trainer's throughput counts (an RL² trial is one episode here)
 
     @property
     def tasks(self) -> int:

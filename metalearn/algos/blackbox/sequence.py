@@ -1,10 +1,11 @@
 """Black-box supervised meta-learners: a sequence model reads a task's labelled support set and
 predicts its queries' labels in its forward pass (no gradient step at test time).
 
-- `mann` (Santoro et al. 2016, the recurrent learner of their MANN comparison): an LSTM reads
-  (x_t, y_{t-1}) over the support set (each label arrives one step after its example, so the
-  model must hold the example in memory to bind it to its label); each query is one more step
-  from the support's final state, given the last support label.
+- `mann` (Santoro et al. 2016): an LSTM controller reads (x_t, y_{t-1}) over the support set
+  (each label arrives one step after its example, so the example must be held in memory to be
+  bound to its label) and reads and writes an external memory by least-recently-used access;
+  each query is one more step from the support's final state, given the last support label.
+  `lstm` is the same without the external memory (their LSTM baseline).
 - `snail` (Mishra et al. 2018): temporal-convolution (dense blocks of dilated causal
   convolutions) and causal-attention blocks over the support (x, y) pairs followed by one
   query (x, 0), the query's label read at the last position.
@@ -36,7 +37,7 @@ from metalearn.errors import ConfigError
 class SequenceConfig:
     """A sequence model over labelled support examples; sizes of its core."""
 
-    name: str = "icl_transformer"  # 'mann', 'snail' or 'icl_transformer'
+    name: str = "icl_transformer"  # 'mann', 'lstm', 'snail' or 'icl_transformer'
     outer_lr: float = 1e-3  # Adam step size
     train_ways: int | None = None  # ways in meta-training (None: data.ways)
     train_query: int | None = None  # query examples per class in meta-training (None: data.query)
@@ -47,10 +48,14 @@ class SequenceConfig:
     value_size: int = 32  # attention value size (snail)
     max_ways: int = 0  # label one-hot width (0: the training ways): the most ways it can test
     max_length: int = 26  # snail: sequence length its TC blocks' receptive field spans (5x5+1)
+    memory_slots: int = 128  # mann: rows of the external memory
+    memory_width: int = 40  # mann: width of a memory row
+    read_heads: int = 4  # mann: read (and write) heads
 
     def __post_init__(self) -> None:
         check_outer_lr(self)
-        for key in ("hidden", "layers", "heads", "key_size", "value_size", "max_length"):
+        names = ("hidden", "layers", "heads", "key_size", "value_size", "max_length")
+        for key in (*names, "memory_slots", "memory_width", "read_heads"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"algo.{key} must be positive, got {getattr(self, key)}")
         if self.name == "icl_transformer" and self.hidden % self.heads:
@@ -107,6 +112,68 @@ class LSTMCore(nn.Module):
         state = tuple(s.repeat_interleave(queries, dim=1) for s in (h, c))
         out, _ = self.lstm(x, state)
         return self.out(out[:, 0]).view(tasks, queries, -1)
+
+
+class MemoryCore(nn.Module):
+    """MANN (Santoro et al. 2016): an LSTM controller reading (x_t, y_{t-1}) and an external
+    memory of `memory_slots` rows of `memory_width`, read by `read_heads` cosine-similarity
+    heads and written by least-recently-used access (LRUA, their eq. 3-8): each head writes
+    its key to a mix, gated by a learned sigmoid, of the rows it read last and the least-used
+    row, which is erased first; usage decays by 0.95 per step. The memory does the binding
+    of an example to the label that arrives after it, which a plain LSTM learns slowly."""
+
+    decay = 0.95  # gamma, the usage decay of LRUA
+
+    def __init__(self, cfg: SequenceConfig, dim: int, ways: int) -> None:
+        super().__init__()
+        self.slots, self.width, self.heads = cfg.memory_slots, cfg.memory_width, cfg.read_heads
+        self.controller = nn.LSTMCell(dim + self.heads * self.width, cfg.hidden)
+        self.key = nn.Linear(cfg.hidden, self.heads * self.width)
+        self.gate = nn.Linear(cfg.hidden, self.heads)
+        self.out = nn.Linear(cfg.hidden + self.heads * self.width, ways)
+
+    def initial_state(self, batch: int, like: Tensor) -> dict[str, Tensor]:
+        zeros = like.new_zeros
+        return {
+            "h": zeros(batch, self.controller.hidden_size),
+            "c": zeros(batch, self.controller.hidden_size),
+            "memory": zeros(batch, self.slots, self.width) + 1e-6,
+            "usage": zeros(batch, self.slots),
+            "read_weights": zeros(batch, self.heads, self.slots),
+            "reads": zeros(batch, self.heads * self.width),
+        }
+
+    def step(self, x: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """One time step for a batch (B, D + N): the output features (B, H + heads * width)."""
+        h, c = self.controller(torch.cat([x, state["reads"]], -1), (state["h"], state["c"]))
+        key = torch.tanh(self.key(h)).view(-1, self.heads, self.width)  # (B, heads, width)
+        alpha = torch.sigmoid(self.gate(h))[..., None]  # (B, heads, 1)
+        # the `heads` least-used rows (of the previous usage), the least used of all erased
+        least = state["usage"].topk(self.heads, dim=-1, largest=False).indices  # (B, heads)
+        least_used = torch.zeros_like(state["usage"]).scatter(1, least, 1.0)  # (B, slots)
+        erase = torch.zeros_like(least_used).scatter(1, least[:, :1], 1.0)
+        write = alpha * state["read_weights"] + (1 - alpha) * least_used[:, None]  # (B, heads, S)
+        memory = state["memory"] * (1 - erase[..., None]) + write.transpose(1, 2) @ key
+        similarity = F.cosine_similarity(key[:, :, None], memory[:, None], dim=-1, eps=1e-6)
+        read_weights = similarity.softmax(-1)  # (B, heads, slots)
+        reads = (read_weights @ memory).flatten(1)
+        usage = self.decay * state["usage"] + read_weights.sum(1) + write.sum(1)
+        state = {"h": h, "c": c, "memory": memory, "usage": usage,
+                 "read_weights": read_weights, "reads": reads}  # fmt: skip
+        return torch.cat([h, reads], -1), state
+
+    def forward(self, support_z: Tensor, labels: Tensor, query_z: Tensor) -> Tensor:
+        previous = F.pad(labels[:, :-1], (0, 0, 1, 0))  # y_{t-1}: (T, S, N), zeros first
+        inputs = torch.cat([support_z, previous], -1)
+        state = self.initial_state(inputs.shape[0], inputs)
+        for t in range(inputs.shape[1]):
+            _, state = self.step(inputs[:, t], state)
+        tasks, queries = query_z.shape[:2]
+        last = labels[:, -1:].expand(-1, queries, -1)  # the last support label, with each query
+        x = torch.cat([query_z, last], -1).flatten(0, 1)  # (T*M, D + N)
+        state = {k: v.repeat_interleave(queries, dim=0) for k, v in state.items()}
+        features, _ = self.step(x, state)
+        return self.out(features).view(tasks, queries, -1)
 
 
 class SNAILCore(nn.Module):
@@ -242,4 +309,9 @@ class TransformerCore(nn.Module):
         return self.out(self.norm(h[:, shots:]))  # (T, M, N)
 
 
-CORES = {"mann": LSTMCore, "snail": SNAILCore, "icl_transformer": TransformerCore}
+CORES = {
+    "mann": MemoryCore,
+    "lstm": LSTMCore,
+    "snail": SNAILCore,
+    "icl_transformer": TransformerCore,
+}
