@@ -33,6 +33,7 @@ declare -A RUNS=(
   [baselinepp_5w5s_8min]="experiment=baselinepp_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
   # black-box sequence learners at 8 CPU minutes
   [mann_5w1s_8min]="experiment=mann_omniglot_5w1s trainer.max_minutes=8"
+  [lstm_5w1s_8min]="experiment=lstm_omniglot_5w1s trainer.max_minutes=8"
   [snail_5w1s_8min]="experiment=snail_omniglot_5w1s trainer.max_minutes=8"
   [icl_transformer_5w1s_8min]="experiment=icl_transformer_omniglot_5w1s trainer.max_minutes=8"
   # meta-RL: the Harlow task (the bandit rows are scripts/bandit_runs.sh)
@@ -43,7 +44,7 @@ ORDER=(protonet_5w1s protonet_5w5s maml_5w1s_8min fomaml_5w1s_8min maml_sinusoid
        matchingnet_5w1s_8min matchingnet_5w5s_8min relationnet_5w1s_8min relationnet_5w5s_8min
        metaoptnet_ridge_5w1s_8min metaoptnet_ridge_5w5s_8min metaoptnet_svm_5w1s_8min
        metaoptnet_svm_5w5s_8min baselinepp_5w1s_8min baselinepp_5w5s_8min
-       mann_5w1s_8min snail_5w1s_8min icl_transformer_5w1s_8min rl2_harlow)
+       mann_5w1s_8min lstm_5w1s_8min snail_5w1s_8min icl_transformer_5w1s_8min rl2_harlow)
 
 for name in "${@:-${ORDER[@]}}"; do
   echo "=== $name: metalearn train ${RUNS[$name]}"

@@ -72,7 +72,11 @@ PUBLISHED = {
         "0.67 / 0.38 / 0.35 (1 / 5 / 10 steps)",
     ),
     "mann_5w1s_8min": (
-        "MANN-style LSTM, Omniglot 5-way 1-shot",
+        "MANN, Omniglot 5-way 1-shot",
+        "- (Santoro et al. 2016 report instance accuracies in an online protocol)",
+    ),
+    "lstm_5w1s_8min": (
+        "LSTM learner, Omniglot 5-way 1-shot",
         "- (Santoro et al. 2016 report instance accuracies in an online protocol)",
     ),
     "snail_5w1s_8min": ("SNAIL, Omniglot 5-way 1-shot", "99.07 ± 0.16% (Mishra et al. 2018)"),
