@@ -193,3 +193,18 @@ def test_meta_rl_misconfigurations_fail_early_with_the_fix(overrides, words, tmp
         build_run(compose_config([*overrides, *SMOKE, f"data.root={tmp_path}"]))
     for word in words:
         assert word in str(error.value)
+
+
+def test_eval_retests_a_meta_rl_checkpoint_beside_the_baselines(tmp_path):
+    from metalearn.reevaluate import evaluate_checkpoint
+
+    common = ["algo=rl2", "data=bandit", "model.hidden=8", *SMOKE]
+    train(build_run(compose_config(common)), tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    overrides = [f"checkpoint={checkpoint}", "eval.episodes=30", "logger=none"]
+    results = evaluate_checkpoint(
+        compose_config(overrides, config_name="eval"), overrides, tmp_path / "eval"
+    )
+    assert results["test"]["episodes"] == 30 and results["checkpoint"] == str(checkpoint)
+    assert set(results["baselines"]) == set(bandit_baselines(10))
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["metric"] == "reward"
