@@ -30,9 +30,11 @@ format:  ## apply ruff's formatting and safe fixes
 bench:  ## time meta-training against learn2learn and reference code (needs `make reference`)
 	$(BIN)/metalearn bench
 
-reproduce:  ## the long real-data runs behind the README table (about 1.5 hours on 2 cores)
+reproduce:  ## the long runs behind the README tables (about 2.5 hours on 2 cores)
 	PATH=$(abspath $(BIN)):$$PATH scripts/readme_runs.sh
 	$(BIN)/python scripts/results_table.py outputs/readme
+	METALEARN=$(abspath $(BIN))/metalearn scripts/bandit_runs.sh
+	$(BIN)/python scripts/bandit_table.py outputs/readme_rl
 
 clean:  ## remove caches (not outputs/)
 	rm -rf .pytest_cache .ruff_cache

@@ -31,11 +31,11 @@ declare -A RUNS=(
   [metaoptnet_svm_5w5s_8min]="experiment=metaoptnet_svm_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
   [baselinepp_5w1s_8min]="experiment=baselinepp_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
   [baselinepp_5w5s_8min]="experiment=baselinepp_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
-  # black-box sequence learners at 8 CPU minutes
-  [mann_5w1s_8min]="experiment=mann_omniglot_5w1s trainer.max_minutes=8"
-  [lstm_5w1s_8min]="experiment=lstm_omniglot_5w1s trainer.max_minutes=8"
-  [snail_5w1s_8min]="experiment=snail_omniglot_5w1s trainer.max_minutes=8"
-  [icl_transformer_5w1s_8min]="experiment=icl_transformer_omniglot_5w1s trainer.max_minutes=8"
+  # black-box sequence learners at 8 CPU minutes, with the fast layout and bf16 as for ProtoNet
+  [mann_5w1s_8min]="experiment=mann_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [lstm_5w1s_8min]="experiment=lstm_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [snail_5w1s_8min]="experiment=snail_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
+  [icl_transformer_5w1s_8min]="experiment=icl_transformer_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
   # meta-RL: the Harlow task (the bandit rows are scripts/bandit_runs.sh)
   [rl2_harlow]="experiment=rl2_harlow"
 )

@@ -91,8 +91,8 @@ class SequenceLearner(EpisodicLearner):
             order = torch.rand(support_y.shape, device=support_y.device).argsort(1)
             support_z = support_z.gather(1, order[..., None].expand_as(support_z))
             support_y = support_y.gather(1, order)
-        labels = F.one_hot(support_y, self.ways).to(support_z.dtype)  # (T, S, N)
-        return self.core(support_z, labels, query_z)  # (T, M, N)
+        labels = F.one_hot(support_y, self.ways).to(support_z.dtype)  # (T, S, max N)
+        return self.core(support_z, labels, query_z)[..., :ways]  # (T, M, N): no unused class
 
 
 class LSTMCore(nn.Module):
