@@ -1,4 +1,5 @@
-"""PNG plots of a run: learning curves, and adapted curves for sinusoid test tasks."""
+"""PNG plots of a run: learning curves, adapted curves for sinusoid test tasks, and meta-RL
+policies' curves over the steps of a trial."""
 
 from __future__ import annotations
 
@@ -36,11 +37,7 @@ def plot_learning_curves(metrics: Path, path: Path) -> Path:
         ax.set_title(key)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_sinusoid_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
@@ -64,8 +61,26 @@ def plot_sinusoid_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
         ax.plot(support.x.cpu(), support.y.cpu(), "o", color="tab:red", label=f"K={shots}")
         ax.set_title(f"A={amplitude:.2f}, phase={phase:.2f}")
     axes[0][0].legend(fontsize=7)
+    return save(fig, path)
+
+
+def plot_policy_curves(curves: dict[str, torch.Tensor], ylabel: str, path: Path) -> Path:
+    """One mean curve per policy against the step of a trial (cumulative regret, accuracy)."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, curve in curves.items():
+        steps = torch.arange(1, curve.numel() + 1)
+        ax.plot(steps, curve, label=name, linewidth=2.2 if name == "rl2" else 1.2)
+    ax.set_xlabel("step of the trial (pull; Harlow: choice)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path, dpi=120)
+
+
+def save(fig, path: Path, dpi: int = 100) -> Path:
+    """Write a figure as PNG (making its folder) and free it."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -13,7 +13,7 @@ from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
 from metalearn.plots import plot_learning_curves, plot_sinusoid_tasks
-from metalearn.rl_report import format_rl_table, plot_curves, test_rl
+from metalearn.rl_report import format_rl_table, plot_rl, test_rl
 
 if TYPE_CHECKING:
     from metalearn.build import Run
@@ -139,10 +139,8 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     results, curves = tested_results(run, progress.best_val, train)
     write_json(run_dir / "results.json", results)
     plots = write_plots(run, run_dir)
-    if curves:  # meta-RL: per-step accuracy where the task has it (Harlow), else regret
-        accuracy = getattr(run.tasks, "per_step_accuracy", False)
-        name, label = ("accuracy", "accuracy") if accuracy else ("regret", "cumulative regret")
-        plots.append(plot_curves(curves, label, run_dir / "plots" / f"{name}.png"))
+    if curves:  # meta-RL: each policy's regret (Harlow: accuracy) by step
+        plots.append(plot_rl(run, curves, run_dir / "plots"))
     print(result_table(results))
     logger.log_summary(results)
     logger.log_images(plots)

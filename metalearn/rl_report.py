@@ -9,6 +9,7 @@ import torch
 
 from metalearn.data.envs import play
 from metalearn.evaluate import SPLIT_SEED_OFFSET, mean_ci95, run_episodes
+from metalearn.plots import plot_policy_curves
 
 if TYPE_CHECKING:
     from metalearn.build import Run
@@ -22,8 +23,9 @@ def test_rl(run: Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.T
     by step, which then also goes to each policy's breakdown, one entry per step."""
     cfg = run.config.eval
     agent = run_episodes(run, "test", episodes=cfg.episodes, ways=0, shots=0, query=0, steps=[0])
-    played = {run.config.algo.name: {**agent, "reward": agent["score"][:, 0]}}
-    played[run.config.algo.name]["regret"] = agent["loss"][:, 0]
+    # the agent's score is its trial reward, its loss the regret (RL2.evaluate)
+    agent |= {"reward": agent["score"][:, 0], "regret": agent["loss"][:, 0]}
+    played = {run.config.algo.name: agent}
     for name, policy in run.tasks.baselines().items():
         parts: dict[str, list[torch.Tensor]] = {}
         trials = run.tasks.episodes(
@@ -66,20 +68,8 @@ def format_rl_table(results: dict) -> str:
     return "\n".join([title, *rows])
 
 
-def plot_curves(curves: dict[str, torch.Tensor], ylabel: str, path: Path) -> Path:
-    """One mean curve per policy against the step of a trial (cumulative regret, accuracy)."""
-    from metalearn.plots import plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, curve in curves.items():
-        steps = torch.arange(1, curve.numel() + 1)
-        ax.plot(steps, curve, label=name, linewidth=2.2 if name == "rl2" else 1.2)
-    ax.set_xlabel("step of the trial (pull; Harlow: choice)")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def plot_rl(run: Run, curves: dict[str, torch.Tensor], folder: Path) -> Path:
+    """plots/accuracy.png where a step's reward is its accuracy (Harlow), else regret.png."""
+    if getattr(run.tasks, "per_step_accuracy", False):
+        return plot_policy_curves(curves, "accuracy", folder / "accuracy.png")
+    return plot_policy_curves(curves, "cumulative regret", folder / "regret.png")

@@ -12,16 +12,13 @@ The randomness of a trial travels with its task batch (see data/envs.py): `rewar
 Shape letters: T tasks (trials run in parallel), A arms, P pulls per trial.
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import numpy as np
 import torch
-from gymnasium.spaces import Box, Discrete, MultiDiscrete
-from gymnasium.vector import AutoresetMode, VectorEnv
 from torch import Tensor
 
+from metalearn.data.envs import TrialBatch, TrialEnv, TrialTasks
 from metalearn.errors import ConfigError
 
 
@@ -75,7 +72,7 @@ class DependentBanditConfig(BanditConfig):
 
 
 @dataclass
-class BanditBatch:
+class BanditBatch(TrialBatch):
     """T bandit trials: arm probabilities and the uniforms that decide rewards and actions."""
 
     probs: Tensor  # (T, A)
@@ -83,23 +80,12 @@ class BanditBatch:
     action_noise: Tensor  # (T, P)
     unit = "trials"  # what the trainer's throughput counts
 
-    @property
-    def tasks(self) -> int:
-        return self.probs.shape[0]
-
-    @property
-    def steps(self) -> int:  # P: pulls per trial
-        return self.reward_noise.shape[1]
-
     def env(self) -> "BanditEnv":
         """The vectorised environment that plays these trials."""
         return BanditEnv(self)
 
-    def __getitem__(self, part: slice) -> "BanditBatch":
-        return BanditBatch(self.probs[part], self.reward_noise[part], self.action_noise[part])
 
-
-class BanditEnv(VectorEnv):
+class BanditEnv(TrialEnv):
     """T bandit trials stepped at once, with Gymnasium's vector API on torch tensors.
 
     `step(actions)` pulls one arm per task and returns (observations (T, 0), rewards (T,),
@@ -110,50 +96,31 @@ class BanditEnv(VectorEnv):
     reward and termination flag.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.DISABLED}
-
     def __init__(self, batch: BanditBatch) -> None:
-        self.batch = batch
-        self.num_envs, arms = batch.probs.shape
-        self.single_observation_space = Box(0.0, 1.0, (0,), np.float32)
-        self.single_action_space = Discrete(arms)
-        self.observation_space = Box(0.0, 1.0, (self.num_envs, 0), np.float32)
-        self.action_space = MultiDiscrete(np.full(self.num_envs, arms))
+        super().__init__(batch, (0,), batch.probs.shape[1], 0.0, 1.0)
         self.best = batch.probs.max(-1).values  # (T,)
-        self.t = 0
 
     def _observation(self) -> Tensor:
         return self.batch.probs.new_zeros(self.num_envs, 0)
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        """Start the trial again at its first pull (the batch fixes all its randomness)."""
-        self.t = 0
-        return self._observation(), {}
-
     def step(self, actions: Tensor):
-        if self.t >= self.batch.steps:
-            raise RuntimeError(f"the trial is over after {self.batch.steps} pulls; call reset()")
+        t = self._next_step()
         chosen = self.batch.probs.gather(1, actions.view(-1, 1)).squeeze(1)  # (T,)
-        rewards = (self.batch.reward_noise[:, self.t] < chosen).to(chosen.dtype)
-        self.t += 1
+        rewards = (self.batch.reward_noise[:, t] < chosen).to(chosen.dtype)
         done = torch.ones_like(rewards, dtype=torch.bool)
         info = {"regret": self.best - chosen, "trial_over": self.t == self.batch.steps}
         return self._observation(), rewards, done, ~done, info
 
 
-class BanditTasks:
+class BanditTasks(TrialTasks):
     """Draws bandit trials on the device; `episodes` gives the fixed validation and test ones."""
 
-    kind = "rl"
     in_shape = (0,)  # bandits have no observation
 
     def __init__(self, cfg: BanditConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
         self.actions = cfg.arms
-
-    def check(self, split: str, *_shape: int) -> None:
-        """Any number of trials fits: the family is infinite."""
 
     def baselines(self) -> dict:
         """name -> policy, the classic bandit algorithms scored beside a learned agent."""
@@ -174,11 +141,3 @@ class BanditTasks:
         else:
             probs = uniform(tasks, arms)
         return BanditBatch(probs, uniform(tasks, pulls), uniform(tasks, pulls))
-
-    def episodes(
-        self, split: str, n: int, *_shape: int, seed: int, batch_size: int
-    ) -> Iterator[BanditBatch]:
-        """n fixed trials: the same for a given seed whatever the batch size."""
-        batch = self.sample(split, torch.Generator().manual_seed(seed), n)
-        for start in range(0, n, batch_size):
-            yield batch[start : start + batch_size]

@@ -12,7 +12,14 @@ A policy, learned or classic, has start(env, observation, seed), act() -> action
 observe(actions, rewards, observation, done).
 """
 
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
 import torch
+from gymnasium.spaces import Box, Discrete, MultiDiscrete
+from gymnasium.vector import AutoresetMode, VectorEnv
 from torch import Tensor
 
 
@@ -50,3 +57,70 @@ class RandomPolicy:
 
     def observe(self, *_step: Tensor) -> None:
         self.t += 1
+
+
+class TrialBatch:
+    """The batch protocol's shared half, for dataclass batches whose tensors are all (T, ...)
+    and hold `action_noise` (T, P): the task and step counts, and slicing by task."""
+
+    action_noise: Tensor
+
+    @property
+    def tasks(self) -> int:
+        return self.action_noise.shape[0]
+
+    @property
+    def steps(self) -> int:
+        return self.action_noise.shape[1]
+
+    def __getitem__(self, part: slice):
+        tensors = {
+            f.name: getattr(self, f.name)[part]
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **tensors)
+
+
+class TrialEnv(VectorEnv):
+    """The Gymnasium side every meta-RL environment shares: the spaces of T tasks with
+    `actions` discrete actions and float observations, and the step counter of a trial."""
+
+    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.DISABLED}
+
+    def __init__(self, batch, observation_shape: tuple[int, ...], actions: int, low, high):
+        self.batch, self.num_envs, self.t = batch, batch.tasks, 0
+        self.single_observation_space = Box(low, high, observation_shape, np.float32)
+        self.single_action_space = Discrete(actions)
+        self.observation_space = Box(low, high, (self.num_envs, *observation_shape), np.float32)
+        self.action_space = MultiDiscrete(np.full(self.num_envs, actions))
+
+    def _observation(self) -> Tensor:
+        raise NotImplementedError
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start the trial again at its first step (the batch fixes all its randomness)."""
+        self.t = 0
+        return self._observation(), {}
+
+    def _next_step(self) -> int:
+        """The index of the step being taken; refuses a step past the trial's end."""
+        if self.t >= self.batch.steps:
+            raise RuntimeError(f"the trial is over after {self.batch.steps} steps; call reset()")
+        self.t += 1
+        return self.t - 1
+
+
+class TrialTasks:
+    """What every meta-RL task family shares: infinite, and fixed trials from a seed."""
+
+    kind = "rl"
+
+    def check(self, split: str, *_shape: int) -> None:
+        """Any number of trials fits: the family is infinite."""
+
+    def episodes(self, split: str, n: int, *_shape: int, seed: int, batch_size: int) -> Iterator:
+        """n fixed trials: the same for a given seed whatever the batch size."""
+        batch = self.sample(split, torch.Generator().manual_seed(seed), n)
+        for start in range(0, n, batch_size):
+            yield batch[start : start + batch_size]

@@ -16,17 +16,14 @@ Randomness travels with the batch (see data/envs.py): which objects, which is re
 arrangement of every choice, and the action uniforms.
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
-from gymnasium.spaces import Box, Discrete, MultiDiscrete
-from gymnasium.vector import AutoresetMode, VectorEnv
 from torch import Tensor
 
-from metalearn.data.envs import RandomPolicy
+from metalearn.data.envs import RandomPolicy, TrialBatch, TrialEnv, TrialTasks
 from metalearn.errors import ConfigError
 
 SPLITS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}  # shares of the pool
@@ -68,7 +65,7 @@ class HarlowConfig:
 
 
 @dataclass
-class HarlowBatch:
+class HarlowBatch(TrialBatch):
     """T episodes: the objects shown (T, P, 2, D) and the side of the rewarded one (T, P)."""
 
     shown: Tensor  # (T, P, 2, D): left and right object at every choice
@@ -76,59 +73,32 @@ class HarlowBatch:
     action_noise: Tensor  # (T, P)
     unit = "trials"  # what the trainer's throughput counts (an RL² trial is one episode here)
 
-    @property
-    def tasks(self) -> int:
-        return self.shown.shape[0]
-
-    @property
-    def steps(self) -> int:
-        return self.shown.shape[1]
-
     def env(self) -> "HarlowEnv":
         return HarlowEnv(self)
 
-    def __getitem__(self, part: slice) -> "HarlowBatch":
-        return HarlowBatch(self.shown[part], self.rewarded_side[part], self.action_noise[part])
 
-
-class HarlowEnv(VectorEnv):
+class HarlowEnv(TrialEnv):
     """T Harlow episodes stepped at once (Gymnasium's vector API on torch tensors): each
     `step(sides)` is one choice; the next observation is the next choice's two objects."""
 
-    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.DISABLED}
-
     def __init__(self, batch: HarlowBatch) -> None:
-        self.batch = batch
-        self.num_envs, _, _, features = batch.shown.shape
-        self.single_observation_space = Box(-np.inf, np.inf, (2 * features,), np.float32)
-        self.single_action_space = Discrete(2)
-        self.observation_space = Box(-np.inf, np.inf, (self.num_envs, 2 * features), np.float32)
-        self.action_space = MultiDiscrete(np.full(self.num_envs, 2))
-        self.t = 0
+        super().__init__(batch, (2 * batch.shown.shape[-1],), 2, -np.inf, np.inf)
 
     def _observation(self) -> Tensor:
         t = min(self.t, self.batch.steps - 1)  # after the last choice: a last look, unused
         return self.batch.shown[:, t].flatten(1)
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        self.t = 0
-        return self._observation(), {}
-
     def step(self, actions: Tensor):
-        if self.t >= self.batch.steps:
-            raise RuntimeError(f"the episode is over after {self.batch.steps} choices; reset()")
-        correct = actions == self.batch.rewarded_side[:, self.t]
+        correct = actions == self.batch.rewarded_side[:, self._next_step()]
         reward = correct.to(self.batch.shown.dtype)
-        self.t += 1
         done = torch.ones_like(correct)  # every choice ends a (one-step) episode
         info = {"regret": 1 - reward, "trial_over": self.t == self.batch.steps}
         return self._observation(), reward, done, ~done, info
 
 
-class HarlowTasks:
+class HarlowTasks(TrialTasks):
     """Draws Harlow episodes from each split's own objects, on the device."""
 
-    kind = "rl"
     per_step_accuracy = True  # a choice's reward is 1 when it is right: report it by choice
 
     def __init__(self, cfg: HarlowConfig, device: torch.device) -> None:
@@ -142,9 +112,6 @@ class HarlowTasks:
             split: pool[int(a * cfg.objects) : int(b * cfg.objects)].to(device)
             for split, (a, b) in SPLITS.items()
         }
-
-    def check(self, split: str, *_shape: int) -> None:
-        """Any number of episodes fits: pairs of objects are drawn with replacement."""
 
     def baselines(self) -> dict:
         """A random chooser, and the ideal learner: a guess first, then the object that paid."""
@@ -164,14 +131,6 @@ class HarlowTasks:
         sides = torch.stack([swap, 1 - swap], -1)  # (T, P, 2): which object is left, right
         shown = pair[torch.arange(tasks, device=self.device)[:, None, None], sides]
         return HarlowBatch(shown, swap, rand(tasks, trials))
-
-    def episodes(
-        self, split: str, n: int, *_shape: int, seed: int, batch_size: int
-    ) -> Iterator[HarlowBatch]:
-        """n fixed episodes: the same for a given seed whatever the batch size."""
-        batch = self.sample(split, torch.Generator().manual_seed(seed), n)
-        for start in range(0, n, batch_size):
-            yield batch[start : start + batch_size]
 
 
 class IdealLearner:

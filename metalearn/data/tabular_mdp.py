@@ -13,17 +13,15 @@ Randomness travels with the batch (see data/envs.py): standard normals for the r
 uniforms for the transitions and the actions, one per step.
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from gymnasium.spaces import Box, Discrete, MultiDiscrete
-from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector import AutoresetMode
 from torch import Tensor
 
-from metalearn.data.envs import RandomPolicy
+from metalearn.data.envs import RandomPolicy, TrialBatch, TrialEnv, TrialTasks
 from metalearn.errors import ConfigError
 
 
@@ -68,7 +66,7 @@ def optimal_values(transitions: Tensor, means: Tensor, horizon: int) -> Tensor:
 
 
 @dataclass
-class MDPBatch:
+class MDPBatch(TrialBatch):
     """T trials: each MDP, and the noise of every step."""
 
     transitions: Tensor  # (T, S, A, S)
@@ -79,59 +77,37 @@ class MDPBatch:
     horizon: int
     unit = "trials"
 
-    @property
-    def tasks(self) -> int:
-        return self.means.shape[0]
-
-    @property
-    def steps(self) -> int:
-        return self.reward_noise.shape[1]
-
     def env(self) -> "MDPEnv":
         return MDPEnv(self)
 
-    def __getitem__(self, part: slice) -> "MDPBatch":
-        return MDPBatch(
-            self.transitions[part], self.means[part], self.reward_noise[part],
-            self.transition_noise[part], self.action_noise[part], self.horizon,
-        )  # fmt: skip
 
-
-class MDPEnv(VectorEnv):
+class MDPEnv(TrialEnv):
     """T MDP trials at once (Gymnasium's vector API on torch tensors); observations are the
     one-hot state (T, S); each episode's last step terminates and the next starts in state 0."""
 
     metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.SAME_STEP}
 
     def __init__(self, batch: MDPBatch) -> None:
-        self.batch = batch
-        self.num_envs, states, actions = batch.means.shape
-        self.single_observation_space = Box(0.0, 1.0, (states,), np.float32)
-        self.single_action_space = Discrete(actions)
-        self.observation_space = Box(0.0, 1.0, (self.num_envs, states), np.float32)
-        self.action_space = MultiDiscrete(np.full(self.num_envs, actions))
+        _, states, actions = batch.means.shape
+        super().__init__(batch, (states,), actions, 0.0, 1.0)
         best = optimal_values(batch.transitions, batch.means, batch.horizon)[:, -1, 0]
         self.optimal_per_step = best.max(-1).values / batch.horizon  # (T,)
-        self.t = 0
         self.state = torch.zeros(self.num_envs, dtype=torch.long, device=batch.means.device)
 
     def _observation(self) -> Tensor:
         return torch.nn.functional.one_hot(self.state, self.batch.means.shape[1]).float()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        self.t = 0
         self.state = torch.zeros_like(self.state)
-        return self._observation(), {}
+        return super().reset(seed=seed, options=options)
 
     def step(self, actions: Tensor):
-        b, t, rows = self.batch, self.t, torch.arange(self.num_envs, device=self.state.device)
-        if t >= b.steps:
-            raise RuntimeError(f"the trial is over after {b.steps} steps; call reset()")
+        b, t = self.batch, self._next_step()
+        rows = torch.arange(self.num_envs, device=self.state.device)
         mean = b.means[rows, self.state, actions]
         reward = mean + b.reward_noise[:, t]
         cdf = b.transitions[rows, self.state, actions].cumsum(-1)  # (T, S)
         following = (cdf < b.transition_noise[:, t, None] * cdf[:, -1:]).sum(-1)
-        self.t += 1
         episode_over = self.t % b.horizon == 0
         self.state = torch.zeros_like(following) if episode_over else following
         done = torch.full_like(self.state, episode_over, dtype=torch.bool)
@@ -139,19 +115,14 @@ class MDPEnv(VectorEnv):
         return self._observation(), reward, done, torch.zeros_like(done), info
 
 
-class MDPTasks:
+class MDPTasks(TrialTasks):
     """Draws random MDP trials on the device."""
-
-    kind = "rl"
 
     def __init__(self, cfg: TabularMDPConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
         self.actions = cfg.actions
         self.in_shape = (cfg.states,)
-
-    def check(self, split: str, *_shape: int) -> None:
-        """Any number of trials fits: the family is infinite."""
 
     def baselines(self) -> dict:
         """A random policy, and posterior sampling for RL (PSRL; Osband et al. 2013)."""
@@ -172,13 +143,6 @@ class MDPTasks:
             transitions, means, draw(torch.randn, tasks, steps), draw(torch.rand, tasks, steps),
             draw(torch.rand, tasks, steps), cfg.horizon,
         )  # fmt: skip
-
-    def episodes(
-        self, split: str, n: int, *_shape: int, seed: int, batch_size: int
-    ) -> Iterator[MDPBatch]:
-        batch = self.sample(split, torch.Generator().manual_seed(seed), n)
-        for start in range(0, n, batch_size):
-            yield batch[start : start + batch_size]
 
 
 class PSRL:

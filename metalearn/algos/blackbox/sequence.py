@@ -95,6 +95,14 @@ class SequenceLearner(EpisodicLearner):
         return self.core(support_z, labels, query_z)[..., :ways]  # (T, M, N): no unused class
 
 
+def offset_inputs(support_z: Tensor, labels: Tensor, query_z: Tensor) -> tuple[Tensor, Tensor]:
+    """Santoro et al.'s input order: (x_t, y_{t-1}) over the support set (T, S, D + N), zeros
+    for the first label; each query comes with the last support label (T*M, D + N)."""
+    previous = F.pad(labels[:, :-1], (0, 0, 1, 0))  # y_{t-1}: (T, S, N)
+    last = labels[:, -1:].expand(-1, query_z.shape[1], -1)
+    return torch.cat([support_z, previous], -1), torch.cat([query_z, last], -1).flatten(0, 1)
+
+
 class LSTMCore(nn.Module):
     """MANN-style: (x_t, y_{t-1}) through an LSTM; a query is one step from the support's end."""
 
@@ -104,13 +112,11 @@ class LSTMCore(nn.Module):
         self.out = nn.Linear(cfg.hidden, ways)
 
     def forward(self, support_z: Tensor, labels: Tensor, query_z: Tensor) -> Tensor:
-        previous = F.pad(labels[:, :-1], (0, 0, 1, 0))  # y_{t-1}: (T, S, N), zeros first
-        _, (h, c) = self.lstm(torch.cat([support_z, previous], -1))  # (1, T, H) each
+        inputs, x = offset_inputs(support_z, labels, query_z)
+        _, (h, c) = self.lstm(inputs)  # (1, T, H) each
         tasks, queries = query_z.shape[:2]
-        last = labels[:, -1:].expand(-1, queries, -1)  # the last support label, with each query
-        x = torch.cat([query_z, last], -1).flatten(0, 1)[:, None]  # (T*M, 1, D + N)
         state = tuple(s.repeat_interleave(queries, dim=1) for s in (h, c))
-        out, _ = self.lstm(x, state)
+        out, _ = self.lstm(x[:, None], state)  # one step per query
         return self.out(out[:, 0]).view(tasks, queries, -1)
 
 
@@ -163,14 +169,11 @@ class MemoryCore(nn.Module):
         return torch.cat([h, reads], -1), state
 
     def forward(self, support_z: Tensor, labels: Tensor, query_z: Tensor) -> Tensor:
-        previous = F.pad(labels[:, :-1], (0, 0, 1, 0))  # y_{t-1}: (T, S, N), zeros first
-        inputs = torch.cat([support_z, previous], -1)
+        inputs, x = offset_inputs(support_z, labels, query_z)
         state = self.initial_state(inputs.shape[0], inputs)
         for t in range(inputs.shape[1]):
             _, state = self.step(inputs[:, t], state)
         tasks, queries = query_z.shape[:2]
-        last = labels[:, -1:].expand(-1, queries, -1)  # the last support label, with each query
-        x = torch.cat([query_z, last], -1).flatten(0, 1)  # (T*M, D + N)
         state = {k: v.repeat_interleave(queries, dim=0) for k, v in state.items()}
         features, _ = self.step(x, state)
         return self.out(features).view(tasks, queries, -1)
@@ -207,7 +210,7 @@ class SNAILCore(nn.Module):
         no_label = labels.new_zeros(*query_z.shape[:2], labels.shape[-1])
         query = torch.cat([query_z, no_label], -1)  # (T, M, C)
         for block in self.blocks:
-            support, query = block(support), block.extend(support, query)
+            support, query = block.extend(support, query)
         return self.out(query)  # (T, M, N)
 
 
@@ -228,8 +231,9 @@ class TCBlock(nn.Module):
             x = self._layer(conv, x)
         return x
 
-    def extend(self, support: Tensor, query: Tensor) -> Tensor:
-        """The block at one more position after `support` (T, C, S), for each query (T, M, C)."""
+    def extend(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """The block on the support positions (T, C, S), and at one more position after them
+        for each query (T, M, C): every layer's support output is computed once."""
         length = support.shape[-1]
         for conv in self.convs:
             d = conv.dilation[0]
@@ -242,7 +246,7 @@ class TCBlock(nn.Module):
             f, g = out.chunk(2, dim=-1)
             query = torch.cat([query, torch.tanh(f) * torch.sigmoid(g)], -1)
             support = self._layer(conv, support)
-        return query
+        return support, query
 
     @staticmethod
     def _layer(conv: nn.Conv1d, x: Tensor) -> Tensor:
@@ -267,17 +271,19 @@ class AttentionBlock(nn.Module):
         )
         return torch.cat([x, read.transpose(1, 2)], 1)
 
-    def extend(self, support: Tensor, query: Tensor) -> Tensor:
-        """Each query (T, M, C) attends to the support positions (T, C, S) and to itself."""
+    def extend(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """The block on the support positions (T, C, S), and each query (T, M, C) attending
+        to them and to itself; the support's keys and values are computed once for both."""
         h = support.transpose(1, 2)
+        keys, values = self.key(h), self.value(h)  # (T, S, K), (T, S, V)
+        read = F.scaled_dot_product_attention(self.query(h), keys, values, is_causal=True)
         q, k_self, v_self = self.query(query), self.key(query), self.value(query)
         scale = q.shape[-1] ** -0.5
-        scores = torch.cat(
-            [q @ self.key(h).transpose(1, 2), (q * k_self).sum(-1, keepdim=True)], -1
-        )  # (T, M, S + 1)
-        weights = (scores * scale).softmax(-1)
-        read = weights[..., :-1] @ self.value(h) + weights[..., -1:] * v_self
-        return torch.cat([query, read], -1)
+        scores = torch.cat([q @ keys.transpose(1, 2), (q * k_self).sum(-1, keepdim=True)], -1)
+        weights = (scores * scale).softmax(-1)  # (T, M, S + 1)
+        query_read = weights[..., :-1] @ values + weights[..., -1:] * v_self
+        support = torch.cat([support, read.transpose(1, 2)], 1)
+        return support, torch.cat([query, query_read], -1)
 
 
 class TransformerCore(nn.Module):
