@@ -22,12 +22,36 @@ commands:
 
 def _train(cfg: DictConfig) -> float:
     """Train one run; return the best validation metric (what a Hydra sweeper optimises)."""
+    from hydra.types import RunMode
+
+    from metalearn import distributed
     from metalearn.build import build_run
     from metalearn.train import train
 
+    hydra_cfg = HydraConfig.get()
     raw = OmegaConf.to_container(cfg, resolve=True)
-    results = train(build_run(raw), Path(HydraConfig.get().runtime.output_dir))
+    if hydra_cfg.mode == RunMode.MULTIRUN and raw["logger"].get("group") is None:
+        raw["logger"]["group"] = sweep_group(hydra_cfg.sweep.dir)  # one W&B group per sweep
+    device = raw["hardware"]["device"]
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    group = distributed.init(device)
+    run_dir = Path(group.share(hydra_cfg.runtime.output_dir))  # rank 0's: it alone writes
+    try:
+        results = train(build_run(raw), run_dir, group)
+    finally:
+        if group.world > 1:
+            distributed.shutdown()
     return results["val"][results["metric"]]["mean"]
+
+
+def sweep_group(sweep_dir: str) -> str:
+    """The W&B group of a multirun's jobs: its sweep directory, e.g.
+    'multirun/2026-12-01/22-40-00' for outputs/multirun/2026-12-01/22-40-00."""
+    parts = Path(sweep_dir).parts
+    return "/".join(parts[1:] if parts and parts[0] == "outputs" and len(parts) > 1 else parts)
 
 
 def _eval(cfg: DictConfig) -> float:
@@ -83,6 +107,31 @@ def _bench(args: list[str]) -> None:
         sys.exit(f"error: {error}")
 
 
+def _rank_overrides(command: str) -> list[str]:
+    """Under torchrun, ranks other than 0 keep Hydra's own files out of the run directory:
+    they get a scratch one, removed at exit (the run directory is rank 0's, see _train)."""
+    from metalearn import distributed
+
+    if not distributed.launched():
+        return []
+    if any(a in ("-m", "--multirun") for a in sys.argv):
+        sys.exit(
+            "error: torchrun runs one training run over several processes; run sweeps "
+            "(-m) with a Hydra launcher instead (hydra/launcher=slurm or submitit_local)"
+        )
+    if command != "train":
+        sys.exit(f"error: metalearn {command} runs in one process; start it without torchrun")
+    if distributed.env_rank() == 0:
+        return []
+    import atexit
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix=f"metalearn-rank{distributed.env_rank()}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 def main() -> None:
     if len(sys.argv) >= 2 and sys.argv[1] == "bench":
         _bench(sys.argv[2:])
@@ -96,7 +145,7 @@ def main() -> None:
             f"tree with `make install` (pip install -e .)"
         )
     command = sys.argv[1]
-    sys.argv = [f"metalearn {command}", *sys.argv[2:]]
+    sys.argv = [f"metalearn {command}", *sys.argv[2:], *_rank_overrides(command)]
     entry = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=command)
     entry(_reported(ENTRIES[command]))()
 

@@ -1,6 +1,7 @@
 """Where a run computes: device choice, CPU threads and how a meta-batch's tasks are batched."""
 
 import contextlib
+import os
 import platform
 from dataclasses import dataclass
 from typing import Any
@@ -46,9 +47,12 @@ def select_device(cfg: HardwareConfig) -> torch.device:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("hardware=cuda but no CUDA device is visible; use hardware=cpu or auto")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    kind = cfg.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(kind)
 
 
 # Above this many examples per training task (support and query), conv nets on CPU run faster

@@ -208,3 +208,21 @@ class Logger:
         traceback: TracebackType | None,
     ) -> None:
         self.close(exit_code=0 if exc_type is None else 1)
+
+
+class NullLogger:
+    """The logger of torchrun ranks other than 0: they train, rank 0 writes."""
+
+    wandb_enabled = False
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_summary(self, results: dict[str, Any]) -> None:
+        pass
+
+    def log_images(self, paths: list[Path]) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
+        pass

@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from metalearn import checkpoint
 from metalearn.config import as_dict
+from metalearn.distributed import SINGLE, Group
 from metalearn.errors import ConfigError, TrainingError
 from metalearn.evaluate import mean_ci95, run_episodes
-from metalearn.logger import Logger
+from metalearn.logger import Logger, NullLogger
 from metalearn.report import finish_run
 
 if TYPE_CHECKING:
@@ -81,9 +82,17 @@ class Progress:
     stopped_by: str = "iterations"  # or "max_minutes"
 
 
-def train(run: Run, run_dir: Path) -> dict:
-    """Meta-train, validate, keep the best checkpoint, test it; return results.json's dict."""
+def train(run: Run, run_dir: Path, group: Group = SINGLE) -> dict:
+    """Meta-train, validate, keep the best checkpoint, test it; return results.json's dict.
+
+    Under torchrun (`group.world` > 1) every rank trains on its share of each meta-batch and
+    rank 0 alone validates, writes and tests; every rank returns rank 0's results."""
     trainer = run.config.trainer
+    pretrains = getattr(run.algo, "pretrains", False)
+    if pretrains:
+        group.check_divides(run.config.algo.batch_size, "algo.batch_size")
+    else:
+        group.check_divides(trainer.meta_batch_size, "trainer.meta_batch_size")
     optimizer = outer_optimizer(run.config.algo, run.algo)
     generator = torch.Generator(run.device).manual_seed(run.config.seed)
     progress = Progress()
@@ -91,55 +100,74 @@ def train(run: Run, run_dir: Path) -> dict:
     resumed = trainer.resume and last_path.is_file()
     if resumed:
         progress = _restore(run, optimizer, generator, last_path)
-    logger = Logger(
-        run.config.logger,
-        run_dir,
-        run_name=run.name,
-        config=run.config_dict,
-        resume_step=progress.iteration if resumed else None,
-    )
+    group.broadcast_parameters(list(run.algo.parameters()))
+    if group.main:
+        logger = Logger(
+            run.config.logger,
+            run_dir,
+            run_name=run.name,
+            config=run.config_dict,
+            resume_step=progress.iteration if resumed else None,
+        )
+    else:
+        logger = NullLogger()
     try:
-        _loop(run, optimizer, generator, progress, logger, run_dir)
-        results = finish_run(run, progress, run_dir, logger)
+        _loop(run, optimizer, generator, progress, logger, run_dir, group)
+        results = finish_run(run, progress, run_dir, logger) if group.main else None
     except BaseException:
         logger.close(exit_code=1)
         raise
     logger.close()
-    return results
+    return group.share(results)
 
 
 def _loop(
-    run: Run, optimizer, generator, progress: Progress, logger: Logger, run_dir: Path
+    run: Run,
+    optimizer,
+    generator,
+    progress: Progress,
+    logger: Logger,
+    run_dir: Path,
+    group: Group = SINGLE,
 ) -> None:
     trainer, shape = run.config.trainer, run.train_shape
     budget = math.inf if trainer.max_minutes is None else 60.0 * trainer.max_minutes
     bar = tqdm(
         total=trainer.iterations,
         initial=progress.iteration,
-        disable=not trainer.progress,
+        disable=not (trainer.progress and group.main),
         desc=run.name,
         dynamic_ncols=True,
         # redirected to a file (nohup, SLURM): one line every 30 s instead of every refresh
         mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
+    params = [p for p in run.algo.parameters() if p.requires_grad]
+    pretrains = getattr(run.algo, "pretrains", False)  # Baseline, RFS: plain labelled batches
     window_start, window_tasks = time.perf_counter(), 0
     while progress.iteration < trainer.iterations:
         started = time.perf_counter()
         _set_lr(optimizer, run, progress.iteration)
-        if getattr(run.algo, "pretrains", False):  # Baseline, RFS: plain labelled batches
-            batch = run.tasks.sample_labelled("train", generator, run.config.algo.batch_size)
+        # every rank draws the same full batch and keeps its share (see distributed.py)
+        if pretrains:
+            size = run.config.algo.batch_size
+            batch = run.tasks.sample_labelled("train", generator, size)
         else:
-            batch = run.tasks.sample("train", generator, trainer.meta_batch_size, *shape)
+            size = trainer.meta_batch_size
+            batch = run.tasks.sample("train", generator, size, *shape)
         with run.autocast():
-            loss, metrics = run.algo.meta_loss(batch, progress.iteration)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the meta-training loss became {loss.item()} at iteration "
-                f"{progress.iteration + 1}; {_kept(run_dir)}"
-            )
+            loss, metrics = run.algo.meta_loss(group.shard(batch, size), progress.iteration)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        logged = [loss, metrics["loss"], metrics["score"]]
+        scalars = torch.stack([v.detach().float().reshape(()) for v in logged])
+        scalars = group.average_gradients(params, scalars)  # the means over ranks
+        if not torch.isfinite(scalars[0]):
+            raise TrainingError(
+                f"the meta-training loss became {scalars[0].item()} at iteration "
+                f"{progress.iteration + 1}; {_kept(run_dir)}"
+            )
         optimizer.step()
+        metrics = metrics | {"loss": scalars[1], "score": scalars[2]}
         progress.iteration += 1
         window_tasks += batch.tasks
         progress.seconds += time.perf_counter() - started
@@ -148,18 +176,20 @@ def _loop(
             rate = window_tasks / (time.perf_counter() - window_start)
             _log_train(run, logger, bar, metrics, optimizer, rate, batch.unit, progress.iteration)
             window_start, window_tasks = time.perf_counter(), 0
-        over_budget = progress.seconds >= budget
+        over_budget = budget < math.inf and group.agree(progress.seconds >= budget)
         if progress.iteration % trainer.eval_every == 0 or over_budget:
             started = time.perf_counter()
-            validate(run, progress, logger, run_dir, optimizer, generator)
+            if group.main:  # the others wait for it at the next all-reduce
+                validate(run, progress, logger, run_dir, optimizer, generator)
             progress.seconds += time.perf_counter() - started
             window_start, window_tasks = time.perf_counter(), 0  # tasks/s counts training only
         if over_budget:
             progress.stopped_by = "max_minutes"
             break
     bar.close()
-    if progress.validated_at != progress.iteration:  # the best checkpoint must see the last weights
-        validate(run, progress, logger, run_dir, optimizer, generator)
+    if group.main and progress.validated_at != progress.iteration:
+        validate(run, progress, logger, run_dir, optimizer, generator)  # best must see the last
+    group.barrier()  # last.pt and best.pt are written before any rank goes on
 
 
 def _kept(run_dir: Path) -> str:

@@ -40,6 +40,9 @@ class LabelledBatch:
     def tasks(self) -> int:  # the trainer counts these per second
         return self.x.shape[0]
 
+    def __getitem__(self, part: slice) -> "LabelledBatch":
+        return LabelledBatch(self.x[part], self.y[part])
+
 
 @dataclass
 class TaskBatch:
@@ -55,6 +58,15 @@ class TaskBatch:
     @property
     def tasks(self) -> int:
         return self.support.x.shape[0]
+
+    def __getitem__(self, part: slice) -> "TaskBatch":
+        """Tasks `part` of the batch (a rank's share of the meta-batch, say)."""
+        return TaskBatch(
+            Split(self.support.x[part], self.support.y[part]),
+            Split(self.query.x[part], self.query.y[part]),
+            self.ways,
+            {key: value[part] for key, value in self.info.items()},
+        )
 
 
 class EpisodeSampler:
