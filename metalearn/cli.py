@@ -16,6 +16,7 @@ commands:
   train   meta-train, validate and test (default: MAML on sinusoid regression)
   eval    re-test a checkpoint, or classify your own episode: eval checkpoint=PATH ...
   bench   time meta-training against learn2learn and reference code: bench [key=value ...]
+  summarize  one table (CSV and markdown) of a sweep's runs, seeds pooled: summarize DIR
 
 `metalearn <command> --help` lists the config groups and their options."""
 
@@ -132,9 +133,30 @@ def _rank_overrides(command: str) -> list[str]:
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
 
 
+def _summarize(args: list[str]) -> None:
+    """`metalearn summarize DIR`: DIR/summary.csv and summary.md from its results.json files."""
+    from metalearn.summarize import summarize, write
+
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(
+            "usage: metalearn summarize DIR\n\nCollects every results.json under DIR (a "
+            "multirun folder), pools seeds, writes DIR/summary.csv and DIR/summary.md."
+        )
+        sys.exit(0 if args and args[0] in ("-h", "--help") else 2)
+    try:
+        root = Path(args[0])
+        print(write(root, summarize(root)), end="")
+        print(f"wrote {root / 'summary.csv'} and {root / 'summary.md'}", file=sys.stderr)
+    except MetalearnError as error:
+        sys.exit(f"error: {error}")
+
+
+COMMANDS = {"bench": _bench, "summarize": _summarize}  # plain key=value or path arguments
+
+
 def main() -> None:
-    if len(sys.argv) >= 2 and sys.argv[1] == "bench":
-        _bench(sys.argv[2:])
+    if len(sys.argv) >= 2 and sys.argv[1] in COMMANDS:
+        COMMANDS[sys.argv[1]](sys.argv[2:])
         return
     if len(sys.argv) < 2 or sys.argv[1] not in ENTRIES:
         print(USAGE, file=sys.stderr)

@@ -185,6 +185,21 @@ class Logger:
         except Exception as error:  # any failure: see _wandb_failed
             self._wandb_failed("wandb image logging", error)
 
+    def log_artifact(self, name: str, paths: list[Path], kind: str = "run-results") -> None:
+        """Upload files (results.json, plots, the best checkpoint) as one W&B artifact."""
+        if self._run is None:
+            return  # the files themselves stay in the run directory
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name, type=kind)
+            for path in paths:
+                if Path(path).is_file():
+                    artifact.add_file(str(path), name=str(Path(path).relative_to(self.run_dir)))
+            self._run.log_artifact(artifact)
+        except Exception as error:  # any failure: see _wandb_failed
+            self._wandb_failed("wandb artifact upload", error)
+
     def close(self, exit_code: int = 0) -> None:
         """Close metrics.jsonl and finish the W&B run (exit_code != 0 marks it failed)."""
         if self._closed:
@@ -222,6 +237,9 @@ class NullLogger:
         pass
 
     def log_images(self, paths: list[Path]) -> None:
+        pass
+
+    def log_artifact(self, name: str, paths: list[Path], kind: str = "run-results") -> None:
         pass
 
     def close(self, exit_code: int = 0) -> None:

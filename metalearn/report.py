@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,6 +145,9 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     print(result_table(results))
     logger.log_summary(results)
     logger.log_images(plots)
+    # W&B artifact names allow letters, digits, '-', '_' and '.'
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{run.name}-results")
+    logger.log_artifact(name, [run_dir / "results.json", *plots, best])
     return results
 
 
