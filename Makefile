@@ -30,11 +30,18 @@ format:  ## apply ruff's formatting and safe fixes
 bench:  ## time meta-training against learn2learn and reference code (needs `make reference`)
 	$(BIN)/metalearn bench
 
-reproduce:  ## the long runs behind the README tables (about 2.5 hours on 2 cores)
+TABLE ?=
+BUDGET ?= 1
+SEEDS ?= 3
+reproduce:  ## TABLE=<name> [BUDGET=F SEEDS=N]: a paper table into results/; no TABLE: the README runs (2.5 h)
+ifneq ($(TABLE),)
+	$(BIN)/metalearn reproduce $(TABLE) --budget $(BUDGET) --seeds $(SEEDS)
+else
 	PATH=$(abspath $(BIN)):$$PATH scripts/readme_runs.sh
 	$(BIN)/python scripts/results_table.py outputs/readme
 	METALEARN=$(abspath $(BIN))/metalearn scripts/bandit_runs.sh
 	$(BIN)/python scripts/bandit_table.py outputs/readme_rl
+endif
 
 clean:  ## remove caches (not outputs/)
 	rm -rf .pytest_cache .ruff_cache

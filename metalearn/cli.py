@@ -16,6 +16,7 @@ commands:
   train   meta-train, validate and test (default: MAML on sinusoid regression)
   eval    re-test a checkpoint, or classify your own episode: eval checkpoint=PATH ...
   bench   time meta-training against learn2learn and reference code: bench [key=value ...]
+  reproduce  a paper table's rows over seeds beside the published numbers: reproduce TABLE
   summarize  one table (CSV and markdown) of a sweep's runs, seeds pooled: summarize DIR
 
 `metalearn <command> --help` lists the config groups and their options."""
@@ -151,7 +152,21 @@ def _summarize(args: list[str]) -> None:
         sys.exit(f"error: {error}")
 
 
-COMMANDS = {"bench": _bench, "summarize": _summarize}  # plain key=value or path arguments
+def _reproduce(args: list[str]) -> None:
+    """`metalearn reproduce TABLE [--budget F] [--seeds N]` (see metalearn/reproduce.py)."""
+    from metalearn.reproduce import main as reproduce
+
+    try:
+        reproduce(args)
+    except MetalearnError as error:
+        sys.exit(f"error: {error}")
+
+
+COMMANDS = {
+    "bench": _bench,
+    "summarize": _summarize,
+    "reproduce": _reproduce,
+}  # plain key=value or path arguments
 
 
 def main() -> None:
