@@ -1,4 +1,4 @@
-"""`metalearn train|eval|bench`: Hydra entry points (bench: key=value options), nothing else."""
+"""`metalearn train|eval` (Hydra entry points) and `bench|summarize|reproduce` (plain arguments)."""
 
 import sys
 from pathlib import Path
