@@ -1,5 +1,6 @@
 """`metalearn train|eval` (Hydra entry points) and `bench|summarize|reproduce` (plain arguments)."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -46,7 +47,16 @@ def _train(cfg: DictConfig) -> float:
     finally:
         if group.world > 1:
             distributed.shutdown()
-    return results["val"][results["metric"]]["mean"]
+    return sweep_value(results)
+
+
+def sweep_value(results: dict) -> float:
+    """The best validation metric; a run whose every validation diverged scores the worst
+    value instead of NaN (which would fail the trial, and Hydra's Optuna sweeper with it)."""
+    value = results["val"][results["metric"]]["mean"]
+    if math.isnan(value):
+        return math.inf if results["metric"] == "mse" else -math.inf
+    return value
 
 
 def sweep_group(sweep_dir: str) -> str:

@@ -133,3 +133,12 @@ def test_summarize_explains_an_empty_folder(tmp_path):
 
     with pytest.raises(MetalearnError, match="no results.json under"):
         summarize(tmp_path)
+
+
+def test_a_diverged_run_gives_the_sweeper_its_worst_value_not_nan():
+    from metalearn.cli import sweep_value
+
+    nan = {"mean": math.nan, "ci95": math.nan}
+    assert sweep_value({"metric": "mse", "val": {"mse": nan}}) == math.inf
+    assert sweep_value({"metric": "accuracy", "val": {"accuracy": nan}}) == -math.inf
+    assert sweep_value({"metric": "mse", "val": {"mse": {"mean": 0.5}}}) == 0.5
