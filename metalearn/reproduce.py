@@ -149,6 +149,7 @@ def reproduce(
     (results_dir / f"{table}.csv").write_text(to_csv(table_rows))
     plot_curves(table, rows, seeds, out, results_dir / f"{table}_curves.png")
     plot_steps(table, rows, seeds, out, results_dir / f"{table}_steps.png")
+    plot_shots(table_rows, rows, results_dir / f"{table}_shots.png")
     return md
 
 
@@ -289,6 +290,36 @@ def plot_steps(table: str, rows: list[Row], seeds: int, out: Path, path: Path) -
     ax.set_xlabel("test-time inner steps")
     ax.set_ylabel(f"test {metric}")
     ax.set_title(f"{table}: adaptation steps at test time")
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def plot_shots(table_rows: list[dict], rows: list[Row], path: Path) -> Path | None:
+    """Ours and published accuracy against shots, one pair of lines per number of ways
+    (classification tables with rows at several shots); None otherwise."""
+    from metalearn.plots import plt, save
+
+    points: dict[int, list[tuple[int, float, float]]] = {}
+    for summary, row in zip(table_rows, rows, strict=True):
+        if summary.get("metric") != "accuracy":
+            continue
+        task = experiment_config(row.experiment)["data"]
+        if "ways" in task and "shots" in task:
+            points.setdefault(task["ways"], []).append(
+                (task["shots"], summary["mean"], summary["published"])
+            )
+    if not any(len({s for s, _, _ in p}) > 1 for p in points.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ways, values in sorted(points.items()):
+        values.sort()
+        shots = [v[0] for v in values]
+        line = ax.plot(shots, [100 * v[1] for v in values], marker="o", label=f"{ways}-way, ours")
+        color = line[0].get_color()
+        ax.plot(shots, [100 * v[2] for v in values], "--", color=color, label=f"{ways}-way, paper")
+    ax.set_xlabel("shots")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(sorted({s for v in points.values() for s, _, _ in v}))
     ax.legend(fontsize=7)
     return save(fig, path)
 
