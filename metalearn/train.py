@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -112,7 +115,12 @@ def train(run: Run, run_dir: Path, group: Group = SINGLE) -> dict:
     else:
         logger = NullLogger()
     try:
-        _loop(run, optimizer, generator, progress, logger, run_dir, group)
+        with _stop_on_signals() as stop:
+            _loop(run, optimizer, generator, progress, logger, run_dir, group, stop)
+        if stop.signum is not None:  # last.pt is saved: now the signal's usual course
+            logger.close(exit_code=1)
+            signal.raise_signal(stop.signum)
+            raise SystemExit(128 + stop.signum)  # a handler that returned: stop all the same
         results = finish_run(run, progress, run_dir, logger) if group.main else None
     except BaseException:
         logger.close(exit_code=1)
@@ -129,6 +137,7 @@ def _loop(
     logger: Logger,
     run_dir: Path,
     group: Group = SINGLE,
+    stop: _StopRequest | None = None,
 ) -> None:
     trainer, shape = run.config.trainer, run.train_shape
     budget = math.inf if trainer.max_minutes is None else 60.0 * trainer.max_minutes
@@ -186,10 +195,67 @@ def _loop(
         if over_budget:
             progress.stopped_by = "max_minutes"
             break
+        if stop is not None and group.any(stop.signum is not None):
+            if group.main:  # nothing done since the last iteration is lost
+                _save_last(run, progress, run_dir, optimizer, generator)
+                name = signal.Signals(stop.signum).name if stop.signum else "a stop signal"
+                print(
+                    f"\n{name}: saved {run_dir / 'checkpoints' / 'last.pt'} at iteration "
+                    f"{progress.iteration}; continue with trainer.resume=true "
+                    f"hydra.run.dir={run_dir}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            group.barrier()
+            bar.close()
+            stop.signum = stop.signum or signal.SIGTERM  # a rank told by another stops too
+            return
     bar.close()
     if group.main and progress.validated_at != progress.iteration:
         validate(run, progress, logger, run_dir, optimizer, generator)  # best must see the last
     group.barrier()  # last.pt and best.pt are written before any rank goes on
+
+
+# What SLURM pre-emption (SIGTERM, or submitit's SIGUSR2 before the time limit) and Ctrl-C
+# (SIGINT) send: the loop saves last.pt at the next iteration boundary, then the signal takes
+# its usual course (exit, KeyboardInterrupt, or the launcher's own handler, which may requeue).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR2") if hasattr(signal, name)
+)
+
+
+class _StopRequest:
+    """The stop signal received while training, if any (set by the handler, read by the loop)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handler(self, signum: int, frame) -> None:
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Catch STOP_SIGNALS while the loop runs (the loop checks the request at each iteration
+    boundary); restore the previous handlers afterwards."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request  # signal handlers can only be set in the main thread
+        return
+    previous = {signum: signal.signal(signum, request.handler) for signum in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _save_last(run: Run, progress: Progress, run_dir: Path, optimizer, generator) -> None:
+    checkpoint.save(
+        run_dir / "checkpoints" / "last.pt",
+        _state(run, progress)
+        | {"optimizer": optimizer.state_dict(), "generator": generator.get_state()},
+    )
 
 
 def _kept(run_dir: Path) -> str:
@@ -321,11 +387,7 @@ def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, gen
     progress.validated_at = progress.iteration
     if progress.best_iteration == progress.iteration:
         checkpoint.save(run_dir / "checkpoints" / "best.pt", _state(run, progress))
-    checkpoint.save(
-        run_dir / "checkpoints" / "last.pt",
-        _state(run, progress)
-        | {"optimizer": optimizer.state_dict(), "generator": generator.get_state()},
-    )
+    _save_last(run, progress, run_dir, optimizer, generator)
 
 
 def _state(run: Run, progress: Progress) -> dict:
