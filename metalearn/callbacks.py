@@ -27,8 +27,9 @@ class BestTrial(Callback):
 
 
 def write_best_run(sweep_dir: Path, task_overrides: list[str], best_params: dict) -> Path:
-    """The script that reruns the best trial; `sweep=` is dropped so it runs one job."""
-    fixed = [o for o in task_overrides if not o.startswith("sweep=")]
+    """The script that reruns the best trial. It keeps `sweep=<name>`: without -m the preset's
+    search settings are inert, and its trainer settings (iterations, say) are the trial's."""
+    fixed = list(task_overrides)
     chosen = [f"{key}={value}" for key, value in best_params.items()]
     names = {o.split("=", 1)[0] for o in chosen}
     fixed = [o for o in fixed if o.split("=", 1)[0] not in names]

@@ -62,10 +62,18 @@ def _overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in yaml.safe_load(path.read_text()) or []]
 
 
+def _job_order(path: Path) -> tuple:
+    """Hydra's job order: job folders are '<number>_<overrides>'; 10 comes after 9."""
+    return tuple(
+        (int(part.split("_", 1)[0]), part) if part.split("_", 1)[0].isdigit() else (-1, part)
+        for part in path.parts
+    )
+
+
 def collect(root: Path) -> list[dict[str, Any]]:
     """Every run under `root` with its results and its overrides less the seed."""
     runs = []
-    for path in sorted(root.rglob("results.json")):
+    for path in sorted(root.rglob("results.json"), key=_job_order):
         try:
             results = json.loads(path.read_text())
         except json.JSONDecodeError as error:

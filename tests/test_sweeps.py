@@ -113,7 +113,7 @@ def test_an_optuna_search_writes_its_best_trial_and_the_command_that_reruns_it(t
     script = (sweep / "best_run.sh").read_text()
     for key, value in best["best_params"].items():
         assert f"{key}={value}" in script
-    assert "sweep=" not in script
+    assert "sweep=maml_sinusoid" in script  # its trainer settings are the trials' too
     command = script.splitlines()[-1].removesuffix(' "$@"').split()[2:]  # after `metalearn train`
     rerun = tmp_path / "rerun"
     metalearn("train", *command, f"hydra.run.dir={rerun}")
