@@ -15,12 +15,12 @@ import pytest
 from metalearn import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-# MAML on sinusoid, 600 iterations, no validation before the end: a signal lands mid-interval
+# MAML on sinusoid, 300 iterations, no validation before the end: a signal lands mid-interval
 RUN = [
     "train",
     "debug=smoke",
     "hardware.threads=1",
-    "trainer.iterations=600",
+    "trainer.iterations=300",
     "trainer.eval_every=1000",
     "trainer.log_every=10",
 ]
@@ -70,7 +70,7 @@ def test_a_stop_signal_saves_last_pt_and_resume_finishes_identically(
     assert "trainer.resume=true" in stderr
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     stopped_at = state["progress"]["iteration"]
-    assert 100 <= stopped_at < 600  # saved mid-interval, not at a validation
+    assert 100 <= stopped_at < 300  # saved mid-interval, not at a validation
     assert not (tmp_path / "results.json").exists()
     resumed = start(tmp_path, "trainer.resume=true")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
@@ -78,4 +78,4 @@ def test_a_stop_signal_saves_last_pt_and_resume_finishes_identically(
     assert results["test"] == uninterrupted["test"]
     assert results["val"] == uninterrupted["val"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
-    assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # one val row shares 600
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # one val row shares 300
