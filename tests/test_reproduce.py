@@ -74,3 +74,19 @@ def test_bad_arguments_fail_early():
         load_table("nope")
     with pytest.raises(ConfigError, match="--budget must be in"):
         reproduce("maml_sinusoid", budget=2.0)
+
+
+def test_only_runs_the_named_experiments_and_lists_the_rest(tmp_path):
+    with pytest.raises(ConfigError, match="--only names nope, not in table maml_omniglot"):
+        reproduce("maml_omniglot", only=["nope"], out=tmp_path, results_dir=tmp_path)
+    md = reproduce(
+        "maml_omniglot",
+        budget=1e-4,
+        seeds=1,
+        out=tmp_path / "runs",
+        results_dir=tmp_path / "results",
+        extra=TINY,
+        only=[],
+    )
+    assert md.count("not run: left out (--only)") == 4
+    assert not (tmp_path / "runs").exists()
