@@ -118,6 +118,8 @@ def reproduce(
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     spec, rows = load_table(table)
     spec["_name"], spec["_extra"] = table, list(extra or [])
+    if only is not None:
+        spec["_extra"].insert(0, f"--only {','.join(only)}")
     unknown = sorted(set(only or []) - {r.experiment for r in rows})
     if unknown:
         raise ConfigError(
