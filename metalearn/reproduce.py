@@ -298,7 +298,8 @@ def plot_steps(table: str, rows: list[Row], seeds: int, out: Path, path: Path) -
                     label = f"{experiment}, {entry['shots']}-shot"
                     points = curves.setdefault(label, {})
                     points.setdefault(entry["inner_steps"], []).append(entry[metric]["mean"])
-    if not curves:
+    curves = {label: points for label, points in curves.items() if len(points) > 1}
+    if not curves:  # one number of steps only (eval.steps unset): nothing to draw
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
