@@ -3,10 +3,11 @@
 A table is configs/tables/<name>.yaml: rows naming an experiment (the paper's protocol), the
 published value with its interval and, where one experiment gives several rows, which view of
 its test to read (`select`: shots and inner steps of test.breakdown). Each (row, seed) is an
-ordinary `metalearn train` run in outputs/reproduce/<table>/<experiment>/seed<s>; finished runs
-are reused, so an interrupted reproduction continues where it stopped. `--budget F` runs F of
-each experiment's iterations (and of its schedule's decay steps) for a quick check; the table
-says which budget produced it. Writes results/<table>.md, .csv and <table>_curves.png.
+ordinary `metalearn train` run in outputs/reproduce/<table>/budget<F>/<experiment>/seed<s>;
+finished runs at that budget are reused, so an interrupted reproduction continues where it
+stopped. `--budget F` runs F of each experiment's iterations (and of its schedule's decay steps)
+for a quick check; the table says which budget produced it. Writes results/<table>.md and .csv,
+and PNG plots of the validation curves, test-time inner steps and shots.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def budget_overrides(config: dict, budget: float) -> list[str]:
     return out
 
 
-def run_dir(out: Path, table: str, experiment: str, seed: int) -> Path:
-    return out / table / experiment / f"seed{seed}"
+def run_dir(out: Path, table: str, experiment: str, seed: int, budget: float) -> Path:
+    """Where a (row, seed) at a budget runs: another budget never reuses it."""
+    return out / table / f"budget{budget:g}" / experiment / f"seed{seed}"
 
 
 def train_one(command: list[str], directory: Path, log: Path) -> str | None:
@@ -135,7 +137,7 @@ def reproduce(
             failures[experiment] = "left out (--only)"
             continue
         for seed in range(seeds):
-            directory = run_dir(out, table, experiment, seed)
+            directory = run_dir(out, table, experiment, seed, budget)
             if (directory / "results.json").is_file():
                 continue  # finished earlier: reused
             command = [sys.executable, "-m", "metalearn.cli", "train", f"experiment={experiment}"]
@@ -151,17 +153,23 @@ def reproduce(
     table_rows = []
     for row in rows:
         found = [
-            json.loads((run_dir(out, table, row.experiment, s) / "results.json").read_text())
+            json.loads(
+                (run_dir(out, table, row.experiment, s, budget) / "results.json").read_text()
+            )
             for s in range(seeds)
-            if (run_dir(out, table, row.experiment, s) / "results.json").is_file()
+            if (run_dir(out, table, row.experiment, s, budget) / "results.json").is_file()
         ]
         table_rows.append(summarize_row(row, found, failures.get(row.experiment)))
     results_dir.mkdir(parents=True, exist_ok=True)
     md = markdown(spec, table_rows, budget, seeds, commands)
     (results_dir / f"{table}.md").write_text(md)
     (results_dir / f"{table}.csv").write_text(to_csv(table_rows))
-    plot_curves(table, rows, seeds, out, results_dir / f"{table}_curves.png")
-    plot_steps(table, rows, seeds, out, results_dir / f"{table}_steps.png")
+    plot_curves(
+        table, rows, seeds, out / table / f"budget{budget:g}", results_dir / f"{table}_curves.png"
+    )
+    plot_steps(
+        table, rows, seeds, out / table / f"budget{budget:g}", results_dir / f"{table}_steps.png"
+    )
     plot_shots(table_rows, rows, results_dir / f"{table}_shots.png")
     return md
 
@@ -249,14 +257,15 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def plot_curves(table: str, rows: list[Row], seeds: int, out: Path, path: Path) -> Path | None:
-    """Validation metric against iteration, one line per experiment and seed."""
+    """Validation metric against iteration, one line per experiment and seed (`out`: the
+    budget's folder of runs)."""
     from metalearn.plots import plt, save
 
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for experiment in dict.fromkeys(r.experiment for r in rows):
         for seed in range(seeds):
-            metrics = run_dir(out, table, experiment, seed) / "metrics.jsonl"
+            metrics = out / experiment / f"seed{seed}" / "metrics.jsonl"
             if not metrics.is_file():
                 continue
             points = []
@@ -288,7 +297,7 @@ def plot_steps(table: str, rows: list[Row], seeds: int, out: Path, path: Path) -
     metric = None
     for experiment in dict.fromkeys(r.experiment for r in rows):
         for seed in range(seeds):
-            found = run_dir(out, table, experiment, seed) / "results.json"
+            found = out / experiment / f"seed{seed}" / "results.json"
             if not found.is_file():
                 continue
             results = json.loads(found.read_text())

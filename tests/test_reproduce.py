@@ -40,9 +40,13 @@ def test_reproduce_writes_the_table_and_reuses_finished_runs(tmp_path, capsys):
     assert "| K=5, 10 steps |" in md and "0.350" in md and "`metalearn train" in md
     rows = list(csv.DictReader((results / "maml_sinusoid.csv").open()))
     assert [r["row"] for r in rows] == ["K=5, 1 step", "K=5, 5 steps", "K=5, 10 steps"]
-    seed0 = json.loads((out / "maml_sinusoid/maml_sinusoid/seed0/results.json").read_text())
+    seed0 = json.loads(
+        (out / "maml_sinusoid/budget0.0001/maml_sinusoid/seed0/results.json").read_text()
+    )
     [entry] = [e for e in seed0["test"]["breakdown"] if (e["shots"], e["inner_steps"]) == (5, 10)]
-    seed1 = json.loads((out / "maml_sinusoid/maml_sinusoid/seed1/results.json").read_text())
+    seed1 = json.loads(
+        (out / "maml_sinusoid/budget0.0001/maml_sinusoid/seed1/results.json").read_text()
+    )
     [other] = [e for e in seed1["test"]["breakdown"] if (e["shots"], e["inner_steps"]) == (5, 10)]
     mean = (entry["mse"]["mean"] + other["mse"]["mean"]) / 2
     assert float(rows[2]["mean"]) == pytest.approx(mean)
@@ -53,6 +57,8 @@ def test_reproduce_writes_the_table_and_reuses_finished_runs(tmp_path, capsys):
     capsys.readouterr()
     reproduce("maml_sinusoid", budget=1e-4, seeds=2, out=out, results_dir=results, extra=TINY)
     assert "[reproduce]" not in capsys.readouterr().out  # both seeds reused, nothing rerun
+    reproduce("maml_sinusoid", budget=2e-4, seeds=1, out=out, results_dir=results, extra=TINY)
+    assert "trainer.iterations=14" in capsys.readouterr().out  # another budget: run afresh
 
 
 def test_a_row_without_its_data_says_not_run(tmp_path):
