@@ -90,14 +90,6 @@ class Group:
         dist.broadcast_object_list(value, src=0)
         return bool(value[0])
 
-    def any(self, flag: bool) -> bool:
-        """Whether any rank's flag is set (a stop signal that reached one rank, say)."""
-        if self.world == 1:
-            return flag
-        value = torch.tensor([float(flag)])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
     def share(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (the run directory, say)."""
         if self.world == 1:

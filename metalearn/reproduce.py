@@ -130,8 +130,9 @@ def reproduce(
         )
     failures: dict[str, str] = {}
     commands: dict[str, str] = {}
-    for experiment in dict.fromkeys(r.experiment for r in rows):
-        overrides = budget_overrides(experiment_config(experiment), budget) + list(extra or [])
+    configs = {e: experiment_config(e) for e in dict.fromkeys(r.experiment for r in rows)}
+    for experiment, config in configs.items():
+        overrides = budget_overrides(config, budget) + list(extra or [])
         commands[experiment] = " ".join(["metalearn train", f"experiment={experiment}", *overrides])
         if only is not None and experiment not in only:
             failures[experiment] = "left out (--only)"
@@ -170,7 +171,7 @@ def reproduce(
     plot_steps(
         table, rows, seeds, out / table / f"budget{budget:g}", results_dir / f"{table}_steps.png"
     )
-    plot_shots(table_rows, rows, results_dir / f"{table}_shots.png")
+    plot_shots(table_rows, rows, configs, results_dir / f"{table}_shots.png")
     return md
 
 
@@ -321,7 +322,9 @@ def plot_steps(table: str, rows: list[Row], seeds: int, out: Path, path: Path) -
     return save(fig, path)
 
 
-def plot_shots(table_rows: list[dict], rows: list[Row], path: Path) -> Path | None:
+def plot_shots(
+    table_rows: list[dict], rows: list[Row], configs: dict[str, dict], path: Path
+) -> Path | None:
     """Ours and published accuracy against shots, one pair of lines per number of ways
     (classification tables with rows at several shots); None otherwise."""
     from metalearn.plots import plt, save
@@ -330,7 +333,7 @@ def plot_shots(table_rows: list[dict], rows: list[Row], path: Path) -> Path | No
     for summary, row in zip(table_rows, rows, strict=True):
         if summary.get("metric") != "accuracy":
             continue
-        task = experiment_config(row.experiment)["data"]
+        task = configs[row.experiment]["data"]
         if "ways" in task and "shots" in task:
             points.setdefault(task["ways"], []).append(
                 (task["shots"], summary["mean"], summary["published"])

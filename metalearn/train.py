@@ -167,7 +167,14 @@ def _loop(
             loss, metrics = run.algo.meta_loss(group.shard(batch, size), progress.iteration)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        logged = [loss, metrics["loss"], metrics["score"]]
+        # one collective per iteration: the gradients, the logged values and the stop flag
+        stopping = float(stop is not None and stop.signum is not None)
+        logged = [
+            loss,
+            metrics["loss"],
+            metrics["score"],
+            torch.tensor(stopping, device=loss.device),
+        ]
         scalars = torch.stack([v.detach().float().reshape(()) for v in logged])
         scalars = group.average_gradients(params, scalars)  # the means over ranks
         if not torch.isfinite(scalars[0]):
@@ -195,7 +202,7 @@ def _loop(
         if over_budget:
             progress.stopped_by = "max_minutes"
             break
-        if stop is not None and group.any(stop.signum is not None):
+        if scalars[3] > 0:  # a stop signal reached some rank
             if group.main:  # nothing done since the last iteration is lost
                 _save_last(run, progress, run_dir, optimizer, generator)
                 name = signal.Signals(stop.signum).name if stop.signum else "a stop signal"
