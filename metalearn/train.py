@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 
 SCHEDULES = ("constant", "step", "cosine", "linear")
+NONFINITE = ("stop", "skip")  # trainer.nonfinite: what a NaN or Inf loss or gradient does
 
 
 @dataclass
@@ -50,13 +51,20 @@ class TrainerConfig:
     lr_decay: float = 0.5  # step decay factor (ProtoNets halve it every 2000 episodes)
     min_lr: float = 0.0  # where 'cosine' and 'linear' end
     progress: bool = True  # show a progress bar
+    # a NaN or Inf in the loss or the meta-gradient: 'stop' (the last good checkpoint stays), or
+    # 'skip': drop that meta-batch (no outer step), count it, go on
+    nonfinite: str = "stop"
+    max_skipped: int = 100  # nonfinite=skip: stop all the same after this many skipped batches
 
     def __post_init__(self) -> None:
         for key in ("iterations", "meta_batch_size", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ConfigError(f"trainer.max_minutes must be positive, got {self.max_minutes}")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise ConfigError(
+                f"trainer.max_minutes must be positive and finite (null: no limit), got "
+                f"{self.max_minutes}"
+            )
         if self.lr_decay_every is not None and self.lr_decay_every < 1:
             raise ConfigError(f"trainer.lr_decay_every must be positive, got {self.lr_decay_every}")
         if not 0 < self.lr_decay <= 1:
@@ -68,8 +76,14 @@ class TrainerConfig:
             )
         if self.lr_schedule == "step" and self.lr_decay_every is None:
             raise ConfigError("trainer.lr_schedule=step needs trainer.lr_decay_every")
-        if self.min_lr < 0:
-            raise ConfigError(f"trainer.min_lr must be >= 0, got {self.min_lr}")
+        if not 0 <= self.min_lr < math.inf:
+            raise ConfigError(f"trainer.min_lr must be finite and >= 0, got {self.min_lr}")
+        if self.nonfinite not in NONFINITE:
+            raise ConfigError(
+                f"trainer.nonfinite must be one of {', '.join(NONFINITE)}, got {self.nonfinite!r}"
+            )
+        if self.max_skipped < 0:
+            raise ConfigError(f"trainer.max_skipped must be >= 0, got {self.max_skipped}")
 
 
 @dataclass
@@ -83,6 +97,7 @@ class Progress:
     best_val: dict | None = None  # the best validation's summary for results.json
     validated_at: int = -1  # iteration of the latest validation
     stopped_by: str = "iterations"  # or "max_minutes"
+    skipped: int = 0  # meta-batches dropped for a non-finite loss or gradient (nonfinite=skip)
 
 
 def train(run: Run, run_dir: Path, group: Group = SINGLE) -> dict:
@@ -100,7 +115,7 @@ def train(run: Run, run_dir: Path, group: Group = SINGLE) -> dict:
     generator = torch.Generator(run.device).manual_seed(run.config.seed)
     progress = Progress()
     last_path = run_dir / "checkpoints" / "last.pt"
-    resumed = trainer.resume and last_path.is_file()
+    resumed = trainer.resume and checkpoint.exists(last_path)  # or the previous one, see load
     if resumed:
         progress = _restore(run, optimizer, generator, last_path)
     group.broadcast_parameters(list(run.algo.parameters()))
@@ -163,10 +178,15 @@ def _loop(
         else:
             size = trainer.meta_batch_size
             batch = run.tasks.sample("train", generator, size, *shape)
-        with run.autocast():
-            loss, metrics = run.algo.meta_loss(group.shard(batch, size), progress.iteration)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with run.autocast():
+                loss, metrics = run.algo.meta_loss(group.shard(batch, size), progress.iteration)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+            if not _out_of_memory(error):
+                raise
+            raise TrainingError(_memory_advice(run, progress.iteration + 1, error)) from error
         # one collective per iteration: the gradients, the logged values and the stop flag
         stopping = float(stop is not None and stop.signum is not None)
         logged = [
@@ -177,20 +197,43 @@ def _loop(
         ]
         scalars = torch.stack([v.detach().float().reshape(()) for v in logged])
         scalars = group.average_gradients(params, scalars)  # the means over ranks
-        if not torch.isfinite(scalars[0]):
-            raise TrainingError(
-                f"the meta-training loss became {scalars[0].item()} at iteration "
-                f"{progress.iteration + 1}; {_kept(run_dir)}"
-            )
-        optimizer.step()
-        metrics = metrics | {"loss": scalars[1], "score": scalars[2]}
+        finite = torch.stack([torch.isfinite(scalars[0]), *_grads_finite(params)]).all()
+        skipped = not finite.item()  # the iteration's one host sync; the same on every rank
+        if skipped:
+            fault = _nonfinite_fault(run, batch, scalars[0], progress.iteration + 1)
+            if trainer.nonfinite == "stop":
+                raise TrainingError(f"{fault}; {_kept(run_dir, 'fix that')}")
+            if progress.skipped >= trainer.max_skipped:
+                raise TrainingError(
+                    f"{fault}; that is more than trainer.max_skipped={trainer.max_skipped} "
+                    f"skipped meta-batches, so training stops; {_kept(run_dir, 'fix that')}"
+                )
+            progress.skipped += 1
+            if progress.skipped == 1:
+                warnings.warn(
+                    f"{fault}; trainer.nonfinite=skip: that meta-batch is dropped and training "
+                    f"goes on (skipped batches are counted in train/skipped and results.json)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            metrics = metrics | {"loss": scalars[1], "score": scalars[2]}
         progress.iteration += 1
         window_tasks += batch.tasks
         progress.seconds += time.perf_counter() - started
         bar.update(1)
         if progress.iteration % trainer.log_every == 0:
             rate = window_tasks / (time.perf_counter() - window_start)
-            _log_train(run, logger, bar, metrics, optimizer, rate, batch.unit, progress.iteration)
+            if skipped:  # a dropped batch's loss is not a training metric
+                logger.log({"train/skipped": progress.skipped}, step=progress.iteration)
+            else:
+                extra = {"skipped": progress.skipped} if progress.skipped else {}
+                metrics = metrics | extra
+                _log_train(
+                    run, logger, bar, metrics, optimizer, rate, batch.unit, progress.iteration
+                )
             window_start, window_tasks = time.perf_counter(), 0
         over_budget = budget < math.inf and group.agree(progress.seconds >= budget)
         if progress.iteration % trainer.eval_every == 0 or over_budget:
@@ -265,10 +308,114 @@ def _save_last(run: Run, progress: Progress, run_dir: Path, optimizer, generator
     )
 
 
-def _kept(run_dir: Path) -> str:
+def _grads_finite(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One 0-d bool per parameter with a gradient: whether all of it is finite (no host sync)."""
+    return [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors of a meta-batch (dataclasses, dicts, tuples, tensors)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _tensors(value)]
+    if isinstance(tree, list | tuple):
+        return [t for value in tree for t in _tensors(value)]
+    if hasattr(tree, "__dict__"):
+        return _tensors(vars(tree))
+    return []
+
+
+def _nonfinite_fault(run: Run, batch: Any, loss: torch.Tensor, iteration: int) -> str:
+    """Where a NaN or Inf first appeared at this iteration (the data, the forward pass or the
+    backward pass) and what most likely caused it."""
+    algo = run.config.algo
+    data_bad = any(t.is_floating_point() and not torch.isfinite(t).all() for t in _tensors(batch))
+    if data_bad:
+        return (
+            f"the meta-batch of iteration {iteration} itself holds NaN or Inf values: the data "
+            f"set (data={run.config.data.name}) or its preprocessing is broken, not the training"
+        )
+    inner = hasattr(algo, "inner_lr") and hasattr(algo, "inner_steps")
+    adapt = (
+        f"the inner loop diverging (algo.inner_lr={algo.inner_lr} over algo.inner_steps="
+        f"{algo.inner_steps} steps: lower algo.inner_lr or take fewer steps)"
+        if inner
+        else None
+    )
+    outer = f"the outer step (algo.outer_lr={algo.outer_lr}: lower it)"
+    if not torch.isfinite(loss):
+        where = f"the meta-training loss became {loss.item()} at iteration {iteration} (forward)"
+        # a first iteration has had no outer step yet: only the inner loop (or the model) is left
+        causes = [c for c in (adapt, None if iteration == 1 else outer) if c]
+    else:
+        bad = [
+            name
+            for name, p in run.algo.named_parameters()
+            if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        where = (
+            f"the meta-gradient of {shown} became NaN or Inf at iteration {iteration} "
+            f"(backward; the loss was finite)"
+        )
+        second = inner and not getattr(algo, "first_order", True)
+        causes = [adapt + (" or algo.first_order=true" if second else "")] if adapt else []
+        causes.append(outer)
+    likely = " or ".join(causes) if causes else "the model's initial weights or inputs"
+    return f"{where}; likely cause: {likely}"
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether an exception is the allocator running out (CUDA, or the CPU's DefaultAllocator)."""
+    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(error)
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def peak_memory(device: torch.device) -> str:
+    """The most memory this run has held: the CUDA allocator's peak, or the process's peak RSS."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {device}"
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    except (ImportError, OSError):
+        return "unknown"
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
+    return f"{rss * scale / 2**30:.2f} GiB of host memory (peak resident set)"
+
+
+def _memory_advice(run: Run, iteration: int, error: BaseException) -> str:
+    """What ran out, the peak memory seen and the settings that need less of it."""
+    algo, trainer = run.config.algo, run.config.trainer
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    tasks = f"trainer.meta_batch_size={trainer.meta_batch_size}"
+    tips = [f"a smaller {tasks} (e.g. {max(1, trainer.meta_batch_size // 2)})"]
+    what = f"algo={algo.name}"
+    if hasattr(algo, "first_order"):
+        if not algo.first_order:
+            what = (
+                f"second-order {algo.name} (it keeps the graph of all algo.inner_steps="
+                f"{algo.inner_steps} inner steps of each task)"
+            )
+            tips.insert(0, "algo.first_order=true (no second-order graph)")
+        if hasattr(algo, "checkpoint") and not algo.checkpoint:
+            tips.append("gradient checkpointing, algo.checkpoint=true (recomputes the inner loop)")
+    return (
+        f"out of memory at iteration {iteration} in {what}, {tasks}; peak memory "
+        f"{peak_memory(run.device)}; try {', or '.join(tips)} ({first})"
+    )
+
+
+def _kept(run_dir: Path, advice: str | None = None) -> str:
     """What the user still has after a divergence, and what to do next."""
     last = run_dir / "checkpoints" / "last.pt"
-    advice = "lower algo.outer_lr or the inner learning rates (algo.inner_lr, algo.test_inner_lr)"
+    advice = advice or (
+        "lower algo.outer_lr or the inner learning rates (algo.inner_lr, algo.test_inner_lr)"
+    )
     if last.is_file():
         return f"the last good checkpoint is kept at {last}; {advice}, then trainer.resume=true"
     return f"no checkpoint was saved yet; {advice} and start again"

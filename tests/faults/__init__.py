@@ -1,0 +1,1 @@
+"""Fault injection: kills, damaged files, disk and numerical faults, outages, bad configs."""
