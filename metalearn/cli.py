@@ -144,6 +144,31 @@ def _rank_overrides(command: str) -> list[str]:
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
 
 
+def _check_output_folder(args: list[str]) -> None:
+    """Refuse, in one line, a run folder that cannot be made (Hydra would print a traceback):
+    the nearest existing folder above it must be a writable folder."""
+    import os
+
+    target = Path("outputs")  # where the configs' hydra.run.dir and hydra.sweep.dir start
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            target = Path(value.split("${", 1)[0] or ".")  # up to the first interpolation
+    above = target
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        sys.exit(
+            f"error: cannot create the run folder {target}: {above} is a file, not a folder; "
+            f"choose another hydra.run.dir (or hydra.sweep.dir)"
+        )
+    if not os.access(above, os.W_OK):
+        sys.exit(
+            f"error: cannot create the run folder {target}: {above} is not writable (read-only "
+            f"or another user's); choose another hydra.run.dir (or hydra.sweep.dir)"
+        )
+
+
 def _summarize(args: list[str]) -> None:
     """`metalearn summarize DIR`: DIR/summary.csv and summary.md from its results.json files."""
     from metalearn.summarize import summarize, write
@@ -192,6 +217,8 @@ def main() -> None:
             f"tree with `make install` (pip install -e .)"
         )
     command = sys.argv[1]
+    if not any(a in ("-h", "--help", "--cfg", "-c", "--info") for a in sys.argv[2:]):
+        _check_output_folder(sys.argv[2:])
     sys.argv = [f"metalearn {command}", *sys.argv[2:], *_rank_overrides(command)]
     entry = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=command)
     entry(_reported(ENTRIES[command]))()

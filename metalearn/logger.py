@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -91,11 +92,14 @@ class Logger:
             tmp = self.metrics_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(_read_kept_lines(self.metrics_path, resume_step)))
             os.replace(tmp, self.metrics_path)
-        # A fresh run starts a fresh file; a resumed one continues the truncated one.
-        self._file = self.metrics_path.open("a" if resume_step is not None else "w")
+        # A fresh run starts a fresh file; a resumed one continues the truncated one. Unbuffered
+        # bytes: each write's outcome is known, so a full disk loses nothing (see _append).
+        self._file = self.metrics_path.open("ab" if resume_step is not None else "wb", buffering=0)
+        self._unwritten = b""  # lines the disk refused, written before the next ones
         self._last_step: int | None = resume_step
         self._run: Any = None  # the wandb Run; None when W&B is off
         self._closed = False
+        self._write_failed = False
         if cfg.kind == "wandb":
             self._start_wandb(run_name, config, resume=resume_step is not None)
 
@@ -154,14 +158,35 @@ class Logger:
         """Append {"step": step, **metrics} to metrics.jsonl and log the metrics to W&B."""
         # float() turns 0-d tensors and numpy scalars into JSON numbers; ints stay ints.
         values = {k: v if isinstance(v, int | float) else float(v) for k, v in metrics.items()}
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()  # a crash loses at most the line being written
+        self._append(json.dumps({"step": step, **values}) + "\n")  # a crash loses that line only
         self._last_step = step
         if self._run is not None:
             try:
                 self._run.log(values, step=step)
             except Exception as error:  # any failure: see _wandb_failed
                 self._wandb_failed("wandb.log", error)
+
+    def _append(self, line: str) -> None:
+        """Write a line after any the disk refused before; on failure (disk full, say) keep them
+        in memory, warn once and let training go on: the checkpoints hold what matters."""
+        self._unwritten += line.encode()
+        try:
+            while self._unwritten:
+                written = self._file.write(self._unwritten)
+                self._unwritten = self._unwritten[written:]
+        except OSError as error:
+            if not self._write_failed:
+                warnings.warn(
+                    f"cannot write {self.metrics_path} ({error}); training goes on, the lines "
+                    f"are kept in memory and written when the disk takes them again",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self._write_failed = True
+            return
+        if self._write_failed:
+            warnings.warn(f"{self.metrics_path} is written again", RuntimeWarning, stacklevel=3)
+            self._write_failed = False
 
     def log_summary(self, results: dict[str, Any]) -> None:
         """Put the final results (nested, like results.json) in the W&B run summary."""
@@ -205,7 +230,18 @@ class Logger:
         if self._closed:
             return
         self._closed = True
-        self._file.close()
+        if self._unwritten:
+            self._append("")  # a last try
+        if self._unwritten:
+            lines = self._unwritten.count(b"\n")
+            warnings.warn(
+                f"{lines} metrics lines could not be written to {self.metrics_path}; the run's "
+                f"checkpoints and results are not affected",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        with contextlib.suppress(OSError):
+            self._file.close()
         if self._run is not None:
             try:
                 self._run.finish(exit_code=exit_code)

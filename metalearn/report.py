@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metalearn import checkpoint
+from metalearn.errors import MetalearnError
 from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
@@ -114,11 +116,19 @@ def git_info() -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Atomic write: a reader never sees half a results.json."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic write: a reader never sees half a results.json; a failed write says what to do."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise MetalearnError(
+            f"cannot write {path} ({error}); the checkpoints are kept: free some space, then "
+            f"rerun the same command with trainer.resume=true (or metalearn eval) to write it"
+        ) from error
 
 
 def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:

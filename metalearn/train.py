@@ -337,21 +337,25 @@ def _nonfinite_fault(run: Run, batch: Any, loss: torch.Tensor, iteration: int) -
             f"set (data={run.config.data.name}) or its preprocessing is broken, not the training"
         )
     inner = hasattr(algo, "inner_lr") and hasattr(algo, "inner_steps")
-    adapt = (
-        f"the inner loop diverging (algo.inner_lr={algo.inner_lr} over algo.inner_steps="
-        f"{algo.inner_steps} steps: lower algo.inner_lr or take fewer steps)"
-        if inner
-        else None
-    )
-    outer = f"the outer step (algo.outer_lr={algo.outer_lr}: lower it)"
-    if not torch.isfinite(loss):
+    forward = not torch.isfinite(loss)
+    causes = []
+    if inner:
+        fixes = ["lower algo.inner_lr", "take fewer steps"]
+        if not forward and not getattr(algo, "first_order", True):
+            fixes.append("set algo.first_order=true")  # second-order terms overflow first
+        causes.append(
+            f"the inner loop diverging (algo.inner_lr={algo.inner_lr} over "
+            f"algo.inner_steps={algo.inner_steps}: {', '.join(fixes[:-1])} or {fixes[-1]})"
+        )
+    if iteration > 1 or not forward:  # a first forward pass has had no outer step before it
+        causes.append(f"the outer step (algo.outer_lr={algo.outer_lr}: lower it)")
+    if forward:
         where = f"the meta-training loss became {loss.item()} at iteration {iteration} (forward)"
-        # a first iteration has had no outer step yet: only the inner loop (or the model) is left
-        causes = [c for c in (adapt, None if iteration == 1 else outer) if c]
     else:
+        names = {id(p): name for name, p in run.model.named_parameters()}
         bad = [
-            name
-            for name, p in run.algo.named_parameters()
+            names.get(id(p), f"learned parameter {i} of algo={algo.name}")
+            for i, p in enumerate(run.algo.parameters())
             if p.grad is not None and not torch.isfinite(p.grad).all()
         ]
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -359,10 +363,7 @@ def _nonfinite_fault(run: Run, batch: Any, loss: torch.Tensor, iteration: int) -
             f"the meta-gradient of {shown} became NaN or Inf at iteration {iteration} "
             f"(backward; the loss was finite)"
         )
-        second = inner and not getattr(algo, "first_order", True)
-        causes = [adapt + (" or algo.first_order=true" if second else "")] if adapt else []
-        causes.append(outer)
-    likely = " or ".join(causes) if causes else "the model's initial weights or inputs"
+    likely = ", or ".join(causes) if causes else "the model's initial weights or inputs"
     return f"{where}; likely cause: {likely}"
 
 
