@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ class LoggerConfig:
     mode: str | None = None  # online|offline|disabled; None: $WANDB_MODE, else offline
     group: str | None = None  # W&B group (the runs of one sweep share one)
     tags: list[str] = field(default_factory=list)  # W&B tags
+    # seconds the W&B server has to answer at start-up; past that (or refused, or failing) the
+    # run logs to an offline W&B run instead, for `wandb sync` later
+    timeout: float = 5.0
+    finish_timeout: float = 120.0  # seconds for the last uploads; what is left stays for sync
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -38,6 +43,10 @@ class LoggerConfig:
                 f"logger.mode={self.mode!r} is unknown; use one of {list(MODES)} "
                 "or leave it unset (null) to use $WANDB_MODE, else 'offline'"
             )
+        for key in ("timeout", "finish_timeout"):
+            value = getattr(self, key)
+            if not 0 < value < math.inf:
+                raise ConfigError(f"logger.{key} must be a positive number of seconds, got {value}")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,6 +77,29 @@ def _read_kept_lines(path: Path, resume_step: int) -> list[str]:
         if step <= resume_step:
             kept.append(line)
     return kept
+
+
+def server_trouble(url: str, timeout: float) -> str | None:
+    """What is wrong with the W&B server at `url` (refused, silent past `timeout` seconds,
+    failing with HTTP 5xx), or None when it answers; one request, so a dead server costs at
+    most `timeout` seconds instead of W&B's own minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=timeout):
+            return None
+    except urllib.error.HTTPError as error:
+        return None if error.code < 500 else f"answers HTTP {error.code} ({error.reason})"
+    except TimeoutError:
+        return f"did not answer within {timeout:g} s"
+    except urllib.error.URLError as error:
+        reason = error.reason
+        if isinstance(reason, TimeoutError):
+            return f"did not answer within {timeout:g} s"
+        return f"is unreachable ({reason})"
+    except (OSError, ValueError) as error:  # a reset connection, a malformed URL
+        return f"is unreachable ({type(error).__name__}: {error})"
 
 
 class Logger:
@@ -119,23 +151,55 @@ class Logger:
             # show_info=False hides W&B's banners but keeps its warnings (a dropped step, say)
             # and errors, which silent=True would hide too. It must go to wandb.setup: the
             # terminal is configured once per process, so init's settings come too late.
-            wandb.setup(settings=wandb.Settings(show_info=False, mode=mode))
-            self._run = wandb.init(
-                project=self.cfg.project,
-                entity=self.cfg.entity,
-                group=self.cfg.group,
-                tags=list(self.cfg.tags),
-                name=run_name,
-                config=config,
-                dir=self.run_dir,  # the offline run lands in run_dir/wandb/
-                mode=mode,
-                id=run_id,
-                resume="allow" if run_id else None,
-            )
-            if mode != "disabled":  # a disabled run's id names nothing worth resuming
-                id_file.write_text(self._run.id + "\n")
+            setup = wandb.setup(settings=wandb.Settings(show_info=False, mode=mode))
+            if mode == "online":
+                url = setup.settings.base_url
+                trouble = server_trouble(url, self.cfg.timeout)
+                if trouble:
+                    self._go_offline(f"the W&B server {url} {trouble}")
+                    mode = "offline"
+                    # set up again offline: an online set-up would try the server at exit
+                    wandb.teardown()
+                    wandb.setup(settings=wandb.Settings(show_info=False, mode=mode))
         except Exception as error:  # any failure: see _wandb_failed
-            self._wandb_failed("wandb.init", error, stacklevel=4)  # point at Logger(...)
+            self._wandb_failed("wandb.setup", error, stacklevel=4)  # point at Logger(...)
+            return
+        settings = wandb.Settings(
+            init_timeout=6 * self.cfg.timeout, finish_timeout=self.cfg.finish_timeout
+        )
+        while True:
+            try:
+                self._run = wandb.init(
+                    project=self.cfg.project,
+                    entity=self.cfg.entity,
+                    group=self.cfg.group,
+                    tags=list(self.cfg.tags),
+                    name=run_name,
+                    config=config,
+                    dir=self.run_dir,  # the offline run lands in run_dir/wandb/
+                    mode=mode,
+                    id=run_id,
+                    resume="allow" if run_id else None,
+                    settings=settings,
+                )
+                if mode != "disabled":  # a disabled run's id names nothing worth resuming
+                    id_file.write_text(self._run.id + "\n")
+                return
+            except Exception as error:  # any failure: see _wandb_failed
+                if mode != "online":
+                    self._wandb_failed("wandb.init", error, stacklevel=5)  # at Logger(...)
+                    return
+                self._go_offline(f"wandb.init failed ({type(error).__name__}: {error})")
+                mode = "offline"
+
+    def _go_offline(self, why: str) -> None:
+        folder = self.run_dir / "wandb"
+        warnings.warn(
+            f"{why}; this run logs to an offline W&B run in {folder} instead (and to "
+            f"{self.metrics_path}): upload it later with `wandb sync {folder}`",
+            RuntimeWarning,
+            stacklevel=5,  # at Logger(...)
+        )
 
     def _wandb_failed(self, action: str, error: Exception, stacklevel: int = 3) -> None:
         """Turn W&B off for the rest of the run, saying so once (at the caller's line)."""
