@@ -223,7 +223,9 @@ def test_wandb_init_failure_warns_once_and_keeps_metrics_jsonl(
     tmp_path: Path, wandb_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WANDB_MODE", "bogus")  # logger.mode unset: wandb.init rejects this
-    with pytest.warns(RuntimeWarning, match=r"(?s)wandb.init failed .*metrics\.jsonl") as caught:
+    with pytest.warns(
+        RuntimeWarning, match=r"(?s)wandb.(setup|init) failed .*metrics\.jsonl"
+    ) as caught:
         logger = Logger(LoggerConfig(), tmp_path, run_name="r", config=CONFIG)
         assert not logger.wandb_enabled
         for step in range(3):
