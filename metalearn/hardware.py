@@ -27,6 +27,10 @@ class HardwareConfig:
     channels_last: bool = False  # NHWC image activations (faster convolutions on CPU)
     # torch.compile the training objective (the first iterations pay the compilation)
     compile: bool = False
+    # deterministic kernels only (torch.use_deterministic_algorithms, cuDNN without autotuning,
+    # a fixed cuBLAS workspace): bit-identical CUDA reruns where PyTorch allows, at some speed;
+    # an op without a deterministic kernel then fails, naming itself. CPU runs are always so.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
@@ -45,6 +49,8 @@ def select_device(cfg: HardwareConfig) -> torch.device:
     """Resolve 'auto' and fail early when CUDA is asked for but absent."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        make_deterministic()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("hardware=cuda but no CUDA device is visible; use hardware=cpu or auto")
     kind = cfg.device
@@ -53,6 +59,14 @@ def select_device(cfg: HardwareConfig) -> torch.device:
     if kind == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(kind)
+
+
+def make_deterministic() -> None:
+    """What PyTorch's reproducibility notes ask for, before any CUDA work starts."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 # Above this many examples per training task (support and query), conv nets on CPU run faster
@@ -89,6 +103,7 @@ def describe(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu": _cpu_model(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -394,7 +394,9 @@ def _memory_advice(run: Run, iteration: int, error: BaseException) -> str:
     algo, trainer = run.config.algo, run.config.trainer
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     tasks = f"trainer.meta_batch_size={trainer.meta_batch_size}"
-    tips = [f"a smaller {tasks} (e.g. {max(1, trainer.meta_batch_size // 2)})"]
+    tips = [
+        f"a smaller meta-batch (trainer.meta_batch_size={max(1, trainer.meta_batch_size // 2)})"
+    ]
     what = f"algo={algo.name}"
     if hasattr(algo, "first_order"):
         if not algo.first_order:
@@ -404,7 +406,10 @@ def _memory_advice(run: Run, iteration: int, error: BaseException) -> str:
             )
             tips.insert(0, "algo.first_order=true (no second-order graph)")
         if hasattr(algo, "checkpoint") and not algo.checkpoint:
-            tips.append("gradient checkpointing, algo.checkpoint=true (recomputes the inner loop)")
+            tips.append(
+                "gradient checkpointing (algo.checkpoint=true hardware.task_batching=loop: "
+                "each task's inner loop is recomputed in backward)"
+            )
     return (
         f"out of memory at iteration {iteration} in {what}, {tasks}; peak memory "
         f"{peak_memory(run.device)}; try {', or '.join(tips)} ({first})"
