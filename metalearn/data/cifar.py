@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metalearn.data.classes import read_class_list
+from metalearn.data.archives import open_tgz, tar_member
+from metalearn.data.classes import check_disjoint, read_split_lists
 from metalearn.data.download import download
 from metalearn.data.pickles import SafeUnpickler
 from metalearn.data.preprocess import image_array
@@ -67,6 +68,7 @@ DATASETS = {
 }
 # arrays, plain containers and the str->bytes helper of protocol-2 pickles; nothing else loads
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+_REFETCH = f"it is not {ARCHIVE}: delete it and download it again from {URL}"
 
 
 @dataclass
@@ -95,7 +97,7 @@ class FC100Config(CIFARFSConfig):
 
 def split_lists(name: str) -> dict[str, list[str]]:
     """split -> packaged class names; FC100's lines are `<superclass>/<class>`."""
-    return {part: read_class_list(name, DATASETS[name].split, part) for part in SPLITS}
+    return read_split_lists(name, DATASETS[name].split, SPLITS)
 
 
 def unpickle(data: bytes, where: str, keys: tuple[str, ...], encoding: str) -> dict:
@@ -135,9 +137,10 @@ def read_archive(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[s
     the archive's training images, then its test images."""
     blobs = {}
     try:
-        with tarfile.open(path, "r|gz") as tar:
+        with open_tgz(path) as tar:
             for member in tar:  # each member is read in memory: its name never becomes a path
-                folder, _, part = member.name.removeprefix("./").partition("/")
+                name = tar_member(member, str(path), _REFETCH).as_posix()  # folds a leading "./"
+                folder, _, part = name.partition("/")
                 if member.isfile() and folder == "cifar-100-python" and part in MEMBERS:
                     data = tar.extractfile(member).read()
                     blobs[part] = unpickle(data, f"{path}:{member.name}", MEMBERS[part], "bytes")
@@ -200,6 +203,11 @@ def decode_archive(path: Path, lists: dict[str, list[str]], size: int) -> dict:
         per_class = []
         for entry, name in zip(entries, classes, strict=True):
             rows = np.flatnonzero(fine == index[name])
+            if not len(rows):
+                raise DataError(
+                    f"{path} holds no images of class {name} (of the {split} split); it is not "
+                    f"the CIFAR-100 archive: delete it and download it again from {URL}"
+                )
             superclass = entry.rpartition("/")[0]
             found = {coarse_names[c] for c in coarse[rows]}
             if superclass and found != {superclass}:
@@ -229,9 +237,8 @@ def decode_pickles(folder: Path, pattern: str, counts: tuple[int, ...], size: in
             raise DataError(f"{path} holds {len(ids)} classes; the {split} split has {expected}")
         per_class = [data[labels == c].transpose(0, 3, 1, 2) for c in ids]
         out[split] = (_stack(per_class, size, str(path)), [str(c) for c in ids])
-    train = set(out["train"][1])
-    if train & (set(out["val"][1]) | set(out["test"][1])):
-        raise DataError(f"{folder}: the train pickle shares class ids with val or test")
+    files = {split: str(folder / pattern.format(split)) for split in SPLITS}
+    check_disjoint({split: names for split, (_, names) in out.items()}, files)
     return out
 
 

@@ -76,9 +76,14 @@ def with_rotations(bases: list[str], rotations: tuple[int, ...] = ROTATIONS) -> 
     return [rotated_name(base, degrees) for base in bases for degrees in rotations]
 
 
+def class_list_path(dataset: str, split: str, part: str):
+    """The packaged list `metalearn/splits/<dataset>/<split>/<part>.txt`."""
+    return resources.files("metalearn") / "splits" / dataset / split / f"{part}.txt"
+
+
 def read_class_list(dataset: str, split: str, part: str) -> list[str]:
     """Read the packaged list `metalearn/splits/<dataset>/<split>/<part>.txt`, one class a line."""
-    path = resources.files("metalearn") / "splits" / dataset / split / f"{part}.txt"
+    path = class_list_path(dataset, split, part)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
@@ -87,3 +92,32 @@ def read_class_list(dataset: str, split: str, part: str) -> list[str]:
             f"(pip install -e .) so its package data is present."
         ) from err
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def check_disjoint(lists: dict[str, list[str]], files: dict[str, str]) -> None:
+    """Raise DataError if a class is listed twice, in one part or in two: meta-train, validation
+    and test classes must be distinct and disjoint, or test tasks reuse training classes.
+    `files[part]` names where the part's list was read, for the message."""
+    seen: dict[str, str] = {}
+    for part, classes in lists.items():
+        for name in classes:
+            if name in seen:
+                first = seen[name]
+                where = (
+                    f"twice in {files[part]}"
+                    if first == part
+                    else f"in both {files[first]} ({first}) and {files[part]} ({part})"
+                )
+                raise DataError(
+                    f"The class {name!r} is listed {where}, but meta-train, validation and test "
+                    f"classes must be distinct and disjoint: a file is corrupt or was edited, "
+                    f"restore the original."
+                )
+            seen[name] = part
+
+
+def read_split_lists(dataset: str, split: str, parts: tuple[str, ...]) -> dict[str, list[str]]:
+    """part -> the packaged list of `read_class_list`, checked to be disjoint."""
+    lists = {part: read_class_list(dataset, split, part) for part in parts}
+    check_disjoint(lists, {part: str(class_list_path(dataset, split, part)) for part in parts})
+    return lists

@@ -19,13 +19,14 @@ import io
 import tarfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from metalearn.data.archives import inside, open_tgz, tar_member
 from metalearn.data.download import download
 from metalearn.data.preprocess import image_array
 from metalearn.data.root import cache_path, cached, fingerprint, resolve_root
@@ -47,6 +48,7 @@ CACHE_FORMAT = 1
 # what a truncated or corrupt gzip/tar stream (or a list that is not text) raises
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeDecodeError)
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_REFETCH = f"the file is not the official {ARCHIVE}: delete it and download it again"
 
 
 @dataclass
@@ -81,18 +83,6 @@ def chen_split(classes: list[str]) -> dict[str, list[str]]:
     return {"train": names[0::2], "val": names[1::4], "test": names[3::4]}
 
 
-def _relative(name: str, where: str) -> PurePosixPath:
-    """A path inside the data set, or a DataError: absolute paths and `..` could reach files
-    outside it (a crafted archive or list)."""
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or "\\" in name:
-        raise DataError(
-            f"{where}: refusing the path {name!r}, which points outside the data set; the file "
-            f"is not the official {ARCHIVE}: delete it and download it again"
-        )
-    return path
-
-
 def _rows(text: str, name: str, where: str) -> dict[int, str]:
     """`<integer id> <value>` lines -> {id: value}."""
     rows: dict[int, str] = {}
@@ -116,7 +106,7 @@ def class_images(lists: dict[str, str], where: str) -> dict[str, list[str]]:
     labels = _rows(lists["image_class_labels.txt"], "image_class_labels.txt", where)
     per_class: dict[str, list[str]] = {classes[i]: [] for i in sorted(classes)}
     for image in sorted(paths):
-        path = _relative(paths[image], f"{where}: images.txt")
+        path = inside(paths[image], f"{where}: images.txt", _REFETCH)
         label = labels.get(image, "")
         folder = classes.get(int(label)) if label.isdigit() else None
         if folder is None or path.parent.as_posix() != folder:
@@ -184,9 +174,10 @@ def _corrupt(path: Path, error: Exception) -> DataError:
 
 def _members(tar: tarfile.TarFile, path: Path):
     """(member, name under CUB_200_2011/) of every regular file of the data set; refuses names
-    that point outside it. Other members (the top-level attributes.txt, folders) are skipped."""
+    and links that point outside it. Other members (the top-level attributes.txt, folders, links
+    inside) are skipped."""
     for member in tar:
-        name = _relative(member.name, str(path)).as_posix()  # also folds a leading "./"
+        name = tar_member(member, str(path), _REFETCH).as_posix()  # also folds a leading "./"
         if member.isfile() and name.startswith(f"{FOLDER}/"):
             yield member, name.removeprefix(f"{FOLDER}/")
 
@@ -195,7 +186,7 @@ def decode_archive(path: Path, size: int) -> dict[str, CUBSplit]:
     """Two streaming passes over the .tgz: the lists, then the listed images, decoded."""
     lists = {}
     try:
-        with tarfile.open(path, "r|gz") as tar:
+        with open_tgz(path) as tar:
             for member, name in _members(tar, path):
                 if name in LISTS:
                     lists[name] = tar.extractfile(member).read().decode("utf-8")
@@ -208,7 +199,7 @@ def decode_archive(path: Path, size: int) -> dict[str, CUBSplit]:
         slots = _Slots(class_images(lists, str(path)), size)
         hint = f"the archive is corrupt: delete {path} and download it again"
         with (
-            tarfile.open(path, "r|gz") as tar,
+            open_tgz(path) as tar,
             tqdm(total=len(slots.where), desc=f"decode {ARCHIVE}", unit="img", leave=False) as bar,
         ):
             for member, name in _members(tar, path):

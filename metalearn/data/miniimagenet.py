@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from metalearn.data.classes import check_disjoint
 from metalearn.data.download import download
 from metalearn.data.pickles import SafeUnpickler
 from metalearn.data.preprocess import image_array
@@ -65,21 +66,25 @@ class MiniImageNetConfig:
 
 def ravi_lists(folder: Path) -> dict[str, dict[str, list[str]]]:
     """split -> class (wnid) -> file names in CSV order, from `folder` or the packaged copy."""
-    lists = {}
+    lists, files = {}, {}
     for split in SPLITS:
         path = folder / "splits" / "ravi" / f"{split}.csv"
         if path.is_file():
             text = path.read_text(encoding="utf-8")
         else:
-            packaged = resources.files("metalearn") / "splits" / "miniimagenet" / "ravi"
-            text = gzip.decompress((packaged / f"{split}.csv.gz").read_bytes()).decode()
+            path = resources.files("metalearn") / "splits" / "miniimagenet" / "ravi"
+            path = path / f"{split}.csv.gz"
+            text = gzip.decompress(path.read_bytes()).decode()
         classes: dict[str, list[str]] = {}
         rows = csv.reader(io.StringIO(text))
         if next(rows, None) != ["filename", "label"]:
             raise DataError(f"{path} is not a Ravi split list: its header must be filename,label")
-        for filename, label in rows:
-            classes.setdefault(label, []).append(filename)
-        lists[split] = classes
+        for number, row in enumerate(rows, start=2):
+            if len(row) != 2:
+                raise DataError(f"{path}: line {number} is {row}, not filename,label")
+            classes.setdefault(row[1], []).append(row[0])
+        lists[split], files[split] = classes, str(path)
+    check_disjoint({split: list(classes) for split, classes in lists.items()}, files)
     return lists
 
 
@@ -100,8 +105,18 @@ def read_pickle(path: Path) -> dict:
             f"(found {keys}); it is not mini-imagenet-cache-*.pkl"
         )
     images = blob["image_data"]
-    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4):
-        raise DataError(f"{path}: image_data must be a uint8 array (N, H, W, 3)")
+    is_array = isinstance(images, np.ndarray)
+    found = f"{images.dtype} {images.shape}" if is_array else f"a {type(images).__name__}"
+    if not (is_array and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3):
+        raise DataError(
+            f"{path}: image_data must be a uint8 array (N, H, W, 3) of RGB images, got {found}; "
+            f"it is not mini-imagenet-cache-*.pkl"
+        )
+    if not isinstance(blob["class_dict"], dict):
+        raise DataError(
+            f"{path}: class_dict must be a dict of class -> image indices, got a "
+            f"{type(blob['class_dict']).__name__}; it is not mini-imagenet-cache-*.pkl"
+        )
     return blob
 
 
@@ -123,12 +138,28 @@ def _resized(array: np.ndarray, size: int) -> np.ndarray:
     return image_array(Image.fromarray(array), **PREPROCESS, size=size)
 
 
+def _check_indices(path: Path, class_dict: dict, count: int) -> None:
+    """Every class has images, each an index into image_data's `count` images."""
+    for wnid, indices in class_dict.items():
+        indices = np.asarray(indices)
+        if indices.size == 0:
+            raise DataError(f"{path}: class {wnid} has no images in class_dict; replace the file")
+        if indices.dtype.kind not in "iu" or indices.min() < 0 or indices.max() >= count:
+            raise DataError(
+                f"{path}: class_dict lists images of class {wnid} outside the {count} of "
+                f"image_data; the file is corrupt, replace it"
+            )
+
+
 def decode_pickles(folder: Path, size: int) -> dict[str, tuple[torch.Tensor, list[str]]]:
-    out = {}
-    for split, name in SPLITS.items():
+    out, lists, files = {}, {}, {}
+    for split, name in SPLITS.items():  # one pickle in memory at a time
         path = folder / f"mini-imagenet-cache-{name}.pkl"
         blob = read_pickle(path)
+        lists[split], files[split] = list(blob["class_dict"]), str(path)
+        check_disjoint(lists, files)  # against the splits read so far
         data, classes = blob["image_data"], sorted(blob["class_dict"])
+        _check_indices(path, blob["class_dict"], len(data))
         per_class = [
             [_resized(data[i], size) for i in blob["class_dict"][c]]
             for c in tqdm(classes, desc=f"decode {path.name}", leave=False)
@@ -141,7 +172,7 @@ def _open(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return image_array(image, **PREPROCESS, size=size)
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot decode the image {path} ({error}); replace the file") from error
 
 

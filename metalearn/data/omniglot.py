@@ -14,7 +14,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from metalearn.data.classes import ClassSet, gather_classes, read_class_list, with_rotations
+from metalearn.data.archives import inside
+from metalearn.data.classes import (
+    ClassSet,
+    check_disjoint,
+    gather_classes,
+    read_split_lists,
+    with_rotations,
+)
 from metalearn.data.download import download as download_file
 from metalearn.data.preprocess import image_array
 from metalearn.data.root import cache_dir, fingerprint, load_cache, resolve_root, save_cache
@@ -44,8 +51,14 @@ _MEMBER = re.compile(
     r"(?:^|/)images_(?P<part>background|evaluation)/(?P<alphabet>[^/]+)/"
     r"(?P<character>character\d+)/\d+_(?P<drawer>\d+)\.png$"
 )
-# What a truncated zip, a bad CRC or a broken PNG raises while we read and decode.
+# A character's folder: a zip's folder entry, or a sub-folder of an extracted copy.
+_FOLDER = re.compile(
+    r"(?:^|/)images_(?P<part>background|evaluation)/(?P<alphabet>[^/]+)/"
+    r"(?P<character>character\d+)/$"
+)
+# What a truncated zip, a bad CRC, a broken PNG or one claiming a huge size raises while we read.
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, SyntaxError, ValueError)
+_READ_ERRORS += (Image.DecompressionBombError,)
 
 
 @dataclass
@@ -125,14 +138,26 @@ class _Source:
         self.zip: zipfile.ZipFile | None = None
         try:
             if path.is_dir():
-                # Names relative to the folder's parent match the zip's ("images_background/...").
+                # Names relative to the folder's parent match the zip's ("images_background/...");
+                # the character folders come too, with a trailing "/" as a zip's folder entries.
                 files = path.rglob("*.png")
                 self.names = [f.relative_to(path.parent).as_posix() for f in files]
+                folders = [f for f in path.glob("*/*") if f.is_dir()]
+                self.names += [f"{f.relative_to(path.parent).as_posix()}/" for f in folders]
             else:
                 self.zip = zipfile.ZipFile(path)
                 self.names = self.zip.namelist()
         except _READ_ERRORS as err:
             raise _corrupt(path, f"{type(err).__name__}: {err}") from err
+        if self.zip is not None:
+            # Members are read in memory, never extracted, but no official one points outside.
+            fix = "it is not the official archive: delete it and download it again"
+            try:
+                for name in self.names:
+                    inside(name, f"The Omniglot file {path}", fix)
+            except DataError:
+                self.close()
+                raise
 
     def decode(self, name: str, size: int) -> np.ndarray:
         """Decode one PNG to uint8 [size, size], ink = 255 (the PNGs draw black ink on white)."""
@@ -153,13 +178,22 @@ class _Source:
 def _index_members(source: _Source, part: str) -> dict[str, list[str]]:
     """Map "<Alphabet>/characterKK" to its member names, ordered by drawer 01..20."""
     drawers: dict[str, dict[int, str]] = {}
+    folders: set[str] = set()
     for name in source.names:
         match = _MEMBER.search(name)
         if match and match["part"] == part:
             character = f"{match['alphabet']}/{match['character']}"
             drawers.setdefault(character, {})[int(match["drawer"])] = name
+        folder = _FOLDER.search(name)
+        if folder and folder["part"] == part:
+            folders.add(f"{folder['alphabet']}/{folder['character']}")
     if not drawers:
         raise _corrupt(source.path, f"no images_{part}/<Alphabet>/characterKK/<ID>_<DD>.png")
+    empty = sorted(folders - set(drawers))
+    if empty:
+        shown = ", ".join(f"images_{part}/{c}/" for c in empty[:3])
+        detail = f"{len(empty)} character folder(s) hold no images ({shown})"
+        raise _corrupt(source.path, f"{detail}; each should hold drawers 01..20")
     expected = set(range(1, DRAWERS + 1))
     for character, found in drawers.items():
         if set(found) != expected:
@@ -249,7 +283,9 @@ def vinyals_split(
     their own `lists` ({"train": [...], "val": [...], "test": [...]}).
     """
     if lists is None:
-        lists = {part: read_class_list("omniglot", "vinyals", part) for part in SPLIT_PARTS}
+        lists = read_split_lists("omniglot", "vinyals", SPLIT_PARTS)
+    else:
+        check_disjoint(lists, {part: f"the {part} list" for part in lists})
     return _split(characters, lists)
 
 

@@ -160,8 +160,9 @@ def _unpickle(path: Path, unpickler: type, *args) -> "_SafeUnpickler | _Streamin
     except Refused as error:
         raise DataError(f"{path}: {error}; it is not a genuine file, delete it") from error
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as error:
+        detail = str(error) or type(error).__name__  # the Python unpickler's EOFError is bare
         raise DataError(
-            f"cannot read {path} ({error}): it is truncated, corrupt or not a tieredImageNet "
+            f"cannot read {path} ({detail}): it is truncated, corrupt or not a tieredImageNet "
             f"pickle; delete it and fetch it again"
         ) from error
 
