@@ -11,7 +11,7 @@ from torch import nn
 from metalearn import checkpoint
 from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
-from metalearn.config import as_dict, from_dict
+from metalearn.config import as_dict, check_seed, from_dict
 from metalearn.data.bandits import BanditConfig, BanditTasks, DependentBanditConfig
 from metalearn.data.cifar import PREPROCESS as CIFAR_PREPROCESS
 from metalearn.data.cifar import CIFARFSConfig, FC100Config, cifarfs_tasks, fc100_tasks
@@ -124,8 +124,7 @@ def parse_config(raw: dict) -> RunConfig:
         raise ConfigError(
             f"unknown top-level key(s) {', '.join(extra)}; valid: {', '.join(SECTIONS)}"
         )
-    if not isinstance(raw["seed"], int):
-        raise ConfigError(f"seed must be an integer, got {raw['seed']!r}")
+    check_seed(raw["seed"], "seed")
     return RunConfig(
         algo=from_dict(_pick(ALGOS, "algo", raw["algo"])[0], raw["algo"], "algo"),
         data=from_dict(_pick(DATASETS, "data", raw["data"])[0], raw["data"], "data"),
@@ -206,11 +205,28 @@ def _task_shapes(config: RunConfig) -> tuple[tuple, tuple]:
     if data.task_kind == "rl":
         shape = (data.actions, data.steps, 0)
         return shape, shape
+    _check_train_shape(algo_cfg, data.task_kind)
     # (pre-training baselines have no training episodes: their shape is the test one)
     train_ways = getattr(algo_cfg, "train_ways", None) or data.ways
     train_shots = getattr(algo_cfg, "train_shots", None) or data.shots
     train_shape = (train_ways, train_shots, getattr(algo_cfg, "train_query", None) or data.query)
     return train_shape, (data.ways, data.shots, config.eval.query or data.query)
+
+
+def _check_train_shape(algo_cfg: Any, kind: str) -> None:
+    """algo.train_ways, train_shots and train_query (where the algorithm has them): null, for the
+    data set's own, or a count that fits the task kind; 0 must not fall back to the default."""
+    ways = getattr(algo_cfg, "train_ways", None)
+    if kind == "regression" and ways not in (None, 1):
+        raise ConfigError(
+            f"regression tasks have one output: algo.train_ways must be 1 (or null), got {ways}"
+        )
+    if kind == "classification" and ways is not None and ways < 2:
+        raise ConfigError(f"algo.train_ways must be >= 2 (a task tells classes apart), got {ways}")
+    for key in ("train_shots", "train_query"):
+        value = getattr(algo_cfg, key, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"algo.{key} must be positive, got {value}")
 
 
 def _task_name(data: Any) -> str:

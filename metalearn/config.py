@@ -37,7 +37,10 @@ def _check(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range (about 1.8e308)
+            raise ConfigError(f"{key} must be float, got {value} (too large for a float)") from None
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint in (str, bool) and isinstance(value, hint):
@@ -45,6 +48,12 @@ def _check(value: Any, hint: Any, key: str) -> Any:
     if hint is typing.Any:
         return value
     raise ConfigError(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def check_seed(value: Any, key: str) -> None:
+    """A seed of torch's generators, which take less than 2**64 (evaluation adds small offsets)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ConfigError(f"{key} must be an integer in [0, 2**63), got {value!r}")
 
 
 def as_dict(config: Any) -> dict[str, Any]:

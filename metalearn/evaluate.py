@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from metalearn.config import check_seed
 from metalearn.errors import ConfigError
 
 SPLIT_SEED_OFFSET = {"test": 0, "val": 1}  # val and test episodes differ even on one task family
@@ -28,6 +29,7 @@ class EvalConfig:
                 raise ConfigError(f"eval.{key} must be positive, got {getattr(self, key)}")
         if self.query is not None and self.query < 1:
             raise ConfigError(f"eval.query must be positive, got {self.query}")
+        check_seed(self.seed, "eval.seed")
         if any(s < 1 for s in self.shots) or any(s < 0 for s in self.steps):
             raise ConfigError(
                 f"eval.shots must be >= 1 and eval.steps >= 0: {self.shots}, {self.steps}"

@@ -5,6 +5,7 @@ from typing import ClassVar
 
 import torch
 
+from metalearn.config import check_seed
 from metalearn.data.omniglot import load_omniglot
 from metalearn.data.root import resolve_root
 from metalearn.data.tasks import ClassTasks, check_image_task_config
@@ -37,6 +38,7 @@ class OmniglotConfig:
                 f"valid: {', '.join(OMNIGLOT_SPLITS)}"
             )
         check_image_task_config(self)
+        check_seed(self.split_seed, "data.split_seed")
 
 
 def omniglot_tasks(cfg: OmniglotConfig, device: torch.device) -> ClassTasks:

@@ -1,5 +1,6 @@
 """Sinusoid regression tasks (Finn et al. 2017, section 5.1): y = A sin(x - phase), no files."""
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -35,10 +36,10 @@ class SinusoidConfig:
                 f"data.shots and data.query must be positive, got {self.shots} and {self.query}"
             )
         for key in ("amplitude", "phase", "x_range"):
-            low, high = getattr(self, key)
-            if not low <= high:
+            bounds = getattr(self, key)
+            if len(bounds) != 2 or not all(map(math.isfinite, bounds)) or bounds[0] > bounds[1]:
                 raise ConfigError(
-                    f"data.{key} must be [low, high] with low <= high, got {[low, high]}"
+                    f"data.{key} must be [low, high] with finite low <= high, got {bounds}"
                 )
 
 

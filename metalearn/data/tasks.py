@@ -13,8 +13,11 @@ from metalearn.errors import ConfigError, DataError
 
 
 def check_image_task_config(cfg) -> None:
-    """The keys every image data set's config shares: ways, shots, query and image_size >= 1."""
-    for key in ("ways", "shots", "query", "image_size"):
+    """The keys every image data set's config shares: ways >= 2 (one class is no task), shots,
+    query and image_size >= 1."""
+    if cfg.ways < 2:
+        raise ConfigError(f"data.ways must be >= 2 (a task tells classes apart), got {cfg.ways}")
+    for key in ("shots", "query", "image_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"data.{key} must be positive, got {getattr(cfg, key)}")
 
@@ -117,10 +120,14 @@ class EpisodeSampler:
         fewest = self.fewest_examples
         if shots + query > fewest:
             where = "per class" if self.counts is None else "in its smallest class"
+            if split == "train":  # the keys that set each split's task shape
+                keys = "data.shots or data.query (algo.train_shots, algo.train_query where set)"
+            else:
+                keys = "data.shots or eval.shots, or data.query (eval.query where set)"
             raise DataError(
                 f"shots + query = {shots} + {query} = {shots + query} examples per class, but the "
-                f"{split} split has {fewest} {where}; lower data.shots or data.query so that "
-                f"they sum to at most {fewest}"
+                f"{split} split has {fewest} {where}; lower {keys} so that they sum to at most "
+                f"{fewest}"
             )
 
     def sample(

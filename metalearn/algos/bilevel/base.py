@@ -6,6 +6,7 @@ A subclass says how a task is adapted (`trajectory`), how adapted parameters pre
 """
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +52,10 @@ class BilevelConfig:
     def __post_init__(self) -> None:
         for key in ("inner_lr", "test_inner_lr", "outer_lr"):
             value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise ConfigError(f"algo.{key} must be a positive learning rate, got {value}")
+            if value is not None and not 0 < value < math.inf:
+                raise ConfigError(
+                    f"algo.{key} must be a positive, finite learning rate, got {value}"
+                )
         if self.inner_steps < 1:
             raise ConfigError(f"algo.inner_steps must be at least 1, got {self.inner_steps}")
         if self.test_inner_steps is not None and self.test_inner_steps < 0:

@@ -14,6 +14,7 @@ TRPO, Wang et al. A2C.)
 Shape letters: T trials run in parallel, P steps per trial (pulls of a bandit), A actions.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,9 @@ class RL2Config:
     normalize_advantages: bool = True  # per meta-batch, to zero mean and unit variance
 
     def __post_init__(self) -> None:
-        if not self.outer_lr > 0:
+        if not 0 < self.outer_lr < math.inf:
             raise ConfigError(
-                f"algo.outer_lr must be a positive learning rate, got {self.outer_lr}"
+                f"algo.outer_lr must be a positive, finite learning rate, got {self.outer_lr}"
             )
         for key in ("gamma", "gae_lambda"):
             if not 0 <= getattr(self, key) <= 1:

@@ -5,6 +5,7 @@ support embeddings turn into scores for its queries (`scores`), in the loss on t
 and in any modules of their own next to the embedding network (`extra_modules`).
 """
 
+import math
 from typing import Any
 
 import torch
@@ -17,8 +18,10 @@ from metalearn.errors import ConfigError
 
 
 def check_outer_lr(cfg: Any) -> None:
-    if not cfg.outer_lr > 0:
-        raise ConfigError(f"algo.outer_lr must be a positive learning rate, got {cfg.outer_lr}")
+    if not 0 < cfg.outer_lr < math.inf:
+        raise ConfigError(
+            f"algo.outer_lr must be a positive, finite learning rate, got {cfg.outer_lr}"
+        )
 
 
 class EpisodicLearner:
