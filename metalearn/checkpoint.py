@@ -74,9 +74,9 @@ def save(path: Path, state: dict[str, Any]) -> None:
     _check_finite(path, state.get("algo_state", {}))
     payload = {**state, "format": FORMAT}
     payload["sha256"] = digest(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as file:
             torch.save(payload, file)
             file.flush()

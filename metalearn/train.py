@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -321,7 +322,7 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
         return [t for value in tree.values() for t in _tensors(value)]
     if isinstance(tree, list | tuple):
         return [t for value in tree for t in _tensors(value)]
-    if hasattr(tree, "__dict__"):
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # TaskBatch, Split, ...
         return _tensors(vars(tree))
     return []
 

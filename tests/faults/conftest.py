@@ -8,9 +8,10 @@ import pytest
 
 # tally key -> what the printed line says of it
 KINDS = {
-    "sigkill": "SIGKILLs at random moments, resumed to the identical result",
-    "sigkill_checkpoint": "  of which during a checkpoint write",
-    "sigkill_eval": "  of which during validation",
+    "sigkill": "SIGKILLs of real training runs, each resumed to the identical result",
+    "sigkill_random": "  of which at random moments (in start-up, training or anything else)",
+    "sigkill_checkpoint": "  of which halfway through a checkpoint write or between its renames",
+    "sigkill_eval": "  of which halfway through a validation or the final test",
     "stop_signal": "SIGTERM/SIGINT stops, resumed to the identical result",
     "checkpoint_corrupt": "damaged checkpoints, fallen back to the previous good one or refused",
     "corrupt_input": "corrupted or wrong input files, each a clear error naming the file",

@@ -95,7 +95,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def test_twenty_two_sigkills_resume_to_the_uninterrupted_result(uninterrupted, tmp_path, tally):
     run_dir = tmp_path / "killed"
-    counts = {"sigkill": 0, "sigkill_checkpoint": 0, "sigkill_eval": 0}
+    counts = {"sigkill": 0, "sigkill_random": 0, "sigkill_checkpoint": 0, "sigkill_eval": 0}
     for number, (where, when) in enumerate(plan(), start=1):
         resume = ["trainer.resume=true"] if number > 1 else []
         if where in ("training", "anytime"):
@@ -115,6 +115,7 @@ def test_twenty_two_sigkills_resume_to_the_uninterrupted_result(uninterrupted, t
         assert not (run_dir / "results.json").exists()
         check_checkpoints(run_dir)
         counts["sigkill"] += 1
+        counts["sigkill_random"] += where in ("training", "anytime")
         counts["sigkill_checkpoint"] += where in ("save", "rename")
         counts["sigkill_eval"] += where in ("validate", "test")
     final = metalearn(run_dir, "trainer.resume=true")

@@ -58,7 +58,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     ids=["SIGTERM", "SIGINT"],
 )
 def test_a_stop_signal_saves_last_pt_and_resume_finishes_identically(
-    sig, returncodes, uninterrupted, tmp_path
+    sig, returncodes, uninterrupted, tmp_path, tally
 ):
     process = start(tmp_path)
     wait_for_step(tmp_path, 100, process)
@@ -79,3 +79,4 @@ def test_a_stop_signal_saves_last_pt_and_resume_finishes_identically(
     assert results["val"] == uninterrupted["val"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # one val row shares 300
+    tally["stop_signal"] += 1
