@@ -4,6 +4,7 @@ checkpoint or results.json that cannot be written is a clear error with the prev
 intact and a resume that ends as if nothing happened; metrics.jsonl that cannot be written is a
 warning, and training goes on."""
 
+import json
 import os
 import resource
 import subprocess
@@ -135,4 +136,34 @@ def test_a_run_folder_that_cannot_be_made_is_one_clear_line(tmp_path, key, tally
         f"error: cannot create the run folder {blocker / 'run'}: {blocker} is a file, not a "
         f"folder; choose another hydra.run.dir (or hydra.sweep.dir)"
     )
+    tally["disk"] += 1
+
+
+def test_metrics_lines_the_disk_refused_are_written_once_it_takes_them_again(tmp_path, tally):
+    """RLIMIT_FSIZE lowered in this process while logging, then raised again: the lines refused
+    meanwhile (EFBIG) reach metrics.jsonl, in order and whole, before the next one."""
+    from metalearn.logger import Logger, LoggerConfig
+
+    logger = Logger(LoggerConfig(kind="none"), tmp_path, run_name="r", config={})
+    rows = [{"step": step, "train/loss": 1.0 / step} for step in range(1, 31)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for row in rows[:10]:
+            logger.log({"train/loss": row["train/loss"]}, step=row["step"])
+        size = (tmp_path / "metrics.jsonl").stat().st_size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))  # a line and a half more
+        try:
+            for row in rows[10:20]:
+                logger.log({"train/loss": row["train/loss"]}, step=row["step"])
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        for row in rows[20:]:
+            logger.log({"train/loss": row["train/loss"]}, step=row["step"])
+        logger.close()
+    said = [str(w.message) for w in seen]
+    assert sum("cannot write" in m and "File too large" in m for m in said) == 1
+    assert any("is written again" in m for m in said)
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert written == rows
     tally["disk"] += 1
