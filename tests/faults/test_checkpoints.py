@@ -11,26 +11,10 @@ import pytest
 import torch
 from conftest import compose_config
 
+from faults.sinusoid import run
 from metalearn import checkpoint
-from metalearn.build import build_run
 from metalearn.errors import CheckpointError
 from metalearn.reevaluate import evaluate_checkpoint
-from metalearn.train import train
-
-# sinusoid MAML validated and checkpointed every 5 iterations
-SINUSOID = [
-    "debug=smoke",
-    "hardware.threads=1",
-    "trainer.eval_every=5",
-    "eval.episodes=10",
-    "eval.val_episodes=4",
-    "eval.shots=[]",
-    "eval.steps=[]",
-]
-
-
-def run(run_dir: Path, *extra: str) -> dict:
-    return train(build_run(compose_config([*SINUSOID, *extra])), run_dir)
 
 
 @pytest.fixture(scope="module")

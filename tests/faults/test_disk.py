@@ -13,28 +13,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
 
+from faults.sinusoid import SINUSOID, run
 from metalearn import checkpoint
-from metalearn.build import build_run
 from metalearn.errors import CheckpointError, MetalearnError
-from metalearn.train import train
 
 REPO = Path(__file__).resolve().parents[2]
-SINUSOID = [
-    "debug=smoke",
-    "hardware.threads=1",
-    "trainer.eval_every=5",
-    "eval.episodes=10",
-    "eval.val_episodes=4",
-    "eval.shots=[]",
-    "eval.steps=[]",
-]
 pytestmark = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-
-
-def run(run_dir: Path, *extra: str) -> dict:
-    return train(build_run(compose_config([*SINUSOID, *extra])), run_dir)
 
 
 @pytest.fixture(scope="module")

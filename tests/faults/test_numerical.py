@@ -8,26 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
 
+from faults.sinusoid import build
 from metalearn import checkpoint
-from metalearn.build import build_run
 from metalearn.errors import TrainingError
 from metalearn.train import train
-
-SINUSOID = [
-    "debug=smoke",
-    "hardware.threads=1",
-    "trainer.eval_every=5",
-    "eval.episodes=10",
-    "eval.val_episodes=4",
-    "eval.shots=[]",
-    "eval.steps=[]",
-]
-
-
-def build(*extra: str):
-    return build_run(compose_config([*SINUSOID, *extra]))
 
 
 def poison_batches(run, iterations: set[int] | None) -> None:
