@@ -83,7 +83,12 @@ def as_dict(items: Any) -> dict[str, Any]:
 def wandb_contents(run_dir: Path) -> dict[str, Any]:
     """The run, config, history rows (by step) and final summary of each offline run, in order."""
     runs = []
-    for run_path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+    # offline-run-<time>-<id>, and -<id>-1, -2... for a resume within the same second
+    def started(path: Path) -> tuple[str, int]:
+        stem, _, count = path.parent.name.partition(f"-{path.stem.removeprefix('run-')}")
+        return stem, int(count.lstrip("-") or 0)
+
+    for run_path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=started):
         run, config, history, summary = None, {}, {}, {}
         for record in read_wandb_records(run_path):
             kind = record.WhichOneof("record_type")
