@@ -83,6 +83,7 @@ def as_dict(items: Any) -> dict[str, Any]:
 def wandb_contents(run_dir: Path) -> dict[str, Any]:
     """The run, config, history rows (by step) and final summary of each offline run, in order."""
     runs = []
+
     # offline-run-<time>-<id>, and -<id>-1, -2... for a resume within the same second
     def started(path: Path) -> tuple[str, int]:
         stem, _, count = path.parent.name.partition(f"-{path.stem.removeprefix('run-')}")
