@@ -158,9 +158,7 @@ class Logger:
                 if trouble:
                     self._go_offline(f"the W&B server {url} {trouble}")
                     mode = "offline"
-                    # set up again offline: an online set-up would try the server at exit
-                    wandb.teardown()
-                    wandb.setup(settings=wandb.Settings(show_info=False, mode=mode))
+                    self._setup_offline(wandb)
         except Exception as error:  # any failure: see _wandb_failed
             self._wandb_failed("wandb.setup", error, stacklevel=4)  # point at Logger(...)
             return
@@ -191,6 +189,17 @@ class Logger:
                     return
                 self._go_offline(f"wandb.init failed ({type(error).__name__}: {error})")
                 mode = "offline"
+                try:
+                    self._setup_offline(wandb)
+                except Exception as again:  # any failure: see _wandb_failed
+                    self._wandb_failed("wandb.setup", again, stacklevel=5)  # at Logger(...)
+                    return
+
+    @staticmethod
+    def _setup_offline(wandb: Any) -> None:
+        """Set W&B up again offline: an online set-up would try the server again at exit."""
+        wandb.teardown()
+        wandb.setup(settings=wandb.Settings(show_info=False, mode="offline"))
 
     def _go_offline(self, why: str) -> None:
         folder = self.run_dir / "wandb"

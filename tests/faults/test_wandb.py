@@ -114,15 +114,19 @@ def offline(tmp_path_factory) -> tuple[float, list]:
         ("silent", f"did not answer within {TIMEOUT:g} s"),
         ("failing", "answers HTTP 500"),
         ("nonsense", "failed"),  # the server looks alive; W&B's core fails once the run is on
+        ("no-key", "wandb.init failed (UsageError"),  # alive, but this machine has no API key
     ],
 )
 def test_training_goes_on_with_local_logs_when_wandb_is_down(kind, said, offline, tmp_path, tally):
-    url, stop = serve(kind)
+    url, stop = serve("nonsense" if kind == "no-key" else kind)
     env = {
         "WANDB_BASE_URL": url,
         "WANDB_API_KEY": "0" * 40,  # any key: the server is what fails
         "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "HOME": str(tmp_path / "home"),  # no ~/.netrc with a real key
     }
+    if kind == "no-key":
+        env["WANDB_API_KEY"] = ""
     try:
         seconds, stderr = train(
             tmp_path, "logger=wandb", "logger.mode=online", f"logger.timeout={TIMEOUT}", env=env
