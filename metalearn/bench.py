@@ -16,7 +16,6 @@ import importlib.util
 import json
 import multiprocessing
 import platform
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,14 @@ from torch import nn
 from metalearn.config import from_dict
 from metalearn.data.tasks import EpisodeSampler, Split, TaskBatch
 from metalearn.errors import ConfigError
-from metalearn.hardware import HardwareConfig, describe, synchronize, task_batching
+from metalearn.hardware import (
+    HardwareConfig,
+    describe,
+    peak_memory_mib,
+    reset_peak_memory,
+    synchronize,
+    task_batching,
+)
 from metalearn.pipeline_bench import markdown as pipeline_markdown
 from metalearn.pipeline_bench import pipeline_bench
 
@@ -355,7 +361,7 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
         step = protonet_step(cfg, case["variant"], device)
     else:
         step = sampler_step(cfg, case["variant"], device)
-    baseline = _reset_peak_memory(device)
+    baseline = reset_peak_memory(device)
     # the counter sees vmapped convolutions as larger ones than they are, and compiled code
     # not at all: those cases are counted on the eager per-task loop, whose arithmetic is the same
     count_on_loop = kind == "ours" and (case["batching"] == "vmap" or compiled)
@@ -369,7 +375,7 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
     else:
         flops = 0.0 if kind == "sampler" else count_flops(step)  # also the warm-up
     timing = time_step(cfg, step, device)
-    memory = _peak_memory_mib(device)
+    memory = peak_memory_mib(device)
     memory -= baseline  # the growth over what the process held before the first step
     if count_on_loop:  # after the memory reading
         del step
@@ -380,35 +386,6 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
     if flops:
         out["gflops"] = flops / timing["seconds"] / 1e9
     return out
-
-
-def _reset_peak_memory(device: torch.device) -> float:
-    """Start a new peak-memory window; return the memory held now (MiB)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM)
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    return _proc_status_mib("VmRSS")
-
-
-def _peak_memory_mib(device: torch.device) -> float:
-    """Peak memory since the last reset (MiB): CUDA allocator peak, or the peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        return _proc_status_mib("VmHWM")
-    except (OSError, ValueError):  # not Linux: the process's lifetime peak
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _proc_status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise ValueError(f"{field} not in /proc/self/status")
 
 
 def cases(cfg: BenchConfig, have_reference: bool) -> list[dict]:

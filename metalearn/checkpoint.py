@@ -20,6 +20,7 @@ from metalearn.errors import CheckpointError
 
 # 1: no format key and no checksum (metalearn 0.1 before checksums); 2: "format" and "sha256"
 FORMAT = 2
+WHICH = "pass a checkpoints/last.pt or best.pt that metalearn wrote"  # what a bad file needs
 WHY_NOT_WRITTEN = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exceeded",
@@ -141,7 +142,10 @@ def load(path: Path) -> dict[str, Any]:
         try:
             state = _read(fallback)
         except CheckpointError as second:
-            raise CheckpointError(f"{error}; the previous one is no better: {second}") from error
+            raise CheckpointError(
+                f"{error}; the previous one is no better: {second}; restore a copy of either, or "
+                f"start the run again without trainer.resume=true"
+            ) from error
         iteration = state.get("progress", {}).get("iteration", "?")
         warnings.warn(
             f"{error}; using the previous good checkpoint {fallback} (iteration {iteration})",
@@ -171,14 +175,16 @@ def _read(path: Path) -> dict[str, Any]:
         if detail.startswith("Unsupported global"):  # weights_only refused an object: not ours
             raise CheckpointError(
                 f"{path} is not a metalearn checkpoint: it holds Python objects that a "
-                f"checkpoint never holds ({detail})"
+                f"checkpoint never holds ({detail}); {WHICH}"
             ) from error
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is truncated, damaged or not a checkpoint "
-            f"({detail})"
+            f"({detail}); {WHICH}"
         ) from error
     if not isinstance(state, dict) or "config" not in state or "algo_state" not in state:
-        raise CheckpointError(f"{path} is not a metalearn checkpoint (no config or weights in it)")
+        raise CheckpointError(
+            f"{path} is not a metalearn checkpoint (no config or weights in it); {WHICH}"
+        )
     version = state.pop("format", 1)
     if not isinstance(version, int) or version > FORMAT:
         raise CheckpointError(
@@ -188,7 +194,8 @@ def _read(path: Path) -> dict[str, Any]:
     checksum = state.pop("sha256", None)
     if version >= 2 and checksum != digest({**state, "format": version}):
         raise CheckpointError(
-            f"{path} is damaged: its contents do not match the checksum written with them"
+            f"{path} is damaged: its contents do not match the checksum written with them; "
+            f"restore a copy of it, or retrain"
         )
     return state
 

@@ -122,6 +122,39 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def reset_peak_memory(device: torch.device) -> float:
+    """Start a new peak-memory window; return the memory held now (MiB)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    # Linux: writing 5 to clear_refs resets the process's peak resident set size (VmHWM)
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _proc_status_mib("VmRSS")
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory since the last reset (MiB): the CUDA allocator's peak, or the process's peak
+    resident set (its whole life where it cannot be reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        return _proc_status_mib("VmHWM")
+    except (OSError, ValueError):  # not Linux: the process's lifetime peak
+        import resource
+
+        scale = 2**20 if platform.system() == "Darwin" else 2**10  # bytes on macOS, else KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise ValueError(f"{field} not in /proc/self/status")
+
+
 def synchronize(tensor: torch.Tensor) -> None:
     """Wait for the device's queued work on `tensor` (timings; a no-op on the CPU)."""
     if tensor.is_cuda:

@@ -251,7 +251,8 @@ class Logger:
             if not self._write_failed:
                 warnings.warn(
                     f"cannot write {self.metrics_path} ({error}); training goes on, the lines "
-                    f"are kept in memory and written when the disk takes them again",
+                    f"are kept in memory and written when the disk takes them again: free some "
+                    f"space on it",
                     RuntimeWarning,
                     stacklevel=3,
                 )

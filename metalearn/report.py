@@ -146,7 +146,7 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
         "wall_seconds": round(seconds, 2),
         f"{unit}_per_second": round(progress.iteration * per_step / max(seconds, 1e-9), 2),
         "stopped_by": progress.stopped_by,
-        "skipped_meta_batches": getattr(progress, "skipped", 0),  # trainer.nonfinite=skip
+        "skipped_meta_batches": progress.skipped,  # trainer.nonfinite=skip
     }
     results, curves = tested_results(run, progress.best_val, train)
     write_json(run_dir / "results.json", results)

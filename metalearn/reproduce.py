@@ -20,6 +20,7 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,16 @@ def to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def _run_files(rows: list[Row], seeds: int, out: Path, name: str) -> Iterator[tuple]:
+    """(experiment, seed, path) of each run under `out` (a budget's folder of runs) that has
+    written the file `name`, in table order."""
+    for experiment in dict.fromkeys(r.experiment for r in rows):
+        for seed in range(seeds):
+            path = out / experiment / f"seed{seed}" / name
+            if path.is_file():
+                yield experiment, seed, path
+
+
 def plot_curves(table: str, rows: list[Row], seeds: int, out: Path, path: Path) -> Path | None:
     """Validation metric against iteration, one line per experiment and seed (`out`: the
     budget's folder of runs)."""
@@ -264,22 +275,18 @@ def plot_curves(table: str, rows: list[Row], seeds: int, out: Path, path: Path) 
 
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
-    for experiment in dict.fromkeys(r.experiment for r in rows):
-        for seed in range(seeds):
-            metrics = out / experiment / f"seed{seed}" / "metrics.jsonl"
-            if not metrics.is_file():
-                continue
-            points = []
-            for line in metrics.read_text().splitlines():
-                record = json.loads(line)
-                key = next((k for k in record if k in ("val/acc", "val/mse", "val/reward")), None)
-                if key:
-                    points.append((record["step"], record[key], key))
-            if points:
-                steps, values, keys = zip(*points, strict=True)
-                ax.plot(steps, values, marker="o", label=f"{experiment} s{seed}")
-                ax.set_ylabel(keys[0])
-                drawn = True
+    for experiment, seed, metrics in _run_files(rows, seeds, out, "metrics.jsonl"):
+        points = []
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            key = next((k for k in record if k in ("val/acc", "val/mse", "val/reward")), None)
+            if key:
+                points.append((record["step"], record[key], key))
+        if points:
+            steps, values, keys = zip(*points, strict=True)
+            ax.plot(steps, values, marker="o", label=f"{experiment} s{seed}")
+            ax.set_ylabel(keys[0])
+            drawn = True
     if not drawn:
         plt.close(fig)
         return None
@@ -296,18 +303,14 @@ def plot_steps(table: str, rows: list[Row], seeds: int, out: Path, path: Path) -
 
     curves: dict[str, dict[int, list[float]]] = {}
     metric = None
-    for experiment in dict.fromkeys(r.experiment for r in rows):
-        for seed in range(seeds):
-            found = out / experiment / f"seed{seed}" / "results.json"
-            if not found.is_file():
-                continue
-            results = json.loads(found.read_text())
-            metric = results["metric"]
-            for entry in results["test"].get("breakdown", []):
-                if "inner_steps" in entry:
-                    label = f"{experiment}, {entry['shots']}-shot"
-                    points = curves.setdefault(label, {})
-                    points.setdefault(entry["inner_steps"], []).append(entry[metric]["mean"])
+    for experiment, _, found in _run_files(rows, seeds, out, "results.json"):
+        results = json.loads(found.read_text())
+        metric = results["metric"]
+        for entry in results["test"].get("breakdown", []):
+            if "inner_steps" in entry:
+                label = f"{experiment}, {entry['shots']}-shot"
+                points = curves.setdefault(label, {})
+                points.setdefault(entry["inner_steps"], []).append(entry[metric]["mean"])
     curves = {label: points for label, points in curves.items() if len(points) > 1}
     if not curves:  # one number of steps only (eval.steps unset): nothing to draw
         return None

@@ -22,6 +22,7 @@ from metalearn.config import as_dict
 from metalearn.distributed import SINGLE, Group
 from metalearn.errors import ConfigError, TrainingError
 from metalearn.evaluate import mean_ci95, run_episodes
+from metalearn.hardware import peak_memory_mib
 from metalearn.logger import Logger, NullLogger
 from metalearn.report import finish_run
 
@@ -217,8 +218,7 @@ def _loop(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            optimizer.zero_grad(set_to_none=True)
-        else:
+        else:  # (a skipped batch's gradients are cleared before the next backward)
             optimizer.step()
             metrics = metrics | {"loss": scalars[1], "score": scalars[2]}
         progress.iteration += 1
@@ -378,16 +378,8 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def peak_memory(device: torch.device) -> str:
     """The most memory this run has held: the CUDA allocator's peak, or the process's peak RSS."""
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {device}"
-    try:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    except (ImportError, OSError):
-        return "unknown"
-    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
-    return f"{rss * scale / 2**30:.2f} GiB of host memory (peak resident set)"
+    where = f"on {device}" if device.type == "cuda" else "of host memory (peak resident set)"
+    return f"{peak_memory_mib(device) / 1024:.2f} GiB {where}"
 
 
 def _memory_advice(run: Run, iteration: int, error: BaseException) -> str:

@@ -81,13 +81,13 @@ def test_bad_bench_options_are_refused(options, word):
 
 PEAK_WINDOW = """
 import torch
-from metalearn.bench import _peak_memory_mib, _reset_peak_memory
+from metalearn.hardware import peak_memory_mib, reset_peak_memory
 
 device = torch.device("cpu")
-before = _reset_peak_memory(device)
+before = reset_peak_memory(device)
 block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
 del block
-print(_peak_memory_mib(device) - before)
+print(peak_memory_mib(device) - before)
 """
 
 
