@@ -87,11 +87,28 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "bn_mode": bn_mode,
             "transductive_bn": bn_mode == "transductive",
             "eval_seed": config.eval.seed,
+            "reference": reference_protocol(algo),
         },
         "hardware": {**describe(run.device), "task_batching": run.task_batching},
         "git": git_info(),
         "seed": config.seed,
     }
+
+
+def reference_protocol(algo: Any) -> dict | None:
+    """Which of the algorithm's settings follow its authors' reference code: the code named by
+    the config's REFERENCE table, and each setting whose value differs from the code's (empty:
+    the run is the reference's protocol). None for algorithms without such a table."""
+    table = dict(getattr(type(algo), "REFERENCE", {}))
+    if not table:
+        return None
+    source = table.pop("source")
+    deviations = {
+        key: {"value": getattr(algo, key), "reference": value}
+        for key, value in table.items()
+        if getattr(algo, key) != value
+    }
+    return {"code": source, "deviations": deviations}
 
 
 def git_info() -> dict[str, Any]:

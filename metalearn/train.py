@@ -422,7 +422,8 @@ def _kept(run_dir: Path, advice: str | None = None) -> str:
 
 def outer_optimizer(algo_cfg: Any, algo: Any) -> torch.optim.Optimizer:
     """Adam (the default), or SGD where the algorithm asks for it (Reptile's epsilon step; RFS's
-    and MetaOptNet's momentum SGD); `weight_decay` and `momentum` where the config has them."""
+    and MetaOptNet's momentum SGD); `weight_decay`, `momentum` and `adam_eps` where the config
+    has them."""
     kind = getattr(algo_cfg, "outer_optimizer", "adam")
     decay = getattr(algo_cfg, "weight_decay", 0.0)
     if kind == "sgd":
@@ -430,7 +431,8 @@ def outer_optimizer(algo_cfg: Any, algo: Any) -> torch.optim.Optimizer:
         return torch.optim.SGD(
             algo.parameters(), lr=algo_cfg.outer_lr, momentum=momentum, weight_decay=decay
         )
-    return torch.optim.Adam(algo.parameters(), lr=algo_cfg.outer_lr, weight_decay=decay)
+    eps = getattr(algo_cfg, "adam_eps", 1e-8)  # iMAML's reference code uses 1e-3
+    return torch.optim.Adam(algo.parameters(), lr=algo_cfg.outer_lr, eps=eps, weight_decay=decay)
 
 
 def schedule(run: Run) -> str:
@@ -476,6 +478,15 @@ def _log_train(
         },
         step=iteration,
     )
+    diverged = float(metrics.get("diverged", 0.0))
+    if diverged > 0:  # some tasks' inner loops blew up and were left out of the meta-gradient
+        advice = getattr(run.algo, "divergence_advice", lambda: "lower algo.inner_lr")()
+        tqdm.write(
+            f"iteration {iteration}: {diverged:.0%} of the meta-batch's tasks diverged in "
+            f"{run.config.algo.name}'s inner loop (non-finite loss or meta-gradient) and were "
+            f"left out of the meta-gradient; {advice}",
+            file=sys.stderr,
+        )
     bar.set_postfix(
         {"loss": f"{loss:.3f}", run.metric[:3]: f"{score:.3f}", f"{unit}/s": f"{rate:.0f}"},
         refresh=False,  # shown at the bar's next refresh, which mininterval paces
