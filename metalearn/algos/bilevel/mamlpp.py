@@ -14,7 +14,7 @@ An epoch is `epoch_iterations` meta-iterations (500 in the paper's code).
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -36,10 +36,23 @@ class MAMLPlusPlusConfig(BilevelConfig):
     inner_steps: int = 5
     multi_step_loss: bool = True  # MSL
     msl_epochs: int = 10  # epochs with the annealed multi-step loss, then the last step only
-    first_order_epochs: int = 50  # DA: epochs of first-order meta-gradients (0: never)
+    # DA: epochs of first-order meta-gradients; 0 (never, second order from the first
+    # iteration) is the official code's Omniglot configs (first_order_to_second_order_epoch:
+    # -1), 50 the paper's text
+    first_order_epochs: int = 0
     learn_inner_lr: bool = True  # LSLR
     per_step_bn: bool = True  # BNWB
     epoch_iterations: int = 500  # meta-iterations per epoch, the unit of the annealing above
+
+    # the official code's Omniglot configs (`protocol.reference` records any value that differs)
+    REFERENCE: ClassVar[dict[str, Any]] = {
+        "source": "AntreasAntoniou/HowToTrainYourMAMLPytorch (experiment_config/omniglot_maml++-*)",
+        "first_order_epochs": 0,
+        "msl_epochs": 10,
+        "learn_inner_lr": True,
+        "per_step_bn": True,
+        "epoch_iterations": 500,
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
