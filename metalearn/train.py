@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,9 @@ class TrainerConfig:
     # 'skip': drop that meta-batch (no outer step), count it, go on
     nonfinite: str = "stop"
     max_skipped: int = 100  # nonfinite=skip: stop all the same after this many skipped batches
+    # rescale the meta-gradient to at most this L2 norm before each outer step (null: never);
+    # logged as train/grad_norm (the norm before clipping)
+    clip_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("iterations", "meta_batch_size", "eval_every", "log_every"):
@@ -86,6 +90,11 @@ class TrainerConfig:
             )
         if self.max_skipped < 0:
             raise ConfigError(f"trainer.max_skipped must be >= 0, got {self.max_skipped}")
+        if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
+            raise ConfigError(
+                f"trainer.clip_grad_norm must be positive and finite (null: no clipping), got "
+                f"{self.clip_grad_norm}"
+            )
 
 
 @dataclass
@@ -180,46 +189,56 @@ def _loop(
         else:
             size = trainer.meta_batch_size
             batch = run.tasks.sample("train", generator, size, *shape)
-        try:
-            with run.autocast():
-                loss, metrics = run.algo.meta_loss(group.shard(batch, size), progress.iteration)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
-            if not _out_of_memory(error):
-                raise
-            raise TrainingError(_memory_advice(run, progress.iteration + 1, error)) from error
-        # one collective per iteration: the gradients, the logged values and the stop flag
-        stopping = float(stop is not None and stop.signum is not None)
-        logged = [
-            loss,
-            metrics["loss"],
-            metrics["score"],
-            torch.tensor(stopping, device=loss.device),
-        ]
-        scalars = torch.stack([v.detach().float().reshape(()) for v in logged])
-        scalars = group.average_gradients(params, scalars)  # the means over ranks
-        finite = torch.stack([torch.isfinite(scalars[0]), *_grads_finite(params)]).all()
-        skipped = not finite.item()  # the iteration's one host sync; the same on every rank
-        if skipped:
-            fault = _nonfinite_fault(run, batch, scalars[0], progress.iteration + 1)
-            if trainer.nonfinite == "stop":
-                raise TrainingError(f"{fault}; {_kept(run_dir, 'fix that')}")
-            if progress.skipped >= trainer.max_skipped:
-                raise TrainingError(
-                    f"{fault}; that is more than trainer.max_skipped={trainer.max_skipped} "
-                    f"skipped meta-batches, so training stops; {_kept(run_dir, 'fix that')}"
-                )
-            progress.skipped += 1
-            if progress.skipped == 1:
-                warnings.warn(
-                    f"{fault}; trainer.nonfinite=skip: that meta-batch is dropped and training "
-                    f"goes on (skipped batches are counted in train/skipped and results.json)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        else:  # (a skipped batch's gradients are cleared before the next backward)
-            optimizer.step()
+        # one outer step per meta-batch, or several (PPO's epochs over its trials: meta_losses)
+        updates = _updates(run.algo, group.shard(batch, size), progress.iteration)
+        while True:
+            try:
+                with run.autocast():
+                    update = next(updates, None)
+                if update is None:
+                    break
+                loss, metrics = update
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                if not _out_of_memory(error):
+                    raise
+                raise TrainingError(_memory_advice(run, progress.iteration + 1, error)) from error
+            # one collective per update: the gradients, the logged values and the stop flag
+            stopping = float(stop is not None and stop.signum is not None)
+            logged = [
+                loss,
+                metrics["loss"],
+                metrics["score"],
+                torch.tensor(stopping, device=loss.device),
+            ]
+            scalars = torch.stack([v.detach().float().reshape(()) for v in logged])
+            scalars = group.average_gradients(params, scalars)  # the means over ranks
+            finite = torch.stack([torch.isfinite(scalars[0]), *_grads_finite(params)]).all()
+            skipped = not finite.item()  # the update's one host sync; the same on every rank
+            if skipped:
+                fault = _nonfinite_fault(run, batch, scalars[0], progress.iteration + 1)
+                if trainer.nonfinite == "stop":
+                    raise TrainingError(f"{fault}; {_kept(run_dir, 'fix that')}")
+                if progress.skipped >= trainer.max_skipped:
+                    raise TrainingError(
+                        f"{fault}; that is more than trainer.max_skipped={trainer.max_skipped} "
+                        f"skipped meta-batches, so training stops; {_kept(run_dir, 'fix that')}"
+                    )
+                progress.skipped += 1
+                if progress.skipped == 1:
+                    warnings.warn(
+                        f"{fault}; trainer.nonfinite=skip: that meta-batch is dropped and "
+                        f"training goes on (skipped batches are counted in train/skipped and "
+                        f"results.json)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                break  # the rest of a dropped batch's updates too
+            if trainer.clip_grad_norm is not None:  # the same clipped gradient on every rank
+                norm = torch.nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
+                metrics = metrics | {"grad_norm": norm}
+            optimizer.step()  # (a skipped batch's gradients are cleared before the next backward)
             metrics = metrics | {"loss": scalars[1], "score": scalars[2]}
         progress.iteration += 1
         window_tasks += batch.tasks
@@ -307,6 +326,18 @@ def _save_last(run: Run, progress: Progress, run_dir: Path, optimizer, generator
         _state(run, progress)
         | {"optimizer": optimizer.state_dict(), "generator": generator.get_state()},
     )
+
+
+def _updates(algo, batch, iteration: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    """The (loss, metrics) of each outer step on one meta-batch: one `meta_loss` for most
+    algorithms; an algorithm with `meta_losses` yields several (PPO: epochs of mini-batches over
+    the same trials), each differentiated and stepped in turn, with the algorithm's own code
+    running between steps."""
+    several = getattr(algo, "meta_losses", None)
+    if several is None:
+        yield algo.meta_loss(batch, iteration)
+    else:
+        yield from several(batch, iteration)
 
 
 def _grads_finite(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -6,15 +6,18 @@ reward and the termination flag. The outer loop is plain reinforcement learning 
 trials: maximising a trial's total reward teaches the recurrent dynamics to explore and then
 exploit, so a trained agent adapts to a new task with no gradient step.
 
-Trained with advantage actor-critic (A2C) and generalised advantage estimation (GAE, Schulman
-et al. 2016) over the trial, one gradient step per meta-batch of trials: the trainer's
-`meta_loss -> backward -> step` contract, as for every other algorithm. (Duan et al. use
-TRPO, Wang et al. A2C.)
+Trained with generalised advantage estimation (GAE, Schulman et al. 2016) over the trial and
+either advantage actor-critic (`optimizer=a2c`: one gradient step per meta-batch of trials, the
+trainer's `meta_loss -> backward -> step`; Wang et al. 2016) or PPO (`optimizer=ppo`, Schulman
+et al. 2017: the trials are played once without a graph, then `ppo_epochs` passes over them in
+`ppo_minibatches` mini-batches of whole trials, each an outer step on the clipped surrogate,
+through `meta_losses`). Duan et al. use TRPO, whose trust region PPO's clipping approximates.
 
 Shape letters: T trials run in parallel, P steps per trial (pulls of a bandit), A actions.
 """
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +43,11 @@ class RL2Config:
     entropy_final: float = 0.005  # ... decayed linearly to this ...
     entropy_decay_iterations: int = 2000  # ... over this many iterations (0: constant)
     normalize_advantages: bool = True  # per meta-batch, to zero mean and unit variance
+    optimizer: str = "a2c"  # 'a2c' (one step per meta-batch) or 'ppo' (several, clipped)
+    ppo_epochs: int = 4  # PPO: passes over each meta-batch of trials
+    ppo_minibatches: int = 4  # PPO: mini-batches of whole trials per pass
+    ppo_clip: float = 0.2  # PPO: the probability ratio is clipped to [1 - clip, 1 + clip]
+    ppo_clip_value: bool = True  # PPO: the value's change clipped alike (openai/baselines ppo2)
 
     def __post_init__(self) -> None:
         if not 0 < self.outer_lr < math.inf:
@@ -52,6 +60,13 @@ class RL2Config:
         for key in ("value_coef", "entropy_coef", "entropy_final", "entropy_decay_iterations"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"algo.{key} must be >= 0, got {getattr(self, key)}")
+        if self.optimizer not in ("a2c", "ppo"):
+            raise ConfigError(f"algo.optimizer must be a2c or ppo, got {self.optimizer!r}")
+        for key in ("ppo_epochs", "ppo_minibatches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"algo.{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 < self.ppo_clip < 1:
+            raise ConfigError(f"algo.ppo_clip must be in (0, 1), got {self.ppo_clip}")
 
 
 class RL2:
@@ -83,10 +98,11 @@ class RL2:
         tasks, actions = env.num_envs, env.single_action_space.n
         state = self.model.initial_state(tasks, observation.device)
         previous = observation.new_zeros(tasks, actions + 2)  # nothing done yet
-        out: dict[str, list[Tensor]] = {k: [] for k in ("logp", "entropy", "value", "reward")}
-        out["regret"] = []
+        keys = ("logp", "entropy", "value", "reward", "regret", "input", "action")
+        out: dict[str, list[Tensor]] = {k: [] for k in keys}
         for t in range(batch.steps):
-            logits, value, state = self.model(torch.cat([observation, previous], -1), state)
+            x = torch.cat([observation, previous], -1)
+            logits, value, state = self.model(x, state)
             logp_all = F.log_softmax(logits, -1)  # (T, A)
             action = sample_actions(logp_all.detach().exp(), batch.action_noise[:, t])
             observation, reward, done, _, info = env.step(action)
@@ -95,8 +111,23 @@ class RL2:
             out["value"].append(value)
             out["reward"].append(reward)
             out["regret"].append(info["regret"])
+            out["input"].append(x)
+            out["action"].append(action)
             previous = feedback(action, reward, done, actions)
-        return {k: torch.stack(v, 1) for k, v in out.items()}  # each (T, P)
+        return {k: torch.stack(v, 1) for k, v in out.items()}  # each (T, P), inputs (T, P, D)
+
+    def replay(self, inputs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Log-probabilities of the trials' actions, entropies and values (T, P) under the
+        current weights, the recurrent policy fed the inputs it saw (they do not depend on it)."""
+        state = self.model.initial_state(inputs.shape[0], inputs.device)
+        logp, entropy, values = [], [], []
+        for t in range(inputs.shape[1]):
+            logits, value, state = self.model(inputs[:, t], state)
+            logp_all = F.log_softmax(logits, -1)
+            logp.append(logp_all.gather(1, actions[:, t, None]).squeeze(1))
+            entropy.append(-(logp_all.exp() * logp_all).sum(-1))
+            values.append(value)
+        return torch.stack(logp, 1), torch.stack(entropy, 1), torch.stack(values, 1)
 
     def advantages(self, rewards: Tensor, values: Tensor) -> Tensor:
         """GAE over a trial (T, P); the trial's end is terminal (the memory is reset)."""
@@ -109,9 +140,46 @@ class RL2:
             out.append(running)
         return torch.stack(out[::-1], 1)
 
+    def trial_metrics(self, trial: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {
+            "score": trial["reward"].sum(1).mean(),
+            "regret": trial["regret"].sum(1).mean(),
+        }
+
     def meta_loss(self, batch, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
-        """A2C's loss on one meta-batch of trials, and the training metrics to log."""
-        trial = self.rollout(batch)
+        """The first outer step's loss on one meta-batch of trials (A2C's only one), and the
+        training metrics to log."""
+        return next(iter(self.meta_losses(batch, iteration)))
+
+    def meta_losses(self, batch, iteration: int = 0) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """A2C: one loss on trials played with the graph. PPO: the clipped surrogate of each
+        mini-batch of each epoch over trials played once without it."""
+        cfg, coef = self.cfg, self.entropy_coef(iteration)
+        if cfg.optimizer == "a2c":
+            yield self.a2c_loss(self.rollout(batch), coef)
+            return
+        with torch.no_grad():
+            trial = self.rollout(batch)
+            returns = self.advantages(trial["reward"], trial["value"]) + trial["value"]
+        tasks = returns.shape[0]
+        for _ in range(cfg.ppo_epochs):
+            for rows in torch.randperm(tasks, device=returns.device).chunk(cfg.ppo_minibatches):
+                logp, entropy, values = self.replay(trial["input"][rows], trial["action"][rows])
+                loss, metrics = ppo_loss(
+                    logp,
+                    values,
+                    entropy.mean(),
+                    trial["logp"][rows],
+                    trial["value"][rows],
+                    returns[rows],
+                    cfg,
+                    coef,
+                )
+                yield loss, metrics | self.trial_metrics(trial)
+
+    def a2c_loss(self, trial: dict[str, Tensor], entropy_coef: float):
+        """A2C's loss on trials played with the graph: GAE advantages (normalised over the
+        meta-batch if configured) times the log-probabilities, the value loss, the bonus."""
         values = trial["value"]
         advantages = self.advantages(trial["reward"], values.detach())
         returns = advantages + values.detach()
@@ -120,13 +188,10 @@ class RL2:
         policy_loss = -(trial["logp"] * advantages).mean()
         value_loss = 0.5 * (returns - values).pow(2).mean()
         entropy = trial["entropy"].mean()
-        loss = (
-            policy_loss + self.cfg.value_coef * value_loss - self.entropy_coef(iteration) * entropy
-        )
+        loss = policy_loss + self.cfg.value_coef * value_loss - entropy_coef * entropy
         return loss, {
             "loss": loss.detach(),
-            "score": trial["reward"].sum(1).mean(),
-            "regret": trial["regret"].sum(1).mean(),
+            **self.trial_metrics(trial),
             "entropy": entropy.detach(),
             "value_loss": value_loss.detach(),
         }
@@ -151,6 +216,41 @@ class RL2:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+
+
+def ppo_loss(
+    logp: Tensor,
+    values: Tensor,
+    entropy: Tensor,
+    old_logp: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    cfg: RL2Config,
+    entropy_coef: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's loss on one mini-batch of steps, as openai/baselines' ppo2 (model.py): advantages
+    returns - old values, normalised over the mini-batch; the clipped surrogate; the value
+    loss 0.5 * max of the squared errors of the value and of its change clipped to the same
+    range (or unclipped, `ppo_clip_value=false`); minus the entropy bonus."""
+    advantages = returns - old_values
+    if cfg.normalize_advantages:
+        advantages = (advantages - advantages.mean()) / (advantages.std(unbiased=False) + 1e-8)
+    ratio = (logp - old_logp).exp()
+    clip = cfg.ppo_clip
+    policy_loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    value_loss = (values - returns).square()
+    if cfg.ppo_clip_value:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        value_loss = torch.maximum(value_loss, (clipped - returns).square())
+    value_loss = 0.5 * value_loss.mean()
+    loss = policy_loss.mean() + cfg.value_coef * value_loss - entropy_coef * entropy
+    return loss, {
+        "loss": loss.detach(),
+        "entropy": entropy.detach(),
+        "value_loss": value_loss.detach(),
+        # the fraction of steps whose ratio left the clip range: how far the epochs moved
+        "clipped": ((ratio - 1).abs() > clip).float().mean(),
+    }
 
 
 def feedback(action: Tensor, reward: Tensor, done: Tensor, actions: int) -> Tensor:
