@@ -1,6 +1,8 @@
 """Metric learners: each scoring rule on a hand-checked case or a reference solver, and one
 contract (gradients reach every parameter, evaluation shapes, learning) over all of them."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -49,14 +51,40 @@ def separable_tasks(generator, tasks=4, ways=3, shots=2, query=3) -> TaskBatch:
 
 def test_matching_scores_are_log_attention_over_cosine_similarities():
     model = tiny_conv()
-    algo = MatchingNet(MatchingNetConfig(), model, "classification", "loop")
-    support = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
-    labels = torch.tensor([[0, 1, 1]])
+    paper = MatchingNetConfig(scale=1.0, cosine_relu=False)  # the paper's raw cosines
+    algo = MatchingNet(paper, model, "classification", "loop")
+    support = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.1]]])
+    labels = torch.tensor([[0, 1, 1, 1]])
     query = torch.tensor([[[2.0, 0.0]]])
-    cos = torch.tensor([1.0, 0.0, 2**-0.5])  # query against each support example
-    attention = torch.softmax(cos, 0)
-    expected = torch.stack([attention[0], attention[1] + attention[2]]).log()
-    torch.testing.assert_close(algo.scores(support, labels, query, 2)[0, 0], expected)
+    cos = torch.tensor([1.0, 0.0, 2**-0.5, -1 / 1.01**0.5])  # query against each support example
+
+    def expected(logits):
+        attention = torch.softmax(logits, 0)
+        return torch.stack([attention[0], attention[1:].sum()]).log()
+
+    torch.testing.assert_close(algo.scores(support, labels, query, 2)[0, 0], expected(cos))
+    # the default's form: CloserLookFewShot's relu(cos) * scale (their scale 100 would put the
+    # second class below the clamp of log 0 here)
+    algo = MatchingNet(MatchingNetConfig(scale=3.0), model, "classification", "loop")
+    torch.testing.assert_close(
+        algo.scores(support, labels, query, 2)[0, 0], expected(3 * cos.relu())
+    )
+
+
+def test_matching_networks_learned_temperature_is_trained_and_saved():
+    torch.manual_seed(0)
+    algo = build("matchingnet", model_for("matchingnet"), learn_scale=True, scale=10.0)
+    assert algo.context["temperature"]().item() == pytest.approx(10.0)
+    batch = separable_tasks(torch.Generator().manual_seed(0))
+    loss, _ = algo.meta_loss(batch)
+    loss.backward()
+    log_scale = algo.context["temperature"].log_scale
+    assert any(p is log_scale for p in algo.parameters()) and log_scale.grad.abs() > 0
+    with torch.no_grad():
+        log_scale.add_(0.5)
+    other = build("matchingnet", model_for("matchingnet"), learn_scale=True, scale=10.0)
+    other.load_state_dict(algo.state_dict())
+    assert other.context["temperature"]().item() == pytest.approx(10.0 * math.exp(0.5))
 
 
 def test_ridge_head_equals_the_primal_closed_form():

@@ -4,9 +4,18 @@ P(y | x, S) = sum_i a(x, x_i) y_i with a = softmax of the cosine similarities be
 query's embedding f(x) and each support embedding g(x_i) (paper, eq. 1-2). With full context
 embeddings (`fce`, paper section 2.1.2 and appendix A.2), g is a bidirectional LSTM over the
 support embeddings and f an attention LSTM that reads the support set for `fce_steps` steps.
+
+The paper's softmax is over raw cosines in [-1, 1], so even a perfect match gets little more
+attention than a poor one and the gradients are weak. Later reimplementations multiply the
+cosines by a temperature first: wyharveychen/CloserLookFewShot (Chen et al. 2019,
+methods/matchingnet.py) a fixed 100 after a ReLU, TADAM (Oreshkin et al. 2018) a learned scale.
+`scale`, `learn_scale` and `cosine_relu` offer each; results.json's protocol.reference records
+which was used against the CloserLookFewShot one.
 """
 
+import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +36,18 @@ class MatchingNetConfig:
     outer_lr: float = 1e-3  # Adam step size
     fce: bool = False  # full context embeddings: biLSTM over support, attention LSTM over query
     fce_steps: int = 5  # K, the attention LSTM's processing steps over the support set
-    scale: float = 1.0  # cosine similarities are multiplied by this before the softmax (paper: 1)
+    scale: float = 100.0  # cosines are multiplied by this before the softmax (paper: 1)
+    learn_scale: bool = False  # learn the scale (log-parametrised, started at `scale`)
+    cosine_relu: bool = True  # negative cosines count as 0 (CloserLookFewShot's relu(cos))
     train_ways: int | None = None  # ways in meta-training (None: data.ways)
     train_query: int | None = None  # query examples per class in meta-training (None: data.query)
+
+    REFERENCE: ClassVar[dict[str, Any]] = {
+        "source": "wyharveychen/CloserLookFewShot (methods/matchingnet.py: relu(cos) * 100)",
+        "scale": 100.0,
+        "learn_scale": False,
+        "cosine_relu": True,
+    }
 
     def __post_init__(self) -> None:
         check_outer_lr(self)
@@ -37,6 +55,17 @@ class MatchingNetConfig:
             raise ConfigError(f"algo.fce_steps must be at least 1, got {self.fce_steps}")
         if not self.scale > 0:
             raise ConfigError(f"algo.scale must be positive, got {self.scale}")
+
+
+class Temperature(nn.Module):
+    """A learned positive scale for the cosines: exp of a learned log-scale."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    def forward(self) -> Tensor:
+        return self.log_scale.exp()
 
 
 class SupportContext(nn.Module):
@@ -94,6 +123,9 @@ class MatchingNet(EpisodicLearner):
                 "support_lstm": SupportContext(dim).to(device),
                 "query_lstm": QueryAttention(dim, cfg.fce_steps).to(device),
             }
+        if cfg.learn_scale:
+            device = next(model.parameters()).device
+            self.context["temperature"] = Temperature(cfg.scale).to(device)
 
     def extra_modules(self) -> dict[str, nn.Module]:
         return self.context
@@ -105,6 +137,9 @@ class MatchingNet(EpisodicLearner):
                 support_z = self.context["support_lstm"](support_z)
                 query_z = self.context["query_lstm"](query_z, support_z)
             cosine = F.normalize(query_z, dim=-1) @ F.normalize(support_z, dim=-1).transpose(1, 2)
-            attention = torch.softmax(self.cfg.scale * cosine, dim=-1)  # (T, M, S)
+            if self.cfg.cosine_relu:
+                cosine = cosine.relu()
+            scale = self.context["temperature"]() if self.cfg.learn_scale else self.cfg.scale
+            attention = torch.softmax(scale * cosine, dim=-1)  # (T, M, S)
             onehot = F.one_hot(support_y, ways).to(attention.dtype)  # (T, S, N)
             return (attention @ onehot).clamp_min(LOG_EPS).log()  # (T, M, N)
