@@ -144,7 +144,8 @@ def ours_step(
     first_order = algo_name in ("fomaml", "reptile")
     options = {"name": algo_name, "inner_steps": steps, "first_order": first_order}
     if algo_name == "reptile":
-        options.update(inner_optimizer="sgd", inner_lr=0.4)
+        # the same full-batch SGD steps as the other learners, for a like-for-like time
+        options.update(inner_optimizer="sgd", inner_lr=0.4, inner_batch=None, inner_loss="mean")
     elif algo_name == "mamlpp":
         options.update(first_order_epochs=0)  # time the second-order phase
     else:

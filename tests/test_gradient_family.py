@@ -14,6 +14,7 @@ from metalearn.algos import ALGOS
 from metalearn.algos.bilevel.imaml import IMAML, IMAMLConfig, conjugate_gradient
 from metalearn.algos.bilevel.inner import adapt
 from metalearn.algos.bilevel.mamlpp import msl_weights
+from metalearn.algos.bilevel.reptile import mini_batch_stream
 from metalearn.build import fused_batchnorm_is_exact
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
@@ -33,7 +34,15 @@ def build(name: str, model, batching: str = "vmap", **options):
     config_cls, algo_cls = ALGOS[name]
     defaults = {"inner_lr": 0.3, "inner_steps": 2, "first_order": name == "fomaml"}
     if name == "reptile":
-        defaults.update(first_order=True, inner_optimizer="sgd", outer_lr=0.5)
+        # the definition's full-batch steps on the mean loss (the reference's are mini-batches)
+        defaults.update(
+            first_order=True,
+            inner_optimizer="sgd",
+            outer_lr=0.5,
+            inner_batch=None,
+            test_inner_batch=None,
+            inner_loss="mean",
+        )
     if name == "mamlpp":
         defaults.update(first_order_epochs=0, inner_lr=0.2)
     cfg = config_cls(name=name, **{**defaults, **options})
@@ -121,21 +130,95 @@ def test_reptile_update_is_theta_plus_epsilon_times_mean_adapted_minus_theta():
         torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-12)
 
 
-def test_reptile_inner_adam_is_torch_adam():
+def tensorflow_adam_steps(model, x, y, lr, steps, eps=1e-8, beta2=0.999):
+    """Hand-written TensorFlow Adam with beta1 = 0 from zero moments, on the mean loss."""
+    model = copy.deepcopy(model)
+    v = [torch.zeros_like(p) for p in model.parameters()]
+    for t in range(1, steps + 1):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for p, v_p in zip(model.parameters(), v, strict=True):
+                v_p.mul_(beta2).add_((1 - beta2) * p.grad**2)
+                p.sub_(lr * math.sqrt(1 - beta2**t) * p.grad / (v_p.sqrt() + eps))
+    return dict(model.named_parameters())
+
+
+def test_reptile_fresh_inner_adam_restarts_for_every_task():
     model, batch = tiny_conv(), image_tasks()
-    algo = build("reptile", model, inner_optimizer="adam", adam_betas=[0.0, 0.999], inner_lr=0.01)
+    algo = build("reptile", model, inner_optimizer="adam", inner_state="fresh", inner_lr=0.01)
+    algo.meta_loss(batch)  # a persistent state would now hold moments; a fresh one is unused
     x = torch.cat([batch.support.x[0], batch.query.x[0]])
     y = torch.cat([batch.support.y[0], batch.query.y[0]])
     params = {k: v.detach() for k, v in model.named_parameters()}
     *_, fast = algo.trajectory(params, {}, Split(x, y), training=True)
-    reference = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(reference.parameters(), lr=0.01, betas=(0.0, 0.999), eps=1e-8)
-    for _ in range(2):
-        optimizer.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        optimizer.step()
-    for name, p in reference.named_parameters():
+    for name, p in tensorflow_adam_steps(model, x, y, lr=0.01, steps=2).items():
         torch.testing.assert_close(fast[name], p.detach(), rtol=1e-7, atol=1e-9)
+    assert algo.inner_adam.steps.item() == 0
+
+
+def test_reptile_persistent_adam_carries_over_is_saved_and_testing_leaves_it():
+    model, batch = tiny_conv(), image_tasks()
+    algo = build(
+        "reptile",
+        model,
+        inner_optimizer="adam",
+        inner_lr=0.01,
+        inner_batch=4,
+        test_inner_batch=3,
+        test_inner_steps=3,
+    )
+    algo.meta_loss(batch)
+    algo.meta_loss(batch)
+    assert algo.inner_adam.steps.item() == 2 * TASKS * 2  # every task's steps, one after another
+    trained = algo.state_dict()["inner_adam"]
+    assert trained["second"]["head.weight"].abs().min() > 0
+    torch.manual_seed(0)
+    looped = algo.evaluate(batch, [0, 3])
+    torch.testing.assert_close(algo.state_dict()["inner_adam"], trained, rtol=0, atol=0)
+    # a checkpoint restores the moments; testing from them is the same under vmap
+    again = build(
+        "reptile",
+        tiny_conv(seed=5),
+        batching="vmap",
+        inner_optimizer="adam",
+        inner_lr=0.01,
+        inner_batch=4,
+        test_inner_batch=3,
+        test_inner_steps=3,
+    )
+    again.load_state_dict(algo.state_dict())
+    torch.testing.assert_close(again.state_dict()["inner_adam"], trained, rtol=0, atol=0)
+    torch.manual_seed(0)
+    vmapped = again.evaluate(batch, [0, 3])
+    torch.testing.assert_close(vmapped, looped, rtol=1e-9, atol=1e-11)
+    # testing from fresh moments differs: the trained ones are what test-time adaptation uses
+    fresh = build(
+        "reptile",
+        tiny_conv(),
+        inner_optimizer="adam",
+        inner_lr=0.01,
+        test_inner_batch=3,
+        test_inner_steps=3,
+    )
+    fresh.model.load_state_dict(algo.model.state_dict())
+    torch.manual_seed(0)
+    assert not torch.allclose(fresh.evaluate(batch, [3])["loss"], looped["loss"][:, 1:])
+    sgd = build("reptile", tiny_conv())
+    with pytest.raises(KeyError, match="inner_optimizer is sgd"):
+        sgd.load_state_dict(algo.state_dict())
+
+
+def test_reptile_mini_batches_are_disjoint_within_each_reshuffled_pass():
+    torch.manual_seed(0)
+    stream = mini_batch_stream(12, steps=7, batch=5, device=torch.device("cpu"))
+    assert stream.shape == (35,)
+    for start in range(0, 24, 12):  # two whole passes: each a permutation of the 12 examples
+        assert sorted(stream[start : start + 12].tolist()) == list(range(12))
+    assert not torch.equal(stream[:12], stream[12:24])
+    assert torch.equal(
+        mini_batch_stream(4, 3, None, torch.device("cpu")), torch.arange(4).repeat(3)
+    )
 
 
 # -- ANIL ---------------------------------------------------------------------------------------

@@ -234,13 +234,19 @@ class Bilevel:
     def over_tasks(self, fn: TaskFn, batch: TaskBatch, params: Params, buffers: Params):
         """Apply fn(params, buffers, sx, sy, qx, qy) to every task and stack the results."""
         data = (batch.support.x, batch.support.y, batch.query.x, batch.query.y)
+        return self.map_tasks(fn, data, params, buffers)
+
+    def map_tasks(self, fn: TaskFn, data: tuple[Tensor, ...], params: Params, buffers: Params):
+        """Apply fn(params, buffers, *task's slices of data) to every task (dim 0 of each data
+        tensor) by vmap or a loop, as hardware.task_batching says, and stack the results."""
         if self.task_batching == "vmap":
-            return torch.vmap(fn, in_dims=(None, None, 0, 0, 0, 0))(params, buffers, *data)
+            in_dims = (None, None, *[0] * len(data))
+            return torch.vmap(fn, in_dims=in_dims)(params, buffers, *data)
         if self.compile_tasks and torch.is_grad_enabled():
             fn = self._compiled_task(fn)
         if self.cfg.checkpoint and torch.is_grad_enabled():
             fn = self._checkpointed(fn, params, buffers)
-        outs = [fn(params, buffers, *(d[t] for d in data)) for t in range(batch.tasks)]
+        outs = [fn(params, buffers, *(d[t] for d in data)) for t in range(data[0].shape[0])]
         return torch.utils._pytree.tree_map(lambda *parts: torch.stack(parts), *outs)
 
     def _compiled_task(self, fn: TaskFn) -> TaskFn:

@@ -3,13 +3,14 @@
 One SGD step is phi <- phi - lr * grad L(phi) (Finn et al. 2017, eq. 1). What differs between the
 algorithms of the family is only which parameters move and with which step sizes:
 
-- MAML, FOMAML, Reptile, iMAML: every parameter, one scalar step size;
+- MAML, FOMAML, iMAML: every parameter, one scalar step size;
 - ANIL: only the head (the caller adapts a head-only model on fixed features);
 - Meta-SGD: one learned step size per parameter element (`lr` is a dict of tensors);
 - MAML++: one learned step size per parameter tensor and per step (`lr` is a list of dicts),
   BatchNorm weights held out of the inner loop and swapped per step (`per_step`);
-- iMAML: a proximal term lambda/2 * ||phi - theta||^2 in the inner objective (`proximal`);
-- Reptile: SGD or Adam steps (`adam=(beta1, beta2)`; Nichol et al. 2018 use beta1 = 0).
+- iMAML: a proximal term lambda/2 * ||phi - theta||^2 in the inner objective (`proximal`).
+
+Reptile's inner loop is its own (reptile.py): Adam steps whose state outlives the task.
 
 The gradient is taken with `torch.func.grad`, so the loop composes with `vmap` over tasks and
 with the outer autograd graph (second order unless `first_order`).
@@ -49,15 +50,13 @@ def adapt_steps(
     adapted: Collection[str] | None = None,
     proximal: float = 0.0,
     per_step: Sequence[Params] | None = None,
-    adam: tuple[float, float] | None = None,
 ) -> Iterator[Params]:
     """Yield the fast parameters before and after each of `steps` SGD steps on the support loss.
 
     `adapted` names the parameters that move (None: all); the others enter the forward pass
     unchanged. `proximal` adds lambda/2 * ||phi - theta||^2 around the (detached) starting point.
     `per_step[s]` overrides some parameters in the forward pass of step s (MAML++'s per-step
-    BatchNorm weights). `adam=(beta1, beta2)` takes Adam steps instead of SGD (eps 1e-8, state
-    started fresh for each task). The yielded dicts hold every parameter, adapted or not.
+    BatchNorm weights). The yielded dicts hold every parameter, adapted or not.
     """
     names = list(params) if adapted is None else [k for k in params if k in adapted]
     anchor = {k: params[k].detach() for k in names} if proximal else {}
@@ -72,7 +71,6 @@ def adapt_steps(
         return value
 
     yield params
-    moments = None  # Adam's first and second moments
     for step in range(steps):
         moving = {k: params[k] for k in names}
         fixed = {k: v for k, v in params.items() if k not in moving}
@@ -81,29 +79,11 @@ def adapt_steps(
         grads = torch.func.grad(support_loss)(moving, fixed)
         if first_order:  # FOMAML: the inner gradient is a constant (Finn et al. 2017, section 5.2)
             grads = {k: g.detach() for k, g in grads.items()}
-        if adam is not None:
-            grads, moments = _adam_direction(grads, moments, adam, step)
         params = {
             **params,
             **{k: moving[k] - step_size(lr, step, k) * grads[k] for k in names},
         }
         yield params
-
-
-def _adam_direction(
-    grads: Params, moments: tuple[Params, Params] | None, betas: tuple[float, float], step: int
-) -> tuple[Params, tuple[Params, Params]]:
-    """Adam's bias-corrected update direction m_hat / (sqrt(v_hat) + eps) and the new moments."""
-    beta1, beta2 = betas
-    if moments is None:
-        moments = ({k: torch.zeros_like(g) for k, g in grads.items()},) * 2
-    first = {k: beta1 * moments[0][k] + (1 - beta1) * g for k, g in grads.items()}
-    second = {k: beta2 * moments[1][k] + (1 - beta2) * g * g for k, g in grads.items()}
-    t = step + 1
-    direction = {
-        k: (first[k] / (1 - beta1**t)) / ((second[k] / (1 - beta2**t)).sqrt() + 1e-8) for k in grads
-    }
-    return direction, (first, second)
 
 
 def adapt(model: nn.Module, params: Params, buffers: Params, support: Split, **options) -> Params:
