@@ -16,7 +16,7 @@ PUBLISHED = {
     "maml_5w1s_8min": ("MAML, Omniglot 5-way 1-shot", "98.7 ± 0.4% (Finn et al. 2017)"),
     "fomaml_5w1s_8min": ("FOMAML, Omniglot 5-way 1-shot", "98.3 ± 0.5% (Finn et al. 2017)"),
     "maml_5w1s_45min": ("MAML, Omniglot 5-way 1-shot", "98.7 ± 0.4% (Finn et al. 2017)"),
-    "reptile_5w1s_8min": (
+    "reptile_5w1s_30min": (
         "Reptile, Omniglot 5-way 1-shot",
         "97.68 ± 0.04% transductive (Nichol et al. 2018)",
     ),
@@ -26,8 +26,9 @@ PUBLISHED = {
         "iMAML, Omniglot 5-way 1-shot",
         "99.16 ± 0.35% with GD inner loop (Rajeswaran et al. 2019)",
     ),
-    "mamlpp_5w1s_8min": ("MAML++, Omniglot 5-way 1-shot", "99.47% (Antoniou et al. 2019)"),
-    "matchingnet_5w1s_8min": (
+    "mamlpp_5w1s_15min": ("MAML++, Omniglot 5-way 1-shot", "99.47% (Antoniou et al. 2019)"),
+    "maml_5w1s_15min": ("MAML, Omniglot 5-way 1-shot", "98.7 ± 0.4% (Finn et al. 2017)"),
+    "matchingnet_5w1s_15min": (
         "Matching Networks, Omniglot 5-way 1-shot",
         "98.1% (Vinyals et al. 2016)",
     ),
