@@ -103,7 +103,8 @@ def test_every_experiment_composes_and_builds(experiment: str, data_root):
     train_query = algo.get("train_query") or data["query"]
     train_shots = algo.get("train_shots") or data["shots"]
     assert run.train_shape == (train_ways, train_shots, train_query)
-    assert run.test_shape == (data.get("ways", 1), data["shots"], data["query"])
+    test_query = preset.get("eval", {}).get("query") or data["query"]  # eval.query: the test's
+    assert run.test_shape == (data.get("ways", 1), data["shots"], test_query)
 
 
 @pytest.mark.parametrize("data", DATASETS)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config
 
-from metalearn.algos.blackbox.sequence import CORES, SequenceConfig
+from metalearn.algos.blackbox.sequence import CORES, SequenceConfig, instance_accuracies
 from metalearn.build import build_run
 from metalearn.data.tasks import Split
+from metalearn.errors import ConfigError
 from metalearn.train import outer_optimizer
 
 NAMES = ["mann", "lstm", "snail", "icl_transformer"]
@@ -145,3 +146,134 @@ def test_each_learner_trains_and_tests_on_real_omniglot_episodes(name: str, omni
     support = Split(episodes.support.x[0], episodes.support.y[0])
     logits = run.algo.predict(support, episodes.query.x[0])
     assert logits.shape == (15, 5)
+
+
+# --- protocol=santoro: Santoro et al. (2016)'s sequences, every step scored ----------------------
+
+SANTORO = ["mann", "lstm"]
+
+
+@pytest.mark.parametrize("name", SANTORO)
+def test_santoro_steps_are_causal_and_read_the_previous_label(name: str):
+    """Logits at step t depend on x_1..x_t and y_1..y_{t-1} only: y_t enters at step t + 1."""
+    model = core(name)
+    z, labels, _ = task_inputs(shots=8)  # (T, L, D), (T, L, N)
+    base = model.sequence(z, labels)  # (T, L, N)
+    t = 4
+    later_z = z.clone()
+    later_z[:, t + 1 :] += 10.0
+    assert torch.allclose(model.sequence(later_z, labels)[:, : t + 1], base[:, : t + 1])
+    swapped = labels.clone()
+    swapped[:, t] = labels[:, t].roll(1, -1)  # y_t changes
+    out = model.sequence(z, swapped)
+    assert torch.allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-12)  # not seen at step t
+    assert not torch.allclose(out[:, t + 1], base[:, t + 1])  # seen at step t + 1
+    unlabelled = labels.clone()
+    unlabelled[:, -1] = 0.0  # the last label is never an input
+    assert torch.equal(model.sequence(z, unlabelled), base)
+
+
+@pytest.mark.parametrize("name", SANTORO)
+def test_santoro_last_step_equals_the_query_path(name: str):
+    """A query is one more step after the support set, given y_{t-1} = the last support label:
+    the training sequences and the (unchanged) evaluation compute the same function."""
+    model = core(name)
+    support, labels, query = task_inputs()
+    fast = model(support, labels, query)  # (T, M, N)
+    for m in range(query.shape[1]):
+        z = torch.cat([support, query[:, m : m + 1]], 1)
+        steps = torch.cat([labels, torch.zeros_like(labels[:, :1])], 1)  # its own label unused
+        assert torch.allclose(model.sequence(z, steps)[:, -1], fast[:, m], atol=1e-12)
+
+
+def test_instance_accuracies_count_each_class_presentation():
+    y = torch.tensor([[0, 1, 0, 0, 1, 1]])
+    correct = torch.tensor([[False, True, True, False, True, True]])
+    acc = instance_accuracies(correct, y, ways=2, instances=3)
+    assert {k: v.item() for k, v in acc.items()} == {
+        "instance_acc_1": 0.5,  # steps 0 and 1
+        "instance_acc_2": 1.0,  # steps 2 and 4
+        "instance_acc_3": 0.5,  # steps 3 and 5
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"name": "snail", "protocol": "santoro"}, ["algo.protocol=santoro", "snail"]),
+        ({"name": "icl_transformer", "protocol": "santoro"}, ["algo.protocol", "mann or lstm"]),
+        ({"name": "lstm", "protocol": "santoro_2016"}, ["algo.protocol", "episodic, santoro"]),
+        ({"name": "mann", "protocol": "santoro", "instances": 1}, ["algo.instances"]),
+        ({"name": "lstm", "protocol": "santoro", "train_query": 4}, ["algo.train_query"]),
+    ],
+)
+def test_bad_protocol_settings_fail_naming_the_key(overrides: dict, words: list[str]):
+    with pytest.raises(ConfigError) as error:
+        SequenceConfig(**overrides)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_santoro_is_refused_for_snail_before_any_data_is_loaded(tmp_path):
+    raw = compose_config(["algo=snail", "algo.protocol=santoro", "data=omniglot", "debug=smoke"])
+    raw["data"]["root"] = str(tmp_path)  # empty: the config fails first
+    with pytest.raises(ConfigError, match="algo.protocol=santoro"):
+        build_run(raw)
+
+
+def santoro_sequences(g: torch.Generator, ways: int, instances: int, tasks=32, dim=16):
+    """A tiny family of Santoro-style sequences: `instances` noisy copies of each of `ways`
+    random class vectors, labels a random class order, in random order (T, L, D), (T, L)."""
+    classes = torch.randn(tasks, ways, dim, generator=g)
+    y = torch.arange(ways).repeat(instances).expand(tasks, -1)
+    y = y.gather(1, torch.rand(y.shape, generator=g).argsort(1))
+    noise = 0.3 * torch.randn(tasks, y.shape[1], dim, generator=g)
+    return classes.gather(1, y[..., None].expand(-1, -1, dim)) + noise, y
+
+
+def test_lstm_learns_santoro_sequences_to_well_above_chance():
+    """3 classes, 5 instances each, every step scored: after a few seconds the LSTM is right on
+    ~90% of 2nd-5th presentations (chance 1/3), which needs binding each label to its class
+    in context; the 1st presentation can only be guessed."""
+    torch.manual_seed(0)
+    ways, instances = 3, 5
+    model = CORES["lstm"](SequenceConfig(name="lstm", hidden=64), 16 + ways, ways)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(800):
+        z, y = santoro_sequences(g, ways, instances)
+        logits = model.sequence(z, F.one_hot(y, ways).float())
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        z, y = santoro_sequences(torch.Generator().manual_seed(1), ways, instances, tasks=256)
+        correct = model.sequence(z, F.one_hot(y, ways).float()).argmax(-1) == y
+    acc = instance_accuracies(correct, y, ways, instances)
+    later = [acc[f"instance_acc_{k}"].item() for k in range(2, instances + 1)]
+    assert min(later) > 0.75, acc
+    assert acc["instance_acc_2"] > acc["instance_acc_1"] + 0.2, acc
+
+
+def test_santoro_meta_training_scores_every_step_of_real_omniglot_sequences(omniglot_root):
+    overrides = ["experiment=lstm_omniglot_5w1s", "debug=smoke", "hardware.threads=1"]
+    overrides += [f"data.root={omniglot_root}", "model.hidden=16", "algo.hidden=16"]
+    overrides += ["algo.protocol=santoro", "algo.instances=4"]
+    run = build_run(compose_config(overrides))
+    assert run.train_shape == (5, 1, 3)  # 4 examples per class: one sequence of 20 steps
+    batch = run.tasks.sample("train", torch.Generator().manual_seed(0), 2, *run.train_shape)
+    logits, y = run.algo.sequence_logits(batch)
+    assert (
+        logits.shape == (2, 20, 5)
+        and (y.sort(1).values == torch.arange(5).repeat_interleave(4)).all()
+    )
+    loss, metrics = run.algo.meta_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and set(metrics) == {"loss", "score"} | {
+        f"instance_acc_{k}" for k in (1, 2, 3, 4)
+    }
+    assert all(p.grad is not None for p in run.algo.parameters())
+    (episodes,) = run.tasks.episodes("test", 4, 5, 1, 3, seed=0, batch_size=4)
+    out = run.algo.evaluate(episodes, [0])  # the standard protocol, as every other learner's
+    assert out["score"].shape == (4, 1) and torch.isfinite(out["loss"]).all()

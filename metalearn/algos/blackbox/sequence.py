@@ -19,6 +19,11 @@ directly with every other learner's on the same fixed episodes. In meta-training
 set comes in a new random order per task (labels are already random per task), so nothing can
 be read off positions; at test it comes in the sampler's order.
 
+`algo.protocol=santoro` (mann and lstm) meta-trains as Santoro et al. (2016) do:
+each task is one sequence of `instances` examples of each class in random order, every step
+t gets (x_t, y_{t-1}) and every step's prediction of y_t is scored. Evaluation stays the
+standard one above, so test accuracies compare with every other learner's.
+
 Shape letters: T tasks, S = N*K support examples, M queries, D embedding, H hidden.
 """
 
@@ -30,7 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algos.metric.episodic import EpisodicLearner, check_outer_lr
+from metalearn.data.tasks import TaskBatch
 from metalearn.errors import ConfigError
+
+PROTOCOLS = ("episodic", "santoro")
+SANTORO_CORES = ("mann", "lstm")  # the cores with a `sequence` method
+INSTANCES = (1, 2, 3, 4, 5, 10)  # the presentations of a class Santoro et al.'s Table 1 reports
 
 
 @dataclass
@@ -51,6 +61,11 @@ class SequenceConfig:
     memory_slots: int = 128  # mann: rows of the external memory
     memory_width: int = 40  # mann: width of a memory row
     read_heads: int = 4  # mann: read (and write) heads
+    # meta-training: 'episodic' (support set, then each query scored) or 'santoro' (mann, lstm:
+    # Santoro et al.'s sequences of `instances` examples per class, every step scored)
+    protocol: str = "episodic"
+    instances: int = 10  # santoro: examples of each class in one training sequence
+    train_shots: int | None = None  # shots per class in meta-training (None: data.shots)
 
     def __post_init__(self) -> None:
         check_outer_lr(self)
@@ -61,6 +76,33 @@ class SequenceConfig:
         if self.name == "icl_transformer" and self.hidden % self.heads:
             raise ConfigError(
                 f"algo.hidden ({self.hidden}) must be a multiple of algo.heads ({self.heads})"
+            )
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"algo.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
+            )
+        if self.instances < 2:
+            raise ConfigError(f"algo.instances must be >= 2, got {self.instances}")
+        if self.protocol == "santoro":
+            self._santoro_shape()
+
+    def _santoro_shape(self) -> None:
+        """The sampler's training shape for santoro: shots + query = instances per class (the
+        learner joins them into one sequence, so only the sum matters; 1 + (instances - 1))."""
+        if self.name not in SANTORO_CORES:
+            raise ConfigError(
+                f"algo.protocol=santoro scores every step of a recurrent core's sequence and "
+                f"applies to algo={' or '.join(SANTORO_CORES)}, not algo={self.name}; use "
+                f"algo.protocol=episodic"
+            )
+        shots, query = self.train_shots, self.train_query
+        if shots is None and query is None:  # set here, so results.json shows what was drawn
+            self.train_shots, self.train_query = 1, self.instances - 1
+        elif shots is None or query is None or shots + query != self.instances:
+            raise ConfigError(
+                f"algo.protocol=santoro draws algo.instances={self.instances} examples per "
+                f"class for each training sequence; leave algo.train_shots and "
+                f"algo.train_query null (got {shots} and {query})"
             )
 
 
@@ -81,12 +123,15 @@ class SequenceLearner(EpisodicLearner):
     def extra_modules(self) -> dict[str, nn.Module]:
         return {"core": self.core}
 
-    def scores(self, support_z: Tensor, support_y: Tensor, query_z: Tensor, ways: int) -> Tensor:
+    def _check_ways(self, ways: int) -> None:
         if ways > self.ways:
             raise ConfigError(
                 f"algo={self.cfg.name} was built for {self.ways}-way tasks and got {ways}-way "
                 f"ones; its label inputs and outputs have a fixed width (algo.max_ways)"
             )
+
+    def scores(self, support_z: Tensor, support_y: Tensor, query_z: Tensor, ways: int) -> Tensor:
+        self._check_ways(ways)
         if self.model.training:  # a new support order per task (T, S)
             order = torch.rand(support_y.shape, device=support_y.device).argsort(1)
             support_z = support_z.gather(1, order[..., None].expand_as(support_z))
@@ -94,11 +139,47 @@ class SequenceLearner(EpisodicLearner):
         labels = F.one_hot(support_y, self.ways).to(support_z.dtype)  # (T, S, max N)
         return self.core(support_z, labels, query_z)[..., :ways]  # (T, M, N): no unused class
 
+    def meta_loss(self, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.cfg.protocol == "episodic":
+            return super().meta_loss(batch, iteration)
+        logits, y = self.sequence_logits(batch)  # (T, L, N), (T, L)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # every step scored
+        correct = logits.argmax(-1) == y
+        metrics = {"loss": loss, "score": correct.float().mean()}  # over all steps
+        return loss, metrics | instance_accuracies(correct, y, batch.ways, self.cfg.instances)
+
+    def sequence_logits(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        """Santoro et al.'s training sequences: each task's support and query examples together
+        (`instances` per class, L = N * instances) in a new random order; logits at every step
+        (T, L, N) and the labels (T, L)."""
+        self._check_ways(batch.ways)
+        support_z, query_z = self._embed(batch.support.x, batch.query.x)
+        z = torch.cat([support_z, query_z], 1)  # (T, L, D)
+        y = torch.cat([batch.support.y, batch.query.y], 1)  # (T, L)
+        order = torch.rand(y.shape, device=y.device).argsort(1)
+        z, y = z.gather(1, order[..., None].expand_as(z)), y.gather(1, order)
+        labels = F.one_hot(y, self.ways).to(z.dtype)  # (T, L, max N)
+        return self.core.sequence(z, labels)[..., : batch.ways], y
+
+
+def instance_accuracies(correct: Tensor, y: Tensor, ways: int, instances: int) -> dict[str, Tensor]:
+    """Santoro et al.'s Table 1: accuracy at the k-th presentation of each class in a sequence,
+    for k in INSTANCES up to `instances`, from (T, L) correctness and labels."""
+    seen = F.one_hot(y, ways).cumsum(1).gather(2, y[..., None])[..., 0]  # (T, L): 1, 2, ...
+    return {
+        f"instance_acc_{k}": correct[seen == k].float().mean() for k in INSTANCES if k <= instances
+    }
+
+
+def previous_labels(labels: Tensor) -> Tensor:
+    """y_{t-1} at each step t (T, L, N): the labels one step late, zeros at the first step."""
+    return F.pad(labels[:, :-1], (0, 0, 1, 0))
+
 
 def offset_inputs(support_z: Tensor, labels: Tensor, query_z: Tensor) -> tuple[Tensor, Tensor]:
     """Santoro et al.'s input order: (x_t, y_{t-1}) over the support set (T, S, D + N), zeros
     for the first label; each query comes with the last support label (T*M, D + N)."""
-    previous = F.pad(labels[:, :-1], (0, 0, 1, 0))  # y_{t-1}: (T, S, N)
+    previous = previous_labels(labels)  # y_{t-1}: (T, S, N)
     last = labels[:, -1:].expand(-1, query_z.shape[1], -1)
     return torch.cat([support_z, previous], -1), torch.cat([query_z, last], -1).flatten(0, 1)
 
@@ -118,6 +199,11 @@ class LSTMCore(nn.Module):
         state = tuple(s.repeat_interleave(queries, dim=1) for s in (h, c))
         out, _ = self.lstm(x[:, None], state)  # one step per query
         return self.out(out[:, 0]).view(tasks, queries, -1)
+
+    def sequence(self, z: Tensor, labels: Tensor) -> Tensor:
+        """Logits at every step (T, L, N) of (x_t, y_{t-1}): one LSTM call (protocol=santoro)."""
+        out, _ = self.lstm(torch.cat([z, previous_labels(labels)], -1))  # (T, L, H)
+        return self.out(out)
 
 
 class MemoryCore(nn.Module):
@@ -177,6 +263,16 @@ class MemoryCore(nn.Module):
         state = {k: v.repeat_interleave(queries, dim=0) for k, v in state.items()}
         features, _ = self.step(x, state)
         return self.out(features).view(tasks, queries, -1)
+
+    def sequence(self, z: Tensor, labels: Tensor) -> Tensor:
+        """Logits at every step (T, L, N) of (x_t, y_{t-1}) (protocol=santoro)."""
+        inputs = torch.cat([z, previous_labels(labels)], -1)  # (T, L, D + N)
+        state = self.initial_state(inputs.shape[0], inputs)
+        features = []
+        for t in range(inputs.shape[1]):
+            out, state = self.step(inputs[:, t], state)
+            features.append(out)
+        return self.out(torch.stack(features, 1))
 
 
 class SNAILCore(nn.Module):
