@@ -18,12 +18,14 @@ declare -A RUNS=(
   [reptile_5w1s_30min]="experiment=reptile_omniglot_5w1s trainer.max_minutes=30 trainer.eval_every=2000 eval.val_episodes=200 hardware.threads=1 logger=none"
   [anil_5w1s_8min]="experiment=anil_omniglot_5w1s trainer.max_minutes=8"
   [metasgd_5w1s_8min]="experiment=metasgd_omniglot_5w1s trainer.max_minutes=8"
-  [imaml_5w1s_8min]="experiment=imaml_omniglot_5w1s trainer.max_minutes=8"
+  [imaml_5w1s_15min]="experiment=imaml_omniglot_5w1s trainer.max_minutes=15 trainer.eval_every=50 eval.val_episodes=200 hardware.threads=1 logger=none"
+  # FOMAML for the iterations iMAML reached (187 in the README run)
+  [fomaml_5w1s_187it]="experiment=fomaml_omniglot_5w1s trainer.iterations=187 trainer.eval_every=50 eval.val_episodes=200 hardware.threads=1 logger=none"
   # MAML++ and MAML at 15 minutes, one thread each (run side by side in the README)
   [mamlpp_5w1s_15min]="experiment=mamlpp_omniglot_5w1s trainer.max_minutes=15 trainer.eval_every=150 hardware.threads=1 logger=none"
   [maml_5w1s_15min]="experiment=maml_omniglot_5w1s trainer.max_minutes=15 trainer.eval_every=300 hardware.threads=1 logger=none"
   # metric learners at 8 CPU minutes, with the fast layout and bf16 as for ProtoNet
-  [matchingnet_5w1s_15min]="experiment=matchingnet_omniglot_5w1s trainer.max_minutes=15 trainer.eval_every=500 hardware.threads=1 logger=none"
+  [matchingnet_5w1s_15min]="experiment=matchingnet_omniglot_5w1s trainer.max_minutes=15 trainer.eval_every=500 hardware.threads=1 hardware.channels_last=true hardware.precision=bf16 logger=none"
   [matchingnet_5w5s_8min]="experiment=matchingnet_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16 algo.scale=1 algo.cosine_relu=false"
   [relationnet_5w1s_8min]="experiment=relationnet_omniglot_5w1s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
   [relationnet_5w5s_8min]="experiment=relationnet_omniglot_5w5s trainer.max_minutes=8 hardware.channels_last=true hardware.precision=bf16"
@@ -42,7 +44,7 @@ declare -A RUNS=(
   [rl2_harlow]="experiment=rl2_harlow"
 )
 ORDER=(protonet_5w1s protonet_5w5s maml_5w1s_8min fomaml_5w1s_8min maml_sinusoid maml_5w1s_45min
-       reptile_5w1s_30min anil_5w1s_8min metasgd_5w1s_8min imaml_5w1s_8min mamlpp_5w1s_15min
+       reptile_5w1s_30min anil_5w1s_8min metasgd_5w1s_8min imaml_5w1s_15min fomaml_5w1s_187it mamlpp_5w1s_15min
        maml_5w1s_15min matchingnet_5w1s_15min matchingnet_5w5s_8min relationnet_5w1s_8min relationnet_5w5s_8min
        metaoptnet_ridge_5w1s_8min metaoptnet_ridge_5w5s_8min metaoptnet_svm_5w1s_8min
        metaoptnet_svm_5w5s_8min baselinepp_5w1s_8min baselinepp_5w5s_8min

@@ -22,7 +22,11 @@ PUBLISHED = {
     ),
     "anil_5w1s_8min": ("ANIL, Omniglot 5-way 1-shot", "- (the paper reports 20-way only)"),
     "metasgd_5w1s_8min": ("Meta-SGD, Omniglot 5-way 1-shot", "99.53 ± 0.26% (Li et al. 2017)"),
-    "imaml_5w1s_8min": (
+    "fomaml_5w1s_187it": (
+        "FOMAML, Omniglot 5-way 1-shot, iMAML's 187 iterations",
+        "98.3 ± 0.5% (Finn et al. 2017)",
+    ),
+    "imaml_5w1s_15min": (
         "iMAML, Omniglot 5-way 1-shot",
         "99.16 ± 0.35% with GD inner loop (Rajeswaran et al. 2019)",
     ),
