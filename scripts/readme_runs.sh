@@ -15,7 +15,7 @@ declare -A RUNS=(
   [maml_sinusoid]="experiment=maml_sinusoid"
   [maml_5w1s_45min]="experiment=maml_omniglot_5w1s trainer.max_minutes=45"
   # the gradient-based family at the same 8-minute budget
-  [reptile_5w1s_30min]="experiment=reptile_omniglot_5w1s trainer.max_minutes=30 trainer.eval_every=2000 eval.val_episodes=200 hardware.threads=1 logger=none"
+  [reptile_5w1s_30min]="experiment=reptile_omniglot_5w1s trainer.iterations=5000 trainer.max_minutes=30 trainer.eval_every=1000 eval.val_episodes=200 hardware.threads=1 logger=none"
   [anil_5w1s_8min]="experiment=anil_omniglot_5w1s trainer.max_minutes=8"
   [metasgd_5w1s_8min]="experiment=metasgd_omniglot_5w1s trainer.max_minutes=8"
   [imaml_5w1s_15min]="experiment=imaml_omniglot_5w1s trainer.max_minutes=15 trainer.eval_every=50 eval.val_episodes=200 hardware.threads=1 logger=none"
