@@ -18,6 +18,8 @@ from metalearn.data.tasks import Split
 from metalearn.models.recurrent import RecurrentActorCritic, RecurrentConfig
 from metalearn.train import outer_optimizer
 
+flat = torch.nn.utils.parameters_to_vector  # every parameter, flattened into one vector
+
 pytestmark = pytest.mark.usefixtures("float64")
 
 
@@ -34,7 +36,7 @@ def one_update(algo, cfg, batch) -> tuple[torch.Tensor, torch.Tensor]:
     objective.backward()
     grad = torch.cat([p.grad.flatten() for p in algo.model.parameters()])
     optimizer.step()
-    return grad, torch.cat([p.detach().flatten() for p in algo.model.parameters()])
+    return grad, flat(algo.model.parameters()).detach()
 
 
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
@@ -58,7 +60,7 @@ def test_imaml_meta_update_is_imaml_devs(batching):
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-10)
     # the update moved the weights: equality is not that of two no-ops
-    assert (weights - torch.cat([p.flatten() for p in tiny_conv().parameters()])).abs().max() > 1e-3
+    assert (weights - flat(tiny_conv().parameters())).abs().max() > 1e-3
 
 
 def test_reptile_meta_updates_and_test_adaptation_are_supervised_reptiles():
@@ -82,7 +84,7 @@ def test_reptile_meta_updates_and_test_adaptation_are_supervised_reptiles():
     adam = TensorFlowAdam(reference, lr=0.01, beta1=0.0, beta2=0.999, eps=1e-4)
     algo = algo_cls(cfg, model, "classification", "loop")
     optimizer = outer_optimizer(cfg, algo)
-    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    before = flat(model.parameters()).detach()
     for batch in batches:  # 12 examples a task, batches of 5: passes straddle and reshuffle
         torch.manual_seed(7)
         objective, _ = algo.meta_loss(batch)
@@ -94,8 +96,8 @@ def test_reptile_meta_updates_and_test_adaptation_are_supervised_reptiles():
         reptile_train_step(
             reference, adam, tasks, inner_batch_size=5, inner_iters=5, meta_step_size=0.5
         )
-        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
-        ref_weights = torch.cat([p.detach().flatten() for p in reference.parameters()])
+        weights = flat(model.parameters()).detach()
+        ref_weights = flat(reference.parameters()).detach()
         torch.testing.assert_close(weights, ref_weights, rtol=0, atol=1e-10)
         for mine, theirs in zip(algo.inner_adam.second.values(), adam.v, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
