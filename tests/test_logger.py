@@ -3,6 +3,7 @@
 import json
 import struct
 import sys
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -33,19 +34,36 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def read_wandb_records(path: Path) -> list[Any]:
-    """Decode a .wandb transaction log into wandb_internal_pb2.Record messages.
+def read_wandb_records(path: Path, wait: float = 60.0) -> list[Any]:
+    """Decode a finished run's .wandb transaction log into wandb_internal_pb2.Record messages.
 
     wandb 0.31 has no Python reader (wandb.sdk.internal.datastore is gone; wandb-core writes
     the file), so this follows the format: a 7-byte header (b":W&B", magic 0xBEE1, version 0),
     then LevelDB-log 32 KiB blocks of chunks, each with a 7-byte header (CRC-32 of type byte
     plus data, length, type: 1 full, 2 first, 3 middle, 4 last); a block tail too short for a
     chunk header is zero padding. Chunks join into one serialized Record protobuf.
+
+    wandb-core writes the file in its own process and may still be flushing it when
+    `run.finish()` has returned (seen in CI on a loaded machine: a log holding only its
+    header), so this reads until the run's last record, `exit`, is there, for up to `wait`
+    seconds.
     """
+    deadline = time.monotonic() + wait
+    while True:
+        records = decode_wandb_log(path.read_bytes())
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            kinds = [r.WhichOneof("record_type") for r in records]
+            raise AssertionError(f"{path} has no exit record after {wait} s: {kinds}")
+        time.sleep(0.1)
+
+
+def decode_wandb_log(data: bytes) -> list[Any]:
+    """The complete records of a .wandb log's bytes; a chunk still being written is left out."""
     from wandb.proto import wandb_internal_pb2
 
     block, header = 32768, 7
-    data = path.read_bytes()
     assert struct.unpack("<4sHB", data[:header]) == (b":W&B", 0xBEE1, 0)
     records, payload, pos = [], b"", header
     while pos + header <= len(data):
@@ -53,10 +71,10 @@ def read_wandb_records(path: Path) -> list[Any]:
             pos += block - pos % block  # padding at the end of a block
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
-        chunk = data[pos + header : pos + header + length]
+        if kind == 0 or pos + header + length > len(data):
+            break  # zeros after the last record, or a chunk not yet fully written
+        chunk = data[pos : pos + header + length][header:]
         pos += header + length
-        if kind == 0:  # zeros after the last record
-            break
         assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad CRC at byte {pos}"
         payload = chunk if kind in (1, 2) else payload + chunk
         if kind in (1, 4):
