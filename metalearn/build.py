@@ -26,7 +26,7 @@ from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalearn.data.tabular_mdp import MDPTasks, TabularMDPConfig
 from metalearn.data.tieredimagenet import PREPROCESS as TIEREDIMAGENET_PREPROCESS
 from metalearn.data.tieredimagenet import TieredImageNetConfig, tieredimagenet_tasks
-from metalearn.errors import CheckpointError, ConfigError
+from metalearn.errors import CheckpointError, ConfigError, DataError
 from metalearn.evaluate import EvalConfig
 from metalearn.hardware import HardwareConfig, autocast, select_device, task_batching
 from metalearn.logger import LoggerConfig
@@ -156,7 +156,15 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
     _check_combination(config, algo_cls, train_shape, test_shape, batching)
     torch.manual_seed(config.seed)
     tasks = DATASETS[data.name][1](data, device)
-    tasks.check("train", *train_shape)
+    try:
+        tasks.check("train", *train_shape)
+    except DataError as error:
+        if getattr(algo_cfg, "protocol", None) != "santoro":
+            raise
+        raise DataError(  # the sampler's shape came from algo.instances, not from data.*
+            f"algo.protocol=santoro draws algo.instances={algo_cfg.instances} examples of "
+            f"each class per sequence: {error}. Lower algo.instances instead."
+        ) from error
     for split in ("val", "test"):
         for shots in {test_shape[1], *config.eval.shots}:
             tasks.check(split, test_shape[0], shots, test_shape[2])

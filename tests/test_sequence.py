@@ -11,7 +11,7 @@ from conftest import compose_config
 from metalearn.algos.blackbox.sequence import CORES, SequenceConfig, instance_accuracies
 from metalearn.build import build_run
 from metalearn.data.tasks import Split
-from metalearn.errors import ConfigError
+from metalearn.errors import ConfigError, DataError
 from metalearn.train import outer_optimizer
 
 NAMES = ["mann", "lstm", "snail", "icl_transformer"]
@@ -277,3 +277,10 @@ def test_santoro_meta_training_scores_every_step_of_real_omniglot_sequences(omni
     (episodes,) = run.tasks.episodes("test", 4, 5, 1, 3, seed=0, batch_size=4)
     out = run.algo.evaluate(episodes, [0])  # the standard protocol, as every other learner's
     assert out["score"].shape == (4, 1) and torch.isfinite(out["loss"]).all()
+
+
+def test_santoro_sequences_longer_than_a_class_fail_naming_algo_instances(omniglot_root):
+    overrides = ["experiment=lstm_omniglot_5w1s", f"data.root={omniglot_root}"]
+    overrides += ["algo.protocol=santoro", "algo.instances=30"]  # Omniglot has 20 per class
+    with pytest.raises(DataError, match=r"algo.instances=30 .* Lower algo.instances"):
+        build_run(compose_config(overrides))
