@@ -8,30 +8,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalearn import checkpoint
 from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
 from metalearn.config import as_dict, check_seed, from_dict
-from metalearn.data.bandits import BanditConfig, BanditTasks, DependentBanditConfig
-from metalearn.data.cifar import PREPROCESS as CIFAR_PREPROCESS
-from metalearn.data.cifar import CIFARFSConfig, FC100Config, cifarfs_tasks, fc100_tasks
-from metalearn.data.cub import PREPROCESS as CUB_PREPROCESS
-from metalearn.data.cub import CUBConfig, cub_tasks
-from metalearn.data.harlow import HarlowConfig, HarlowTasks
-from metalearn.data.images import OmniglotConfig, omniglot_tasks
-from metalearn.data.miniimagenet import PREPROCESS as MINIIMAGENET_PREPROCESS
-from metalearn.data.miniimagenet import MiniImageNetConfig, miniimagenet_tasks
-from metalearn.data.omniglot import PREPROCESS as OMNIGLOT_PREPROCESS
+from metalearn.data.images.cifar import PREPROCESS as CIFAR_PREPROCESS
+from metalearn.data.images.cifar import CIFARFSConfig, FC100Config, cifarfs_tasks, fc100_tasks
+from metalearn.data.images.cub import PREPROCESS as CUB_PREPROCESS
+from metalearn.data.images.cub import CUBConfig, cub_tasks
+from metalearn.data.images.miniimagenet import PREPROCESS as MINIIMAGENET_PREPROCESS
+from metalearn.data.images.miniimagenet import MiniImageNetConfig, miniimagenet_tasks
+from metalearn.data.images.omniglot import PREPROCESS as OMNIGLOT_PREPROCESS
+from metalearn.data.images.omniglot import OmniglotConfig, omniglot_tasks
+from metalearn.data.images.tieredimagenet import PREPROCESS as TIEREDIMAGENET_PREPROCESS
+from metalearn.data.images.tieredimagenet import TieredImageNetConfig, tieredimagenet_tasks
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
-from metalearn.data.tabular_mdp import MDPTasks, TabularMDPConfig
-from metalearn.data.tieredimagenet import PREPROCESS as TIEREDIMAGENET_PREPROCESS
-from metalearn.data.tieredimagenet import TieredImageNetConfig, tieredimagenet_tasks
+from metalearn.envs.bandits import BanditConfig, BanditTasks, DependentBanditConfig
+from metalearn.envs.harlow import HarlowConfig, HarlowTasks
+from metalearn.envs.tabular_mdp import MDPTasks, TabularMDPConfig
 from metalearn.errors import CheckpointError, ConfigError, DataError
 from metalearn.evaluate import EvalConfig
 from metalearn.hardware import HardwareConfig, autocast, select_device, task_batching
-from metalearn.logger import LoggerConfig
 from metalearn.models import MODELS
-from metalearn.train import TrainerConfig
+from metalearn.records import checkpoint
+from metalearn.records.logger import LoggerConfig
+from metalearn.train.loop import TrainerConfig
 
 # name -> (config class, function(config, device) -> task source)
 DATASETS: dict[str, tuple[type, Any]] = {

@@ -29,7 +29,7 @@ def _train(cfg: DictConfig) -> float:
 
     from metalearn import distributed
     from metalearn.build import build_run
-    from metalearn.train import train
+    from metalearn.train.loop import train
 
     hydra_cfg = HydraConfig.get()
     raw = OmegaConf.to_container(cfg, resolve=True)
@@ -100,8 +100,8 @@ def _bench(args: list[str]) -> None:
     """`metalearn bench key=value ...` (see metalearn/bench.py's BenchConfig for the keys)."""
     import dataclasses
 
-    from metalearn.bench import BenchConfig, run_bench
     from metalearn.config import from_dict
+    from metalearn.tools.bench.learners import BenchConfig, run_bench
 
     if any(a in ("-h", "--help") for a in args):
         print("usage: metalearn bench [key=value ...]\n\nkeys (defaults):")
@@ -171,7 +171,7 @@ def _check_output_folder(args: list[str]) -> None:
 
 def _summarize(args: list[str]) -> None:
     """`metalearn summarize DIR`: DIR/summary.csv and summary.md from its results.json files."""
-    from metalearn.summarize import summarize, write
+    from metalearn.tools.summarize import summarize, write
 
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print(
@@ -189,7 +189,7 @@ def _summarize(args: list[str]) -> None:
 
 def _reproduce(args: list[str]) -> None:
     """`metalearn reproduce TABLE [--budget F] [--seeds N]` (see metalearn/reproduce.py)."""
-    from metalearn.reproduce import main as reproduce
+    from metalearn.tools.reproduce import main as reproduce
 
     try:
         reproduce(args)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from metalearn.data.preprocess import image_array
+from metalearn.data.files.preprocess import image_array
 from metalearn.data.tasks import Split
 from metalearn.errors import DataError
 

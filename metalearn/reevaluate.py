@@ -4,11 +4,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from metalearn import checkpoint
 from metalearn.build import build_run
 from metalearn.episode import classify_episode
 from metalearn.errors import CheckpointError, ConfigError
-from metalearn.report import result_table, tested_results, write_json
+from metalearn.records import checkpoint
+from metalearn.records.results import result_table, tested_results, write_json
 
 FIXED_GROUPS = ("algo", "model")  # the weights decide these; asking for others is an error
 SWAPPABLE_GROUPS = ("data", "hardware", "logger")  # a new choice replaces the whole section

@@ -23,7 +23,7 @@ from metalearn.data.tasks import EpisodeSampler, LabelledBatch
 from metalearn.errors import CheckpointError
 from metalearn.models.conv4 import Conv4, Conv4Config
 from metalearn.reevaluate import evaluate_checkpoint
-from metalearn.train import train
+from metalearn.train.loop import train
 
 SMOKE = ["debug=smoke", "hardware.threads=1", "data=omniglot"]
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from metalearn.bench import BenchConfig, count_flops, run_bench
 from metalearn.errors import ConfigError
+from metalearn.tools.bench.learners import BenchConfig, count_flops, run_bench
 
 HAVE_L2L = importlib.util.find_spec("learn2learn") is not None
 

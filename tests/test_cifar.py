@@ -18,8 +18,8 @@ from fixtures.cifar100 import (
     write_archive,
 )
 
-import metalearn.data.cifar as cifar
-from metalearn.data.cifar import CIFARFSConfig, FC100Config, load_cifar, split_lists
+import metalearn.data.images.cifar as cifar
+from metalearn.data.images.cifar import CIFARFSConfig, FC100Config, load_cifar, split_lists
 from metalearn.errors import DataError
 
 CONFIGS = {"cifarfs": CIFARFSConfig, "fc100": FC100Config}

@@ -11,9 +11,9 @@ import torch
 from fixtures.cub import CLASSES, SIZE, SIZES, decoded, lists, make_archive, make_images
 from PIL import Image
 
-import metalearn.data.cub as cub
-from metalearn.data.cub import CUBConfig, chen_split, cub_tasks, load_cub
-from metalearn.data.preprocess import image_array
+import metalearn.data.images.cub as cub
+from metalearn.data.files.preprocess import image_array
+from metalearn.data.images.cub import CUBConfig, chen_split, cub_tasks, load_cub
 from metalearn.errors import DataError
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metalearn import checkpoint
 from metalearn.distributed import SINGLE
+from metalearn.records import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -12,7 +12,7 @@ from test_logger import wandb_contents
 
 from metalearn.build import build_run
 from metalearn.reevaluate import evaluate_checkpoint
-from metalearn.train import train
+from metalearn.train.loop import train
 
 CLI = [sys.executable, "-m", "metalearn.cli"]
 SMOKE = ["debug=smoke", "hardware.threads=1"]

@@ -15,7 +15,7 @@ from metalearn.build import build_run
 from metalearn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from metalearn.evaluate import run_episodes
 from metalearn.reevaluate import evaluate_checkpoint
-from metalearn.train import train
+from metalearn.train.loop import train
 
 BASE = ["debug=smoke", "hardware.threads=1"]
 VALID_NAMES = {

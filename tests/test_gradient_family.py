@@ -377,7 +377,7 @@ def test_conjugate_gradient_stops_once_the_residual_is_small():
 
 def test_imaml_records_where_it_departs_from_the_reference_code():
     """results.json's protocol.reference: empty deviations under the defaults."""
-    from metalearn.report import reference_protocol
+    from metalearn.records.results import reference_protocol
 
     assert reference_protocol(IMAMLConfig()) == {
         "code": IMAMLConfig.REFERENCE["source"],

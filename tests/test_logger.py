@@ -1,4 +1,4 @@
-"""Tests for metalearn.logger: metrics.jsonl, and real offline W&B runs read back from disk."""
+"""Tests for metalearn.records.logger: metrics.jsonl, and real offline W&B runs read back."""
 
 import json
 import struct
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from metalearn.errors import ConfigError, MetalearnError
-from metalearn.logger import Logger, LoggerConfig, flatten
+from metalearn.records.logger import Logger, LoggerConfig, flatten
 
 CONFIG = {"algo": {"name": "maml", "inner_lr": 0.4}, "data": {"ways": 5, "shots": 1}, "seed": 0}
 RESULTS = {

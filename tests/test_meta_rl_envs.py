@@ -9,9 +9,9 @@ import torch
 from conftest import compose_config
 
 from metalearn.build import build_run
-from metalearn.data.envs import RandomPolicy, play
-from metalearn.data.harlow import HarlowConfig, HarlowTasks, IdealLearner
-from metalearn.data.tabular_mdp import PSRL, MDPTasks, TabularMDPConfig, optimal_values
+from metalearn.envs.harlow import HarlowConfig, HarlowTasks, IdealLearner
+from metalearn.envs.tabular_mdp import PSRL, MDPTasks, TabularMDPConfig, optimal_values
+from metalearn.envs.trials import RandomPolicy, play
 from metalearn.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -105,7 +105,7 @@ def test_psrl_beats_random_on_the_fixed_trials():
 
 @pytest.mark.parametrize("data", ["harlow", "tabular_mdp"])
 def test_rl2_runs_on_every_meta_rl_family(data: str, tmp_path):
-    from metalearn.train import train
+    from metalearn.train.loop import train
 
     overrides = ["algo=rl2", f"data={data}", "debug=smoke", "hardware.threads=1"]
     results = train(build_run(compose_config([*overrides, "model.hidden=8"])), tmp_path)

@@ -15,7 +15,7 @@ from fixtures.miniimagenet import (
     pixels,
 )
 
-from metalearn.data.miniimagenet import MiniImageNetConfig, load_miniimagenet, ravi_lists
+from metalearn.data.images.miniimagenet import MiniImageNetConfig, load_miniimagenet, ravi_lists
 from metalearn.errors import DataError
 
 
@@ -51,7 +51,7 @@ def test_every_format_gives_the_same_images_per_class(layout: str, tmp_path: Pat
 def test_the_cache_is_used_on_the_next_load_and_rebuilt_when_a_source_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    import metalearn.data.miniimagenet as mini
+    import metalearn.data.images.miniimagenet as mini
 
     folder = make_folder(tmp_path, pixels())
     first = load(tmp_path)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from metalearn.data import omniglot
-from metalearn.data.classes import gather_classes, with_rotations
-from metalearn.data.download import download
-from metalearn.data.omniglot import Archive, load_characters, load_omniglot
-from metalearn.data.root import cache_dir, resolve_root
+from metalearn.data.files.classes import gather_classes, with_rotations
+from metalearn.data.files.download import download
+from metalearn.data.files.root import cache_dir, resolve_root
+from metalearn.data.images import omniglot
+from metalearn.data.images.omniglot import Archive, load_characters, load_omniglot
 from metalearn.errors import ConfigError, DataError
 
 # A tiny Omniglot in the official layout: alphabet -> number of characters.

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from metalearn.errors import ConfigError
-from metalearn.reproduce import budget_overrides, experiment_config, load_table, reproduce, tables
+from metalearn.tools.reproduce import (
+    budget_overrides,
+    experiment_config,
+    load_table,
+    reproduce,
+    tables,
+)
 
 TINY = ["debug=smoke", "hardware.threads=1", "eval.episodes=4", "eval.val_episodes=4"]
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from metalearn.cli import sweep_group
-from metalearn.summarize import mean_ci, summarize, t95
+from metalearn.tools.summarize import mean_ci, summarize, t95
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_logger import read_wandb_records, wandb_contents  # noqa: E402

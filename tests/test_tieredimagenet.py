@@ -9,8 +9,8 @@ import pytest
 import torch
 from fixtures.tieredimagenet import class_names, class_sizes, make_npz, make_png_pickles, pixels
 
-import metalearn.data.tieredimagenet as tiered
-from metalearn.data.tieredimagenet import TieredImageNetConfig, load_tieredimagenet
+import metalearn.data.images.tieredimagenet as tiered
+from metalearn.data.images.tieredimagenet import TieredImageNetConfig, load_tieredimagenet
 from metalearn.errors import DataError
 
 SIZES = class_sizes(train=6, other=3, smallest=3)  # 3 to 8 images per class: quick to build

@@ -15,7 +15,9 @@ import sys
 
 import torch
 
-from metalearn import cli, report, train
+from metalearn import cli
+from metalearn.records import results as report
+from metalearn.train import loop as train
 
 POINT, N = sys.argv[1], int(sys.argv[2])
 _calls = 0

@@ -12,8 +12,8 @@ import torch
 from conftest import compose_config
 
 from faults.sinusoid import run
-from metalearn import checkpoint
 from metalearn.errors import CheckpointError
+from metalearn.records import checkpoint
 from metalearn.reevaluate import evaluate_checkpoint
 
 

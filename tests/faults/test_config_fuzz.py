@@ -28,7 +28,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from metalearn import build
 from metalearn.build import build_run
-from metalearn.data.images import OmniglotConfig, omniglot_tasks
+from metalearn.data.images.omniglot import OmniglotConfig, omniglot_tasks
 from metalearn.errors import ConfigError, DataError
 
 TALLY = importlib.import_module("faults.conftest").TALLY  # hypothesis cannot take `tally`

@@ -23,12 +23,12 @@ import pytest
 from conftest import real_data_root
 from fixtures import cifar100, cub, miniimagenet, tieredimagenet
 
-from metalearn.data import classes
-from metalearn.data.cifar import CIFARFSConfig, load_cifar, split_lists
-from metalearn.data.cub import CUBConfig, load_cub
-from metalearn.data.miniimagenet import MiniImageNetConfig, load_miniimagenet
-from metalearn.data.omniglot import load_characters, load_omniglot
-from metalearn.data.tieredimagenet import TieredImageNetConfig, load_tieredimagenet
+from metalearn.data.files import classes
+from metalearn.data.images.cifar import CIFARFSConfig, load_cifar, split_lists
+from metalearn.data.images.cub import CUBConfig, load_cub
+from metalearn.data.images.miniimagenet import MiniImageNetConfig, load_miniimagenet
+from metalearn.data.images.omniglot import load_characters, load_omniglot
+from metalearn.data.images.tieredimagenet import TieredImageNetConfig, load_tieredimagenet
 from metalearn.errors import DataError
 
 # pixels a side of an image no loader decodes: 9e8 pixels, over PIL's limit of 2 * 89,478,485

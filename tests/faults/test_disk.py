@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from faults.sinusoid import SINUSOID, run
-from metalearn import checkpoint
 from metalearn.errors import CheckpointError, MetalearnError
+from metalearn.records import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
@@ -127,7 +127,7 @@ def test_a_run_folder_that_cannot_be_made_is_one_clear_line(tmp_path, key, tally
 def test_metrics_lines_the_disk_refused_are_written_once_it_takes_them_again(tmp_path, tally):
     """RLIMIT_FSIZE lowered in this process while logging, then raised again: the lines refused
     meanwhile (EFBIG) reach metrics.jsonl, in order and whole, before the next one."""
-    from metalearn.logger import Logger, LoggerConfig
+    from metalearn.records.logger import Logger, LoggerConfig
 
     logger = Logger(LoggerConfig(kind="none"), tmp_path, run_name="r", config={})
     rows = [{"step": step, "train/loss": 1.0 / step} for step in range(1, 31)]

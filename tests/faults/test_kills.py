@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metalearn import checkpoint
+from metalearn.records import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 INJECT = Path(__file__).with_name("inject.py")

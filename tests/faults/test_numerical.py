@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from faults.sinusoid import build
-from metalearn import checkpoint
 from metalearn.errors import TrainingError
-from metalearn.train import train
+from metalearn.records import checkpoint
+from metalearn.train.loop import train
 
 
 def poison_batches(run, iterations: set[int] | None) -> None:

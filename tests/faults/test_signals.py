@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from metalearn import checkpoint
+from metalearn.records import checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 # MAML on sinusoid, 300 iterations, no validation before the end: a signal lands mid-interval

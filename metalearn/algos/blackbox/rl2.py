@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.data.envs import play, sample_actions
+from metalearn.envs.trials import play, sample_actions
 from metalearn.errors import ConfigError
 
 

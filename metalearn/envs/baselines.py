@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.data.bandits import BanditEnv
-from metalearn.data.envs import RandomPolicy
+from metalearn.envs.bandits import BanditEnv
+from metalearn.envs.trials import RandomPolicy
 
 
 class CountingPolicy:

@@ -28,9 +28,9 @@ from typing import Any
 import yaml
 
 from metalearn.errors import ConfigError
-from metalearn.summarize import mean_ci
+from metalearn.tools.summarize import mean_ci
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TABLES = REPO / "configs" / "tables"
 
 
@@ -271,7 +271,7 @@ def _run_files(rows: list[Row], seeds: int, out: Path, name: str) -> Iterator[tu
 def plot_curves(table: str, rows: list[Row], seeds: int, out: Path, path: Path) -> Path | None:
     """Validation metric against iteration, one line per experiment and seed (`out`: the
     budget's folder of runs)."""
-    from metalearn.plots import plt, save
+    from metalearn.records.plots import plt, save
 
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
@@ -299,7 +299,7 @@ def plot_curves(table: str, rows: list[Row], seeds: int, out: Path, path: Path) 
 def plot_steps(table: str, rows: list[Row], seeds: int, out: Path, path: Path) -> Path | None:
     """Test metric against test-time inner steps (bilevel learners), one line per experiment
     and number of shots, seeds averaged; None when no run has such a breakdown."""
-    from metalearn.plots import plt, save
+    from metalearn.records.plots import plt, save
 
     curves: dict[str, dict[int, list[float]]] = {}
     metric = None
@@ -330,7 +330,7 @@ def plot_shots(
 ) -> Path | None:
     """Ours and published accuracy against shots, one pair of lines per number of ways
     (classification tables with rows at several shots); None otherwise."""
-    from metalearn.plots import plt, save
+    from metalearn.records.plots import plt, save
 
     points: dict[int, list[tuple[int, float, float]]] = {}
     for summary, row in zip(table_rows, rows, strict=True):

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from metalearn.data.envs import TrialBatch, TrialEnv, TrialTasks
+from metalearn.envs.trials import TrialBatch, TrialEnv, TrialTasks
 from metalearn.errors import ConfigError
 
 
@@ -124,7 +124,7 @@ class BanditTasks(TrialTasks):
 
     def baselines(self) -> dict:
         """name -> policy, the classic bandit algorithms scored beside a learned agent."""
-        from metalearn.algos.blackbox.bandit_baselines import bandit_baselines
+        from metalearn.envs.baselines import bandit_baselines
 
         return bandit_baselines(self.cfg.pulls)
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metalearn.data.preprocess import image_array
-from metalearn.data.root import load_cache, save_cache
+from metalearn.data.files.preprocess import image_array
+from metalearn.data.files.root import load_cache, save_cache
 from metalearn.data.tasks import EpisodeSampler
 from metalearn.hardware import synchronize
 

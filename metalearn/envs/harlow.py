@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.data.envs import RandomPolicy, TrialBatch, TrialEnv, TrialTasks
+from metalearn.envs.trials import RandomPolicy, TrialBatch, TrialEnv, TrialTasks
 from metalearn.errors import ConfigError
 
 SPLITS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}  # shares of the pool

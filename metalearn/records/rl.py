@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from metalearn.data.envs import play
+from metalearn.envs.trials import play
 from metalearn.evaluate import SPLIT_SEED_OFFSET, mean_ci95, run_episodes
-from metalearn.plots import plot_policy_curves
+from metalearn.records.plots import plot_policy_curves
 
 if TYPE_CHECKING:
     from metalearn.build import Run

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from metalearn import checkpoint
 from metalearn.config import as_dict
 from metalearn.distributed import SINGLE, Group
 from metalearn.errors import ConfigError, TrainingError
 from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import peak_memory_mib
-from metalearn.logger import Logger, NullLogger
-from metalearn.report import finish_run
+from metalearn.records import checkpoint
+from metalearn.records.logger import Logger, NullLogger
+from metalearn.records.results import finish_run
 
 if TYPE_CHECKING:
     from metalearn.build import Run

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from metalearn.data.archives import inside, open_tgz, tar_member
-from metalearn.data.download import download
-from metalearn.data.preprocess import image_array
-from metalearn.data.root import cache_path, cached, fingerprint, resolve_root
+from metalearn.data.files.archives import inside, open_tgz, tar_member
+from metalearn.data.files.download import download
+from metalearn.data.files.preprocess import image_array
+from metalearn.data.files.root import cache_path, cached, fingerprint, resolve_root
 from metalearn.data.tasks import ClassTasks, check_image_task_config
 from metalearn.errors import DataError
 

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metalearn.data.archives import open_tgz, tar_member
-from metalearn.data.classes import check_disjoint, read_split_lists
-from metalearn.data.download import download
-from metalearn.data.pickles import SafeUnpickler
-from metalearn.data.preprocess import image_array
-from metalearn.data.root import cache_path, cached, fingerprint, resolve_root, splits_blob
+from metalearn.data.files.archives import open_tgz, tar_member
+from metalearn.data.files.classes import check_disjoint, read_split_lists
+from metalearn.data.files.download import download
+from metalearn.data.files.pickles import SafeUnpickler
+from metalearn.data.files.preprocess import image_array
+from metalearn.data.files.root import cache_path, cached, fingerprint, resolve_root, splits_blob
 from metalearn.data.tasks import ClassTasks, check_image_task_config
 from metalearn.errors import DataError
 

@@ -29,11 +29,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from metalearn.data.classes import check_disjoint
-from metalearn.data.download import download
-from metalearn.data.pickles import SafeUnpickler
-from metalearn.data.preprocess import image_array
-from metalearn.data.root import cache_path, cached, fingerprint, resolve_root, splits_blob
+from metalearn.data.files.classes import check_disjoint
+from metalearn.data.files.download import download
+from metalearn.data.files.pickles import SafeUnpickler
+from metalearn.data.files.preprocess import image_array
+from metalearn.data.files.root import cache_path, cached, fingerprint, resolve_root, splits_blob
 from metalearn.data.tasks import ClassTasks, check_image_task_config
 from metalearn.errors import ConfigError, DataError
 

@@ -37,8 +37,8 @@ from metalearn.hardware import (
     synchronize,
     task_batching,
 )
-from metalearn.pipeline_bench import markdown as pipeline_markdown
-from metalearn.pipeline_bench import pipeline_bench
+from metalearn.tools.bench.pipeline import markdown as pipeline_markdown
+from metalearn.tools.bench.pipeline import pipeline_bench
 
 PIPELINE_TASKS = 4  # pipeline batches: 4 tasks of N-way (K+Q) images (320 at 5-way 1+15)
 FAMILY = ["maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "mamlpp"]
@@ -138,7 +138,7 @@ def ours_step(
     `compiled`, as build.py sets up hardware.compile=true)."""
     from metalearn.algos import ALGOS
     from metalearn.build import compile_training, fused_batchnorm_is_exact
-    from metalearn.train import outer_optimizer
+    from metalearn.train.loop import outer_optimizer
 
     config_cls, algo_cls = ALGOS[algo_name]
     first_order = algo_name in ("fomaml", "reptile")

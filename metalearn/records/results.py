@@ -10,17 +10,17 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from metalearn import checkpoint
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
-from metalearn.plots import plot_learning_curves, plot_sinusoid_tasks
-from metalearn.rl_report import format_rl_table, plot_rl, test_rl
+from metalearn.records import checkpoint
+from metalearn.records.plots import plot_learning_curves, plot_sinusoid_tasks
+from metalearn.records.rl import format_rl_table, plot_rl, test_rl
 
 if TYPE_CHECKING:
     from metalearn.build import Run
-    from metalearn.logger import Logger
+    from metalearn.records.logger import Logger
 
 
 def test(run: Run) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from torch import Tensor
 
-from metalearn.data.envs import RandomPolicy, TrialBatch, TrialEnv, TrialTasks
+from metalearn.envs.trials import RandomPolicy, TrialBatch, TrialEnv, TrialTasks
 from metalearn.errors import ConfigError
 
 
