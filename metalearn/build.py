@@ -31,7 +31,7 @@ from metalearn.hardware import HardwareConfig, autocast, select_device, task_bat
 from metalearn.models import MODELS
 from metalearn.records import checkpoint
 from metalearn.records.logger import LoggerConfig
-from metalearn.train.loop import TrainerConfig
+from metalearn.train.config import TrainerConfig
 
 # name -> (config class, function(config, device) -> task source)
 DATASETS: dict[str, tuple[type, Any]] = {

@@ -8,7 +8,7 @@ from test_configs import SMOKE, load_yaml
 
 from metalearn.build import build_run
 from metalearn.evaluate import run_episodes
-from metalearn.train.loop import outer_optimizer
+from metalearn.train.schedule import outer_optimizer
 
 ALL = {"maml", "protonet", "matchingnet", "relationnet", "metaoptnet_svm", "metaoptnet_ridge",
        "baseline", "baselinepp", "rfs"}  # fmt: skip

@@ -8,7 +8,7 @@ from conftest import compose_config
 
 from metalearn.build import build_run
 from metalearn.errors import ConfigError
-from metalearn.train.loop import outer_lr_at, outer_optimizer, schedule
+from metalearn.train.schedule import outer_lr_at, outer_optimizer, schedule
 
 SINUSOID = ["data=sinusoid", "logger=none", "trainer.iterations=100"]
 

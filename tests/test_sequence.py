@@ -12,7 +12,7 @@ from metalearn.algos.blackbox.sequence import CORES, SequenceConfig, instance_ac
 from metalearn.build import build_run
 from metalearn.data.tasks import Split
 from metalearn.errors import ConfigError, DataError
-from metalearn.train.loop import outer_optimizer
+from metalearn.train.schedule import outer_optimizer
 
 NAMES = ["mann", "lstm", "snail", "icl_transformer"]
 

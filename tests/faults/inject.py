@@ -17,7 +17,7 @@ import torch
 
 from metalearn import cli
 from metalearn.records import results as report
-from metalearn.train import loop as train
+from metalearn.train import validate
 
 POINT, N = sys.argv[1], int(sys.argv[2])
 _calls = 0
@@ -75,7 +75,7 @@ if POINT == "save":
 elif POINT == "rename":
     os.replace = _between_renames(os.replace)
 elif POINT == "validate":
-    train.run_episodes = _halfway(train.run_episodes, every_call=False)
+    validate.run_episodes = _halfway(validate.run_episodes, every_call=False)
 elif POINT == "test":
     report.run_episodes = _halfway(report.run_episodes, every_call=True)
 else:

@@ -16,7 +16,7 @@ from metalearn.algos.blackbox.rl2 import RL2, RL2Config
 from metalearn.data.tasks import Split
 from metalearn.envs.bandits import BanditConfig, BanditTasks
 from metalearn.models.recurrent import RecurrentActorCritic, RecurrentConfig
-from metalearn.train.loop import outer_optimizer
+from metalearn.train.schedule import outer_optimizer
 
 flat = torch.nn.utils.parameters_to_vector  # every parameter, flattened into one vector
 

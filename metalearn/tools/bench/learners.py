@@ -138,7 +138,7 @@ def ours_step(
     `compiled`, as build.py sets up hardware.compile=true)."""
     from metalearn.algos import ALGOS
     from metalearn.build import compile_training, fused_batchnorm_is_exact
-    from metalearn.train.loop import outer_optimizer
+    from metalearn.train.schedule import outer_optimizer
 
     config_cls, algo_cls = ALGOS[algo_name]
     first_order = algo_name in ("fomaml", "reptile")

@@ -1,0 +1,70 @@
+"""The trainer's settings (`trainer.*`), checked when the config is parsed."""
+
+import math
+from dataclasses import dataclass
+
+from metalearn.errors import ConfigError
+from metalearn.train.faults import NONFINITE
+from metalearn.train.schedule import SCHEDULES
+
+
+@dataclass
+class TrainerConfig:
+    """Budget, schedule and checkpointing of meta-training."""
+
+    iterations: int = 1000  # outer (meta) iterations
+    max_minutes: float | None = None  # wall-clock budget: stop, validate and test when spent
+    meta_batch_size: int = 32  # tasks per outer step
+    eval_every: int = 500  # validate (and checkpoint) every this many iterations
+    log_every: int = 20  # write training metrics every this many iterations
+    resume: bool = False  # continue from <run dir>/checkpoints/last.pt if it exists
+    # outer learning-rate schedule: 'constant', 'step' (x lr_decay every lr_decay_every
+    # iterations), 'cosine' or 'linear' (from algo.outer_lr to min_lr over `iterations`);
+    # None: 'step' if lr_decay_every is set, else the algorithm's own (MAML++ cosine, Reptile
+    # linear, others constant)
+    lr_schedule: str | None = None
+    lr_decay_every: int | None = None  # multiply the outer learning rate by lr_decay this often
+    lr_decay: float = 0.5  # step decay factor (ProtoNets halve it every 2000 episodes)
+    min_lr: float = 0.0  # where 'cosine' and 'linear' end
+    progress: bool = True  # show a progress bar
+    # a NaN or Inf in the loss or the meta-gradient: 'stop' (the last good checkpoint stays), or
+    # 'skip': drop that meta-batch (no outer step), count it, go on
+    nonfinite: str = "stop"
+    max_skipped: int = 100  # nonfinite=skip: stop all the same after this many skipped batches
+    # rescale the meta-gradient to at most this L2 norm before each outer step (null: never);
+    # logged as train/grad_norm (the norm before clipping)
+    clip_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("iterations", "meta_batch_size", "eval_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise ConfigError(
+                f"trainer.max_minutes must be positive and finite (null: no limit), got "
+                f"{self.max_minutes}"
+            )
+        if self.lr_decay_every is not None and self.lr_decay_every < 1:
+            raise ConfigError(f"trainer.lr_decay_every must be positive, got {self.lr_decay_every}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"trainer.lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.lr_schedule not in (None, *SCHEDULES):
+            raise ConfigError(
+                f"trainer.lr_schedule must be one of {', '.join(SCHEDULES)}, got "
+                f"{self.lr_schedule!r}"
+            )
+        if self.lr_schedule == "step" and self.lr_decay_every is None:
+            raise ConfigError("trainer.lr_schedule=step needs trainer.lr_decay_every")
+        if not 0 <= self.min_lr < math.inf:
+            raise ConfigError(f"trainer.min_lr must be finite and >= 0, got {self.min_lr}")
+        if self.nonfinite not in NONFINITE:
+            raise ConfigError(
+                f"trainer.nonfinite must be one of {', '.join(NONFINITE)}, got {self.nonfinite!r}"
+            )
+        if self.max_skipped < 0:
+            raise ConfigError(f"trainer.max_skipped must be >= 0, got {self.max_skipped}")
+        if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
+            raise ConfigError(
+                f"trainer.clip_grad_norm must be positive and finite (null: no clipping), got "
+                f"{self.clip_grad_norm}"
+            )

@@ -1,0 +1,57 @@
+"""The outer optimiser and its learning-rate schedule: a function of the iteration alone, so
+that a resumed run follows the same schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from metalearn.build import Run
+
+
+SCHEDULES = ("constant", "step", "cosine", "linear")
+
+
+def outer_optimizer(algo_cfg: Any, algo: Any) -> torch.optim.Optimizer:
+    """Adam (the default), or SGD where the algorithm asks for it (Reptile's epsilon step; RFS's
+    and MetaOptNet's momentum SGD); `weight_decay`, `momentum` and `adam_eps` where the config
+    has them."""
+    kind = getattr(algo_cfg, "outer_optimizer", "adam")
+    decay = getattr(algo_cfg, "weight_decay", 0.0)
+    if kind == "sgd":
+        momentum = getattr(algo_cfg, "momentum", 0.0)
+        return torch.optim.SGD(
+            algo.parameters(), lr=algo_cfg.outer_lr, momentum=momentum, weight_decay=decay
+        )
+    eps = getattr(algo_cfg, "adam_eps", 1e-8)  # iMAML's reference code uses 1e-3
+    return torch.optim.Adam(algo.parameters(), lr=algo_cfg.outer_lr, eps=eps, weight_decay=decay)
+
+
+def schedule(run: Run) -> str:
+    """The outer learning-rate schedule in force (see TrainerConfig.lr_schedule)."""
+    trainer = run.config.trainer
+    if trainer.lr_schedule is not None:
+        return trainer.lr_schedule
+    return "step" if trainer.lr_decay_every else run.algo.outer_schedule
+
+
+def outer_lr_at(run: Run, iteration: int) -> float:
+    """The outer learning rate at an iteration: a function of the iteration alone, so that a
+    resumed run follows the same schedule."""
+    trainer, base = run.config.trainer, run.config.algo.outer_lr
+    kind, fraction = schedule(run), min(iteration / trainer.iterations, 1.0)
+    if kind == "step":
+        return base * trainer.lr_decay ** (iteration // trainer.lr_decay_every)
+    if kind == "cosine":
+        return trainer.min_lr + 0.5 * (base - trainer.min_lr) * (1 + math.cos(math.pi * fraction))
+    if kind == "linear":
+        return base + (trainer.min_lr - base) * fraction
+    return base
+
+
+def set_lr(optimizer, run: Run, iteration: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = outer_lr_at(run, iteration)

@@ -1,0 +1,80 @@
+"""Validation on the fixed episodes: log, keep the best checkpoint, save the last."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from metalearn.errors import TrainingError
+from metalearn.evaluate import mean_ci95, run_episodes
+from metalearn.records import checkpoint
+from metalearn.train.faults import kept
+from metalearn.train.state import Progress, save_last, state
+
+if TYPE_CHECKING:
+    from metalearn.build import Run
+
+
+def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, generator) -> None:
+    """Score the fixed validation episodes; save last.pt always and best.pt when it improves."""
+    ways, shots, query = run.test_shape
+    # with an inner loop, also score the unadapted model: it tells a broken model (stop) from
+    # test-time adaptation that blows up on some episodes (warn, go on)
+    steps = [0, run.test_steps] if run.test_steps else [0]
+    out = run_episodes(
+        run,
+        "val",
+        episodes=run.config.eval.val_episodes,
+        ways=ways,
+        shots=shots,
+        query=query,
+        steps=steps,
+    )
+    if not torch.isfinite(out["loss"][:, 0]).all():
+        raise TrainingError(
+            f"validation at iteration {progress.iteration}: the model's own predictions are "
+            f"no longer finite; {kept(run_dir)}"
+        )
+    score, loss = mean_ci95(out["score"][:, -1]), mean_ci95(out["loss"][:, -1])
+    short = {"accuracy": "acc", "mse": "mse", "reward": "reward"}[run.metric]
+    sign = -1.0 if run.metric == "mse" else 1.0  # higher accuracy and reward, lower MSE: better
+    value = score["mean"]
+    if math.isfinite(score["mean"]) and math.isfinite(loss["mean"]):
+        logger.log(
+            {
+                f"val/{short}": score["mean"],
+                f"val/{short}_ci95": score["ci95"],
+                "val/loss": loss["mean"],
+            },
+            step=progress.iteration,
+        )
+    else:
+        # Some episodes' test-time adaptation blew up (more test steps than training steps
+        # can do that): not a reason to stop training, but never a best checkpoint either.
+        diverged = (~torch.isfinite(out["loss"][:, -1])).float().mean().item()
+        logger.log({"val/diverged": diverged}, step=progress.iteration)
+        best = progress.best_iteration
+        warnings.warn(
+            f"validation at iteration {progress.iteration}: {diverged:.1%} of the episodes "
+            f"diverged in test-time adaptation (non-finite {run.metric}); "
+            + ("no best checkpoint yet" if best is None else f"the best stays at iteration {best}")
+            + "; consider a smaller algo.test_inner_lr or fewer algo.test_inner_steps",
+            stacklevel=2,
+        )
+        value = -sign * math.inf
+    if progress.best_value is None or sign * value > sign * progress.best_value:
+        progress.best_value, progress.best_iteration = value, progress.iteration
+        progress.best_val = {
+            run.metric: score,
+            "loss": loss,
+            "episodes": run.config.eval.val_episodes,
+            "best_iteration": progress.iteration,
+        }
+    progress.validated_at = progress.iteration
+    if progress.best_iteration == progress.iteration:
+        checkpoint.save(run_dir / "checkpoints" / "best.pt", state(run, progress))
+    save_last(run, progress, run_dir, optimizer, generator)
