@@ -150,7 +150,7 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
     batching = task_batching(
         config.hardware,
         device,
-        getattr(model_cls, "convolutional", False),
+        model_cls.convolutional,
         examples_per_task=train_shape[0] * (train_shape[1] + train_shape[2]),
     )
     _check_combination(config, algo_cls, train_shape, test_shape, batching)
@@ -177,12 +177,12 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
         out_features if algo_cls.needs_head else 0,
         channels_last=config.hardware.channels_last,
         fused_batchnorm=fused_batchnorm_is_exact(algo_cls, batching),
-        running_stats=getattr(algo_cfg, "bn_mode", "transductive") != "transductive",
+        running_stats=algo_cls.inner_loop and algo_cfg.bn_mode != "transductive",
     ).to(device)
     extra = {}
-    if getattr(algo_cls, "needs_ways", False):  # sequence learners: the label inputs' width
+    if algo_cls.needs_ways:  # sequence learners: the label inputs' width
         extra["ways"] = train_shape[0]
-    if getattr(algo_cls, "needs_train_classes", False):  # pre-training over all train classes
+    if algo_cls.needs_train_classes:  # pre-training over all train classes
         classification = tasks.kind == "classification"  # else the algorithm says why not
         extra["train_classes"] = tasks.classes("train") if classification else 0
         if algo_cfg.distill_from and classification and training:
@@ -200,7 +200,7 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
         task_batching=batching,
         train_shape=train_shape,
         test_shape=test_shape,
-        test_steps=getattr(algo_cfg, "test_inner_steps", 0),
+        test_steps=algo_cfg.test_inner_steps if algo_cls.inner_loop else 0,
         metric=metric_name(tasks.kind),
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
@@ -248,7 +248,7 @@ def _teacher(path: str, tasks: Any, device: torch.device) -> nn.Module:
     state = checkpoint.load(Path(path))
     config = parse_config(state["config"])
     algo_cls = ALGOS[config.algo.name][1]
-    if not getattr(algo_cls, "pretrains", False):
+    if not algo_cls.pretrains:
         raise CheckpointError(
             f"algo.distill_from={path} holds a {config.algo.name} run; a teacher must come "
             f"from a pre-training run (algo=baseline, baselinepp or rfs)"
@@ -271,11 +271,10 @@ def compile_training(algo: Any, batching: str) -> None:
     """hardware.compile=true: torch.compile what meta-training runs; evaluation stays eager (many
     step counts and shapes). With the per-task loop, one task's graph is compiled once, whatever
     the meta-batch size, and called for every task; otherwise the objective is one graph."""
-    if getattr(algo, "batches_tasks", False) and batching == "loop":
+    if algo.batches_tasks and batching == "loop":
         algo.compile_tasks = True
     else:
-        name = "objective" if hasattr(algo, "objective") else "meta_loss"
-        setattr(algo, name, torch.compile(getattr(algo, name)))
+        setattr(algo, algo.compiled, torch.compile(getattr(algo, algo.compiled)))
 
 
 def fused_batchnorm_is_exact(algo_cls: type, batching: str) -> bool:
@@ -289,7 +288,7 @@ def _check_combination(
 ):
     """Settings that contradict each other, refused before any data is loaded."""
     name = config.algo.name
-    reinforcement = getattr(algo_cls, "reinforcement", False)
+    reinforcement = algo_cls.reinforcement
     if reinforcement != (config.data.task_kind == "rl"):
         raise ConfigError(
             f"algo={name} learns from rewards in environments and data={config.data.name} "
@@ -301,16 +300,12 @@ def _check_combination(
             f"data=omniglot or sinusoid"
         )
     model_cls = MODELS[config.model.name][1]
-    if reinforcement != getattr(model_cls, "recurrent", False):
+    if reinforcement != model_cls.recurrent:
         raise ConfigError(
             f"algo={name} needs model=recurrent (its memory is the learner)"
             if reinforcement
             else f"model={config.model.name} is a meta-RL agent; algo={name} needs a "
             f"supervised network such as model=conv4 or mlp"
-        )
-    if name == "fomaml" and not config.algo.first_order:
-        raise ConfigError(
-            "algo=fomaml is first-order by definition; use algo=maml for second order"
         )
     classification = config.data.task_kind == "classification"
     if algo_cls.needs_head and classification and train_shape[0] != test_shape[0]:
@@ -319,7 +314,7 @@ def _check_combination(
             f"tested on {test_shape[0]}-way tasks; set algo.train_ways equal to data.ways"
         )
     hardware = config.hardware
-    vmapped = getattr(algo_cls, "batches_tasks", False) and batching == "vmap"
+    vmapped = algo_cls.batches_tasks and batching == "vmap"
     if hardware.channels_last and vmapped:
         raise ConfigError(
             f"hardware.channels_last cannot be used inside vmap (algo={name}); set "

@@ -12,6 +12,7 @@ import torch
 from conftest import CONFIGS, PROCEDURAL, REPO, compose_config
 from omegaconf import OmegaConf
 
+from metalearn.algos import ALGOS as REGISTRY
 from metalearn.build import build_run, parse_config
 from metalearn.config import as_dict
 from metalearn.errors import ConfigError
@@ -22,9 +23,16 @@ DATASETS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
 # A tiny run: a few iterations and episodes, no W&B, one CPU thread.
 SMOKE = ["debug=smoke", "hardware.threads=1"]
 # Pairs that cannot work, and the words the error must contain.
-METRIC = ["matchingnet", "metaoptnet_ridge", "metaoptnet_svm", "protonet", "relationnet"]
-METRIC += ["icl_transformer", "lstm", "mann", "snail"]  # black-box sequence learners classify too
-PRETRAINING = ["baseline", "baselinepp", "rfs"]
+# from the registry and what each learner declares: a new learner needs no line here
+BILEVEL = sorted(name for name, (_, cls) in REGISTRY.items() if cls.family == "bilevel")
+PRETRAINING = sorted(name for name, (_, cls) in REGISTRY.items() if cls.pretrains)
+# metric learners, and the black-box sequence learners that classify too
+METRIC = sorted(
+    name
+    for name, (_, cls) in REGISTRY.items()
+    if cls.family in ("metric", "blackbox") and not cls.reinforcement
+)
+REINFORCEMENT = sorted(name for name, (_, cls) in REGISTRY.items() if cls.reinforcement)
 IMPOSSIBLE = {
     (name, "sinusoid"): [name, "classification", "omniglot"] for name in METRIC + PRETRAINING
 }
@@ -32,30 +40,17 @@ IMPOSSIBLE = {
 META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp"]
 SUPERVISED_DATA = ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
 SUPERVISED_DATA.append("tieredimagenet")
-IMPOSSIBLE |= {("rl2", data): ["rl2", "supervised", data] for data in SUPERVISED_DATA}
+IMPOSSIBLE |= {
+    (name, data): [name, "supervised", data] for name in REINFORCEMENT for data in SUPERVISED_DATA
+}
 IMPOSSIBLE |= {
     (name, data): [name, "meta-RL", "rl2"]
-    for name in ["anil", "fomaml", "imaml", "maml", "mamlpp", "metasgd", "reptile"]
-    + METRIC
-    + PRETRAINING
+    for name in BILEVEL + METRIC + PRETRAINING
     for data in META_RL_DATA
 }
 # The groups `metalearn train --help` must list, with their options.
 GROUPS = {
-    "algo": sorted(
-        [
-            "anil",
-            "fomaml",
-            "imaml",
-            "maml",
-            "mamlpp",
-            "metasgd",
-            "reptile",
-            *METRIC,
-            *PRETRAINING,
-            "rl2",
-        ]
-    ),
+    "algo": sorted(REGISTRY),
     "data": sorted(SUPERVISED_DATA + META_RL_DATA),
     "model": ["conv4", "conv4_32", "mlp", "recurrent", "resnet12"],
     "hardware": ["auto", "cpu", "cuda"],

@@ -19,7 +19,7 @@ from metalearn.build import fused_batchnorm_is_exact
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
 
-BILEVEL = ["maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "mamlpp"]
+BILEVEL = [name for name, (_, cls) in ALGOS.items() if cls.family == "bilevel"]
 needs_learn2learn = pytest.mark.skipif(
     importlib.util.find_spec("learn2learn") is None,
     reason="learn2learn is not installed: run `make reference`",

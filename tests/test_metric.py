@@ -17,7 +17,7 @@ from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models.conv4 import Conv4, Conv4Config
 
-METRIC = ["protonet", "matchingnet", "relationnet", "metaoptnet_ridge", "metaoptnet_svm"]
+METRIC = [name for name, (_, cls) in ALGOS.items() if cls.family == "metric"]
 IMAGE = (1, 16, 16)
 
 

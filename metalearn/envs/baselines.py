@@ -14,15 +14,20 @@ chooses with them (Duan et al. 2016, section 4.1 lists these baselines):
 They run through `data.envs.play`, the loop that scores learned agents too.
 """
 
+from __future__ import annotations
+
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from metalearn.envs.bandits import BanditEnv
 from metalearn.envs.trials import RandomPolicy
+
+if TYPE_CHECKING:  # the type only: bandits.py imports this module for its baselines
+    from metalearn.envs.bandits import BanditEnv
 
 
 class CountingPolicy:

@@ -38,6 +38,7 @@ class Conv4(nn.Module):
     """
 
     convolutional = True  # hardware.task_batching=auto picks the per-task loop on CPU
+    recurrent = False  # build.py: a meta-RL agent's memory
 
     def __init__(
         self,

@@ -28,6 +28,9 @@ class MLP(nn.Module):
     The hidden layers are `body`, the output layer `head`, as in conv4: ANIL adapts the head.
     """
 
+    convolutional = False
+    recurrent = False
+
     def __init__(
         self, cfg: MLPConfig, in_shape: tuple[int, ...], out_features: int, **_layout: bool
     ) -> None:  # layout flags (fused_batchnorm, channels_last) do not apply to an MLP

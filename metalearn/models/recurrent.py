@@ -31,6 +31,7 @@ class RecurrentActorCritic(nn.Module):
     logits (T, A), value (T,) and the next hidden state."""
 
     recurrent = True  # build.py: what meta-RL algorithms need
+    convolutional = False
 
     def __init__(
         self, cfg: RecurrentConfig, in_shape: tuple[int, ...], out_features: int, **_layout: bool

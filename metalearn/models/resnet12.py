@@ -81,6 +81,7 @@ class ResNet12(nn.Module):
     """Embedding network; with `out_features > 0` a linear head maps the embedding to logits."""
 
     convolutional = True
+    recurrent = False
 
     def __init__(
         self,

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 def test(run: Run) -> dict[str, Any]:
     """The headline test at the run's own setting, plus test.breakdown over other shots/steps."""
     cfg, (ways, shots, query) = run.config.eval, run.test_shape
-    bilevel = hasattr(run.config.algo, "test_inner_steps")
-    steps = sorted({run.test_steps, *cfg.steps}) if bilevel else [run.test_steps]
+    inner = run.algo.inner_loop
+    steps = sorted({run.test_steps, *cfg.steps}) if inner else [run.test_steps]
     breakdown, headline = [], None
     for k in sorted({shots, *cfg.shots}):
         out = run_episodes(
@@ -58,7 +58,8 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
     config, (ways, shots, query) = run.config, run.test_shape
     algo = config.algo
     has_bn = any(isinstance(m, TaskBatchNorm2d) for m in run.model.modules())
-    bn_mode = getattr(algo, "bn_mode", "transductive") if has_bn else None
+    inner, learner = run.algo.inner_loop, run.algo
+    bn_mode = (algo.bn_mode if inner else "transductive") if has_bn else None
     return {
         "algo": algo.name,
         "data": config.data.name,
@@ -78,9 +79,9 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "train_ways": run.train_shape[0],
             "train_shots": run.train_shape[1],
             "train_query": run.train_shape[2],
-            "test_inner_steps": getattr(algo, "test_inner_steps", None),
-            "test_inner_lr": getattr(algo, "test_inner_lr", None),
-            "first_order": getattr(algo, "first_order", None),
+            "test_inner_steps": algo.test_inner_steps if inner else None,
+            "test_inner_lr": algo.test_inner_lr if inner else None,
+            "first_order": algo.first_order if learner.first_order_switch else None,
             # how BatchNorm normalises at test time: each task with its own batch statistics
             # ('transductive'), or each example with statistics from meta-training ('running',
             # 'per_step'); None when the model has no BatchNorm
@@ -153,7 +154,7 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     best = run_dir / "checkpoints" / "best.pt"
     run.load_algo_state(checkpoint.load(best), best)
     seconds = progress.seconds
-    if getattr(run.algo, "pretrains", False):  # pre-training counts examples, not tasks
+    if run.algo.pretrains:  # pre-training counts examples, not tasks
         unit, per_step = "examples", run.config.algo.batch_size
     else:  # meta-RL counts trials (a trial is one task's whole run of episodes)
         unit = "trials" if run.metric == "reward" else "tasks"

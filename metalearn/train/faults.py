@@ -47,17 +47,8 @@ def nonfinite_fault(run: Run, batch: Any, loss: torch.Tensor, iteration: int) ->
             f"the meta-batch of iteration {iteration} itself holds NaN or Inf values: the data "
             f"set (data={run.config.data.name}) or its preprocessing is broken, not the training"
         )
-    inner = hasattr(algo, "inner_lr") and hasattr(algo, "inner_steps")
     forward = not torch.isfinite(loss)
-    causes = []
-    if inner:
-        fixes = ["lower algo.inner_lr", "take fewer steps"]
-        if not forward and not getattr(algo, "first_order", True):
-            fixes.append("set algo.first_order=true")  # second-order terms overflow first
-        causes.append(
-            f"the inner loop diverging (algo.inner_lr={algo.inner_lr} over "
-            f"algo.inner_steps={algo.inner_steps}: {', '.join(fixes[:-1])} or {fixes[-1]})"
-        )
+    causes = run.algo.nonfinite_causes(gradient=not forward)
     if iteration > 1 or not forward:  # a first forward pass has had no outer step before it
         causes.append(f"the outer step (algo.outer_lr={algo.outer_lr}: lower it)")
     if forward:
@@ -100,19 +91,9 @@ def memory_advice(run: Run, iteration: int, error: BaseException) -> str:
     tips = [
         f"a smaller meta-batch (trainer.meta_batch_size={max(1, trainer.meta_batch_size // 2)})"
     ]
-    what = f"algo={algo.name}"
-    if hasattr(algo, "first_order"):
-        if not algo.first_order:
-            what = (
-                f"second-order {algo.name} (it keeps the graph of all algo.inner_steps="
-                f"{algo.inner_steps} inner steps of each task)"
-            )
-            tips.insert(0, "algo.first_order=true (no second-order graph)")
-        if hasattr(algo, "checkpoint") and not algo.checkpoint:
-            tips.append(
-                "gradient checkpointing (algo.checkpoint=true hardware.task_batching=loop: "
-                "each task's inner loop is recomputed in backward)"
-            )
+    what, before, after = run.algo.memory_advice()
+    what = what or f"algo={algo.name}"
+    tips = before + tips + after
     return (
         f"out of memory at iteration {iteration} in {what}, {tasks}; peak memory "
         f"{peak_memory(run.device)}; try {', or '.join(tips)} ({first})"

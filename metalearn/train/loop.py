@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +43,7 @@ def train(run: Run, run_dir: Path, group: Group = SINGLE) -> dict:
     Under torchrun (`group.world` > 1) every rank trains on its share of each meta-batch and
     rank 0 alone validates, writes and tests; every rank returns rank 0's results."""
     trainer = run.config.trainer
-    if getattr(run.algo, "pretrains", False):
+    if run.algo.pretrains:
         group.check_divides(run.config.algo.batch_size, "algo.batch_size")
     else:
         group.check_divides(trainer.meta_batch_size, "trainer.meta_batch_size")
@@ -149,7 +148,7 @@ def _loop(
 def _sample(run: Run, generator) -> tuple[Any, int]:
     """The full meta-batch of this iteration and its size; every rank draws the same one and
     keeps its share (see distributed.py). Pre-training (Baseline, RFS): plain labelled batches."""
-    if getattr(run.algo, "pretrains", False):
+    if run.algo.pretrains:
         size = run.config.algo.batch_size
         return run.tasks.sample_labelled("train", generator, size), size
     size = run.config.trainer.meta_batch_size
@@ -163,7 +162,7 @@ def _outer_steps(
     whether the batch was dropped for a non-finite loss or gradient, the last step's metrics
     and the scalars every rank agreed on (loss, logged loss and score, the stop flag)."""
     trainer = run.config.trainer
-    updates = _updates(run.algo, shard, progress.iteration)
+    updates = run.algo.meta_losses(shard, progress.iteration)
     skipped, metrics, scalars = False, {}, None
     while True:
         try:
@@ -241,18 +240,6 @@ def _stop_now(run: Run, progress: Progress, run_dir: Path, optimizer, generator,
     stop.signum = stop.signum or signal.SIGTERM  # a rank told by another stops too
 
 
-def _updates(algo, batch, iteration: int) -> Iterator[tuple[torch.Tensor, dict]]:
-    """The (loss, metrics) of each outer step on one meta-batch: one `meta_loss` for most
-    algorithms; an algorithm with `meta_losses` yields several (PPO: epochs of mini-batches over
-    the same trials), each differentiated and stepped in turn, with the algorithm's own code
-    running between steps."""
-    several = getattr(algo, "meta_losses", None)
-    if several is None:
-        yield algo.meta_loss(batch, iteration)
-    else:
-        yield from several(batch, iteration)
-
-
 def _log_train(
     run: Run, logger, bar, metrics, optimizer, rate: float, unit: str, iteration: int
 ) -> None:
@@ -271,7 +258,7 @@ def _log_train(
     )
     diverged = float(metrics.get("diverged", 0.0))
     if diverged > 0:  # some tasks' inner loops blew up and were left out of the meta-gradient
-        advice = getattr(run.algo, "divergence_advice", lambda: "lower algo.inner_lr")()
+        advice = run.algo.divergence_advice()
         tqdm.write(
             f"iteration {iteration}: {diverged:.0%} of the meta-batch's tasks diverged in "
             f"{run.config.algo.name}'s inner loop (non-finite loss or meta-gradient) and were "

@@ -17,6 +17,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from metalearn.algos.bilevel.inner import Params, adapt_steps
+from metalearn.algos.learner import Learner
 from metalearn.algos.objectives import loss_fn, score
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
@@ -73,13 +74,22 @@ class BilevelConfig:
 TaskFn = Callable[..., tuple[Any, ...]]  # (params, buffers, sx, sy, qx, qy) -> per-task outputs
 
 
-class Bilevel:
+class Bilevel(Learner):
     """MAML's machinery; MAML itself is this class unchanged (see maml.py)."""
 
+    family = "bilevel"
+    pretrains = False
+    needs_train_classes = False
+    needs_ways = False
     needs_head = True  # the model ends in a linear layer with one output per way
-    differentiates_inner_loop = True  # second order: under vmap, only primitive BatchNorm is exact
-    outer_schedule = "constant"  # the outer learning rate's schedule unless trainer.lr_schedule
+    reinforcement = False
     batches_tasks = True  # hardware.task_batching applies: vmap over tasks or a loop
+    differentiates_inner_loop = True  # second order: under vmap, only primitive BatchNorm is exact
+    inner_loop = True
+    first_order_switch = True
+    checkpoint_switch = True
+    outer_schedule = "constant"  # the outer learning rate's schedule unless trainer.lr_schedule
+    compiled = "objective"
 
     def __init__(self, cfg: BilevelConfig, model: nn.Module, kind: str, task_batching: str):
         if cfg.checkpoint and task_batching != "loop":
@@ -116,6 +126,32 @@ class Bilevel:
                 .to(device)
                 for name, m in norms.items()
             }
+
+    # -- advice (see Learner) -----------------------------------------------------------------
+    def nonfinite_causes(self, gradient: bool) -> list[str]:
+        cfg = self.cfg
+        fixes = ["lower algo.inner_lr", "take fewer steps"]
+        if gradient and not cfg.first_order:
+            fixes.append("set algo.first_order=true")  # second-order terms overflow first
+        return [
+            f"the inner loop diverging (algo.inner_lr={cfg.inner_lr} over "
+            f"algo.inner_steps={cfg.inner_steps}: {', '.join(fixes[:-1])} or {fixes[-1]})"
+        ]
+
+    def memory_advice(self) -> tuple[str, list[str], list[str]]:
+        cfg, what, before, after = self.cfg, "", [], []
+        if not cfg.first_order:
+            what = (
+                f"second-order {cfg.name} (it keeps the graph of all algo.inner_steps="
+                f"{cfg.inner_steps} inner steps of each task)"
+            )
+            before.append("algo.first_order=true (no second-order graph)")
+        if not cfg.checkpoint:
+            after.append(
+                "gradient checkpointing (algo.checkpoint=true hardware.task_batching=loop: "
+                "each task's inner loop is recomputed in backward)"
+            )
+        return what, before, after
 
     # -- what subclasses change ---------------------------------------------------------------
     def meta_parameters(self) -> dict[str, nn.Parameter]:

@@ -8,6 +8,7 @@ differentiated through the inner loop (second order) or not (first order). Both 
 from dataclasses import dataclass
 
 from metalearn.algos.bilevel.base import Bilevel, BilevelConfig
+from metalearn.errors import ConfigError
 
 
 @dataclass
@@ -15,6 +16,13 @@ class MAMLConfig(BilevelConfig):
     """MAML's settings are the family's common ones (see BilevelConfig)."""
 
     name: str = "maml"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name == "fomaml" and not self.first_order:  # fomaml.yaml is this class too
+            raise ConfigError(
+                "algo=fomaml is first-order by definition; use algo=maml for second order"
+            )
 
 
 class MAML(Bilevel):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.algos.learner import Learner
 from metalearn.envs.trials import play, sample_actions
 from metalearn.errors import ConfigError
 
@@ -69,13 +70,22 @@ class RL2Config:
             raise ConfigError(f"algo.ppo_clip must be in (0, 1), got {self.ppo_clip}")
 
 
-class RL2:
+class RL2(Learner):
     """Meta-RL by a recurrent actor-critic trained on whole trials."""
 
+    family = "blackbox"
+    pretrains = False
+    needs_train_classes = False
+    needs_ways = False
     needs_head = True  # the model has one policy output per action
-    differentiates_inner_loop = False
     reinforcement = True  # build.py: needs a meta-RL data set and a recurrent model
+    batches_tasks = False
+    differentiates_inner_loop = False
+    inner_loop = False
+    first_order_switch = False
+    checkpoint_switch = False
     outer_schedule = "constant"
+    compiled = "meta_loss"
 
     def __init__(self, cfg: RL2Config, model: nn.Module, kind: str, task_batching: str) -> None:
         self.cfg = cfg

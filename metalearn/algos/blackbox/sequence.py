@@ -109,6 +109,7 @@ class SequenceConfig:
 class SequenceLearner(EpisodicLearner):
     """The episodic base (embedding, loss, evaluation) with a sequence model as the scorer."""
 
+    family = "blackbox"
     needs_ways = True  # build.py passes the training ways: the width of the label one-hots
 
     def __init__(

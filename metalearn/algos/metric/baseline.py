@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.algos.learner import Learner
 from metalearn.algos.metric.episodic import check_outer_lr
 from metalearn.algos.objectives import score
 from metalearn.data.augment import augment
@@ -168,14 +169,22 @@ def fit_logistic(support_z: Tensor, support_y: Tensor, ways: int, c: float, iter
     return params[:, :-1], params[:, -1]
 
 
-class Baseline:
+class Baseline(Learner):
     """Supervised pre-training over all meta-train classes; a new head per task at test."""
 
-    needs_head = False  # the classifier over the meta-train classes is this algorithm's own
-    needs_train_classes = True  # build passes train_classes
-    differentiates_inner_loop = False
+    family = "pretraining"
     pretrains = True  # the trainer feeds LabelledBatch, not episodes
+    needs_train_classes = True  # build passes train_classes
+    needs_ways = False
+    needs_head = False  # the classifier over the meta-train classes is this algorithm's own
+    reinforcement = False
+    batches_tasks = False
+    differentiates_inner_loop = False
+    inner_loop = False
+    first_order_switch = False
+    checkpoint_switch = False
     outer_schedule = "constant"
+    compiled = "meta_loss"
 
     def __init__(
         self,

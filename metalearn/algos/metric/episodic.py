@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.algos.learner import Learner
 from metalearn.algos.objectives import score
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
@@ -24,16 +25,26 @@ def check_outer_lr(cfg: Any) -> None:
         )
 
 
-class EpisodicLearner:
+class EpisodicLearner(Learner):
     """The forward pass over the support set is the inner loop; nothing is adapted per task.
 
     Subclasses define `scores(support_z, support_y, query_z, ways) -> (T, M, N)`, higher for
     the more likely class; by default these are logits for cross-entropy.
     """
 
+    family = "metric"
+    pretrains = False
+    needs_train_classes = False
+    needs_ways = False
     needs_head = False  # the model is the embedding
+    reinforcement = False
+    batches_tasks = False
     differentiates_inner_loop = False  # no gradient through gradients: fused BatchNorm is safe
+    inner_loop = False
+    first_order_switch = False
+    checkpoint_switch = False
     outer_schedule = "constant"
+    compiled = "meta_loss"
     name = "episodic"
 
     def __init__(self, cfg: Any, model: nn.Module, kind: str, task_batching: str) -> None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalearn.algos import ALGOS
 from metalearn.config import from_dict
 from metalearn.data.tasks import EpisodeSampler, Split, TaskBatch
 from metalearn.errors import ConfigError
@@ -41,7 +42,7 @@ from metalearn.tools.bench.pipeline import markdown as pipeline_markdown
 from metalearn.tools.bench.pipeline import pipeline_bench
 
 PIPELINE_TASKS = 4  # pipeline batches: 4 tasks of N-way (K+Q) images (320 at 5-way 1+15)
-FAMILY = ["maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "mamlpp"]
+FAMILY = [name for name, (_, cls) in ALGOS.items() if cls.family == "bilevel"]
 # name -> (image shape, conv4 width, downsampling): Omniglot as MAML trains it, and
 # miniImageNet-shaped inputs with MAML's 32-filter conv4
 SHAPES = {
@@ -136,7 +137,6 @@ def ours_step(
 ):
     """One meta-iteration of metalearn's algorithm, exactly as the trainer runs it (with
     `compiled`, as build.py sets up hardware.compile=true)."""
-    from metalearn.algos import ALGOS
     from metalearn.build import compile_training, fused_batchnorm_is_exact
     from metalearn.train.schedule import outer_optimizer
 

@@ -1,0 +1,96 @@
+"""What every learner declares about itself, so that nothing outside `algos/` guesses.
+
+A learner class (or its family's base: `Bilevel`, `EpisodicLearner`, `Baseline`, `RL2`) states
+each capability below as a class attribute. There is no default to fall back on: a class that
+leaves one undeclared fails when it is defined, naming what is missing. build.py, the trainer
+and the records read these attributes instead of probing with getattr or checking names.
+
+It also supplies the advice a user reads when its training goes wrong: what to change when its
+loss or meta-gradient is not finite, when some tasks diverge, and when memory runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+FAMILIES = ("bilevel", "metric", "blackbox", "pretraining")
+COMPILED = ("objective", "meta_loss")
+
+
+class Learner:
+    """The declarations and the advice every learner supplies (see the module docstring)."""
+
+    family: ClassVar[str]  # one of FAMILIES
+    # the sampler: plain labelled batches over all training classes (Baseline, RFS), or episodes
+    pretrains: ClassVar[bool]
+    needs_train_classes: ClassVar[bool]  # build.py passes the number of training classes
+    needs_ways: ClassVar[bool]  # build.py passes the training ways (sequence learners' labels)
+    needs_head: ClassVar[bool]  # the model ends in a linear layer with one output per way
+    reinforcement: ClassVar[bool]  # meta-RL: an environment data set and a recurrent model
+    # hardware.task_batching applies (vmap over the tasks of a meta-batch, or a loop)
+    batches_tasks: ClassVar[bool]
+    # gradients through gradients: under vmap only primitive BatchNorm is exact
+    differentiates_inner_loop: ClassVar[bool]
+    # an inner loop with algo.inner_lr and algo.inner_steps; with algo.first_order and
+    # algo.checkpoint where these switches exist
+    inner_loop: ClassVar[bool]
+    first_order_switch: ClassVar[bool]
+    checkpoint_switch: ClassVar[bool]
+    outer_schedule: ClassVar[str]  # the outer learning rate's schedule unless trainer.lr_schedule
+    compiled: ClassVar[str]  # the method hardware.compile wraps: one of COMPILED
+
+    DECLARED: ClassVar[tuple[str, ...]] = (
+        "family",
+        "pretrains",
+        "needs_train_classes",
+        "needs_ways",
+        "needs_head",
+        "reinforcement",
+        "batches_tasks",
+        "differentiates_inner_loop",
+        "inner_loop",
+        "first_order_switch",
+        "checkpoint_switch",
+        "outer_schedule",
+        "compiled",
+    )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in cls.DECLARED if not hasattr(cls, name)]
+        if missing:
+            raise TypeError(
+                f"{cls.__qualname__} must declare {', '.join(missing)} (see metalearn.algos."
+                f"learner.Learner): every learner states what it is, nothing guesses"
+            )
+        if cls.family not in FAMILIES:
+            raise TypeError(f"{cls.__qualname__}.family must be one of {FAMILIES}")
+        if cls.compiled not in COMPILED:
+            raise TypeError(f"{cls.__qualname__}.compiled must be one of {COMPILED}")
+
+    # -- the training protocol ----------------------------------------------------------------
+    def meta_loss(self, batch: Any, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def meta_losses(self, batch: Any, iteration: int = 0) -> Iterator[tuple[Tensor, dict]]:
+        """The (loss, metrics) of each outer step on one meta-batch: one `meta_loss` for most
+        learners; one that takes several steps per batch (PPO's epochs) yields each in turn."""
+        yield self.meta_loss(batch, iteration)
+
+    # -- advice -------------------------------------------------------------------------------
+    def nonfinite_causes(self, gradient: bool) -> list[str]:
+        """Likely causes, with the keys to change, of a non-finite loss (or, with `gradient`, a
+        non-finite meta-gradient after a finite loss) besides the outer step."""
+        return []
+
+    def divergence_advice(self) -> str:
+        """What to change when some tasks' inner loops diverge."""
+        return "lower algo.inner_lr"
+
+    def memory_advice(self) -> tuple[str, list[str], list[str]]:
+        """For an out-of-memory error: what ran (e.g. "second-order maml (...)"), the settings
+        to try before a smaller meta-batch, and those to try after it."""
+        return "", [], []
