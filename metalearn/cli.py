@@ -1,14 +1,21 @@
 """`metalearn train|eval` (Hydra entry points) and `bench|summarize|reproduce` (plain arguments)."""
 
+from __future__ import annotations
+
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn.errors import MetalearnError
+
+if TYPE_CHECKING:
+    from metalearn.build import Run
+    from metalearn.distributed import Group
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 USAGE = """usage: metalearn <command> [overrides] [--help]
@@ -29,7 +36,6 @@ def _train(cfg: DictConfig) -> float:
 
     from metalearn import distributed
     from metalearn.build import build_run
-    from metalearn.train.loop import train
 
     hydra_cfg = HydraConfig.get()
     raw = OmegaConf.to_container(cfg, resolve=True)
@@ -48,6 +54,39 @@ def _train(cfg: DictConfig) -> float:
         if group.world > 1:
             distributed.shutdown()
     return sweep_value(results)
+
+
+def train(run: Run, run_dir: Path, group: Group | None = None) -> dict:
+    """Meta-train, validate, keep the best checkpoint, test it; return results.json's dict.
+
+    The orchestration, top to bottom: where training starts (fresh or resumed), the run's log
+    (metrics.jsonl and W&B), the loop, then the report. Under torchrun every rank trains and
+    returns rank 0's results; rank 0 alone logs, writes and tests."""
+    from metalearn.distributed import SINGLE
+    from metalearn.records.logger import Logger, NullLogger
+    from metalearn.records.results import finish_run
+    from metalearn.train.loop import meta_train, start
+
+    group = group or SINGLE
+    at = start(run, run_dir, group)
+    if group.main:
+        logger = Logger(
+            run.config.logger,
+            run_dir,
+            run_name=run.name,
+            config=run.config_dict,
+            resume_step=at.progress.iteration if at.resumed else None,
+        )
+    else:
+        logger = NullLogger()
+    try:
+        meta_train(run, run_dir, at, logger, group)
+        results = finish_run(run, at.progress, run_dir, logger) if group.main else None
+    except BaseException:
+        logger.close(exit_code=1)
+        raise
+    logger.close()
+    return group.share(results)
 
 
 def sweep_value(results: dict) -> float:

@@ -57,7 +57,7 @@ TINY_PROTONET = [
 def protonet_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained tiny ProtoNet run dir (checkpoints/{last,best}.pt); tests must not modify it."""
     from metalearn.build import build_run
-    from metalearn.train.loop import train
+    from metalearn.cli import train
 
     root = real_data_root()
     if root is None:

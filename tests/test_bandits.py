@@ -12,12 +12,12 @@ from conftest import compose_config
 
 from metalearn.algos.blackbox.rl2 import RL2, RL2Config
 from metalearn.build import build_run
+from metalearn.cli import train
 from metalearn.envs.bandits import BanditConfig, BanditTasks, DependentBanditConfig
 from metalearn.envs.baselines import bandit_baselines, finite_horizon_gittins
 from metalearn.envs.trials import play, sample_actions
 from metalearn.errors import ConfigError
 from metalearn.models.recurrent import RecurrentActorCritic, RecurrentConfig
-from metalearn.train.loop import train
 
 CPU = torch.device("cpu")
 SMOKE = ["debug=smoke", "hardware.threads=1"]

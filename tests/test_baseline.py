@@ -18,12 +18,12 @@ from metalearn.algos.metric.baseline import (
     head_logits,
 )
 from metalearn.build import build_run
+from metalearn.cli import train
 from metalearn.data.augment import augment, colour_jitter, random_crop
 from metalearn.data.tasks import EpisodeSampler, LabelledBatch
 from metalearn.errors import CheckpointError
 from metalearn.models.conv4 import Conv4, Conv4Config
 from metalearn.reevaluate import evaluate_checkpoint
-from metalearn.train.loop import train
 
 SMOKE = ["debug=smoke", "hardware.threads=1", "data=omniglot"]
 

@@ -11,8 +11,8 @@ from conftest import REPO, compose_config
 from test_logger import wandb_contents
 
 from metalearn.build import build_run
+from metalearn.cli import train
 from metalearn.reevaluate import evaluate_checkpoint
-from metalearn.train.loop import train
 
 CLI = [sys.executable, "-m", "metalearn.cli"]
 SMOKE = ["debug=smoke", "hardware.threads=1"]

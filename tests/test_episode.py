@@ -15,12 +15,12 @@ from conftest import compose_config, real_data_root
 from PIL import Image
 
 from metalearn.build import build_run
+from metalearn.cli import train
 from metalearn.data.files.classes import read_class_list
 from metalearn.data.images.omniglot import load_characters
 from metalearn.episode import _load
 from metalearn.errors import DataError, MetalearnError
 from metalearn.reevaluate import evaluate_checkpoint
-from metalearn.train.loop import train
 
 # images_<part>/<Alphabet>/characterKK/<ID>_<DD>.png, DD = drawer
 MEMBER = re.compile(r"/(?P<character>[^/]+/character\d+)/\d+_(?P<drawer>\d+)\.png$")

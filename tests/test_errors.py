@@ -12,10 +12,10 @@ import torch
 from conftest import compose_config, real_data_root
 
 from metalearn.build import build_run
+from metalearn.cli import train
 from metalearn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from metalearn.evaluate import run_episodes
 from metalearn.reevaluate import evaluate_checkpoint
-from metalearn.train.loop import train
 
 BASE = ["debug=smoke", "hardware.threads=1"]
 VALID_NAMES = {

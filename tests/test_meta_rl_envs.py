@@ -105,7 +105,7 @@ def test_psrl_beats_random_on_the_fixed_trials():
 
 @pytest.mark.parametrize("data", ["harlow", "tabular_mdp"])
 def test_rl2_runs_on_every_meta_rl_family(data: str, tmp_path):
-    from metalearn.train.loop import train
+    from metalearn.cli import train
 
     overrides = ["algo=rl2", f"data={data}", "debug=smoke", "hardware.threads=1"]
     results = train(build_run(compose_config([*overrides, "model.hidden=8"])), tmp_path)

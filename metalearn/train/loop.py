@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +20,6 @@ from tqdm import tqdm
 from metalearn.distributed import SINGLE, Group
 from metalearn.errors import TrainingError
 from metalearn.records import checkpoint
-from metalearn.records.logger import Logger, NullLogger
-from metalearn.records.results import finish_run
 from metalearn.train.faults import (
     grads_finite,
     kept,
@@ -35,13 +34,22 @@ from metalearn.train.validate import validate
 
 if TYPE_CHECKING:
     from metalearn.build import Run
+    from metalearn.records.logger import Logger
 
 
-def train(run: Run, run_dir: Path, group: Group = SINGLE) -> dict:
-    """Meta-train, validate, keep the best checkpoint, test it; return results.json's dict.
+@dataclass
+class Start:
+    """Where meta-training starts: a fresh outer optimiser, sampler generator and progress, or
+    those of last.pt when `trainer.resume` finds one (`resumed`)."""
 
-    Under torchrun (`group.world` > 1) every rank trains on its share of each meta-batch and
-    rank 0 alone validates, writes and tests; every rank returns rank 0's results."""
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    progress: Progress
+    resumed: bool
+
+
+def start(run: Run, run_dir: Path, group: Group = SINGLE) -> Start:
+    """Check the batch divides among the ranks, then build (or restore) what the loop steps."""
     trainer = run.config.trainer
     if run.algo.pretrains:
         group.check_divides(run.config.algo.batch_size, "algo.batch_size")
@@ -55,29 +63,21 @@ def train(run: Run, run_dir: Path, group: Group = SINGLE) -> dict:
     if resumed:
         progress = restore(run, optimizer, generator, last_path)
     group.broadcast_parameters(list(run.algo.parameters()))
-    if group.main:
-        logger = Logger(
-            run.config.logger,
-            run_dir,
-            run_name=run.name,
-            config=run.config_dict,
-            resume_step=progress.iteration if resumed else None,
-        )
-    else:
-        logger = NullLogger()
-    try:
-        with stop_on_signals() as stop:
-            _loop(run, optimizer, generator, progress, logger, run_dir, group, stop)
-        if stop.signum is not None:  # last.pt is saved: now the signal's usual course
-            logger.close(exit_code=1)
-            signal.raise_signal(stop.signum)
-            raise SystemExit(128 + stop.signum)  # a handler that returned: stop all the same
-        results = finish_run(run, progress, run_dir, logger) if group.main else None
-    except BaseException:
+    return Start(optimizer, generator, progress, resumed)
+
+
+def meta_train(run: Run, run_dir: Path, at: Start, logger: Logger, group: Group = SINGLE) -> None:
+    """Meta-train and validate from `at` until the budget is spent (best.pt and last.pt written).
+
+    A stop signal saves last.pt at the next iteration boundary and then takes its usual course.
+    Under torchrun (`group.world` > 1) every rank trains on its share of each meta-batch and
+    rank 0 alone validates and writes."""
+    with stop_on_signals() as stop:
+        _loop(run, at.optimizer, at.generator, at.progress, logger, run_dir, group, stop)
+    if stop.signum is not None:  # last.pt is saved: now the signal's usual course
         logger.close(exit_code=1)
-        raise
-    logger.close()
-    return group.share(results)
+        signal.raise_signal(stop.signum)
+        raise SystemExit(128 + stop.signum)  # a handler that returned: stop all the same
 
 
 def _loop(

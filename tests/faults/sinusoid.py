@@ -6,7 +6,7 @@ from pathlib import Path
 from conftest import compose_config
 
 from metalearn.build import Run, build_run
-from metalearn.train.loop import train
+from metalearn.cli import train
 
 SINUSOID = [
     "debug=smoke",

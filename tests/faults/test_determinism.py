@@ -11,7 +11,7 @@ import pytest
 from conftest import compose_config
 
 from metalearn.build import build_run
-from metalearn.train.loop import train
+from metalearn.cli import train
 
 REPO = Path(__file__).resolve().parents[2]
 SINUSOID = ["debug=smoke", "hardware.threads=1", "trainer.iterations=8", "trainer.eval_every=4"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from faults.sinusoid import build
+from metalearn.cli import train
 from metalearn.errors import TrainingError
 from metalearn.records import checkpoint
-from metalearn.train.loop import train
 
 
 def poison_batches(run, iterations: set[int] | None) -> None:

@@ -21,7 +21,7 @@ sys.path.insert(0, "tests")
 from conftest import compose_config
 from metalearn.build import build_run
 from metalearn.errors import TrainingError
-from metalearn.train.loop import train
+from metalearn.cli import train
 
 run = build_run(compose_config([
     "debug=smoke", "hardware.threads=1", "trainer.iterations=3", "trainer.meta_batch_size=64",
