@@ -9,17 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from metalearn.errors import ConfigError, DataError
-
-
-def check_image_task_config(cfg) -> None:
-    """The keys every image data set's config shares: ways >= 2 (one class is no task), shots,
-    query and image_size >= 1."""
-    if cfg.ways < 2:
-        raise ConfigError(f"data.ways must be >= 2 (a task tells classes apart), got {cfg.ways}")
-    for key in ("shots", "query", "image_size"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"data.{key} must be positive, got {getattr(cfg, key)}")
+from metalearn.errors import DataError
 
 
 @dataclass

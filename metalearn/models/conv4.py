@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from metalearn.errors import ConfigError
-from metalearn.models.layers import TaskBatchNorm2d
+from metalearn.models.layers import TaskBatchNorm2d, check_image_input
 
 
 @dataclass
@@ -51,11 +51,7 @@ class Conv4(nn.Module):
         running_stats: bool = False,
     ) -> None:
         super().__init__()
-        if len(in_shape) != 3:
-            raise ConfigError(
-                f"model=conv4 takes images (channels, height, width), but this data set's inputs "
-                f"have shape {tuple(in_shape)}; use model=mlp for vector inputs such as sinusoid"
-            )
+        check_image_input("conv4", in_shape)
         self.channels_last = channels_last  # NHWC activations: faster convolutions on CPU
         self.in_shape = tuple(in_shape)
         channels, height, width = in_shape

@@ -7,7 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.errors import ConfigError
+
 _recorded: list[Tensor] | None = None  # batch statistics, while `recording_batch_stats` is on
+
+
+def check_image_input(model: str, in_shape: tuple[int, ...]) -> None:
+    """A convolutional network takes images: (channels, height, width)."""
+    if len(in_shape) != 3:
+        raise ConfigError(
+            f"model={model} takes images (channels, height, width), but this data set's inputs "
+            f"have shape {tuple(in_shape)}; use model=mlp for vector inputs such as sinusoid"
+        )
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.errors import ConfigError
-from metalearn.models.layers import TaskBatchNorm2d
+from metalearn.models.layers import TaskBatchNorm2d, check_image_input
 
 
 @dataclass
@@ -94,11 +94,7 @@ class ResNet12(nn.Module):
         running_stats: bool = False,
     ) -> None:
         super().__init__()
-        if len(in_shape) != 3:
-            raise ConfigError(
-                f"model=resnet12 takes images (channels, height, width), but this data set's "
-                f"inputs have shape {tuple(in_shape)}; use model=mlp for vector inputs"
-            )
+        check_image_input("resnet12", in_shape)
         self.in_shape = tuple(in_shape)
         self.channels_last = channels_last
         norm = {"fused": fused_batchnorm, "running": running_stats}

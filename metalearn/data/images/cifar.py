@@ -22,7 +22,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ from metalearn.data.files.download import download
 from metalearn.data.files.pickles import SafeUnpickler
 from metalearn.data.files.preprocess import image_array
 from metalearn.data.files.root import cache_path, cached, fingerprint, resolve_root, splits_blob
-from metalearn.data.tasks import ClassTasks, check_image_task_config
+from metalearn.data.images.base import ImageTaskConfig
+from metalearn.data.tasks import ClassTasks
 from metalearn.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -72,20 +73,14 @@ _REFETCH = f"it is not {ARCHIVE}: delete it and download it again from {URL}"
 
 
 @dataclass
-class CIFARFSConfig:
+class CIFARFSConfig(ImageTaskConfig):
     """CIFAR-FS with the Bertinetto et al. (2019) split: 64/16/20 classes of 600 32x32 images."""
 
-    task_kind: ClassVar[str] = "classification"
     name: str = "cifarfs"
-    root: str | None = None  # data root (None: $METALEARN_DATA, else ~/.cache/metalearn)
-    ways: int = 5  # N: classes per test task
-    shots: int = 1  # K: labelled examples per class
-    query: int = 15  # Q: query examples per class
     image_size: int = SIZE  # images are resized once to image_size x image_size
-    download: bool = True  # fetch the CIFAR-100 archive when no source is found
 
     def __post_init__(self) -> None:
-        check_image_task_config(self)
+        super().__post_init__()
 
 
 @dataclass

@@ -20,7 +20,6 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -30,7 +29,8 @@ from metalearn.data.files.archives import inside, open_tgz, tar_member
 from metalearn.data.files.download import download
 from metalearn.data.files.preprocess import image_array
 from metalearn.data.files.root import cache_path, cached, fingerprint, resolve_root
-from metalearn.data.tasks import ClassTasks, check_image_task_config
+from metalearn.data.images.base import ImageTaskConfig
+from metalearn.data.tasks import ClassTasks
 from metalearn.errors import DataError
 
 FOLDER = "CUB_200_2011"  # the archive's top folder, and the extracted one
@@ -52,20 +52,14 @@ _REFETCH = f"the file is not the official {ARCHIVE}: delete it and download it a
 
 
 @dataclass
-class CUBConfig:
+class CUBConfig(ImageTaskConfig):
     """CUB-200-2011 with the Chen et al. (2019) split: 100/50/50 classes of 41 to 60 images."""
 
-    task_kind: ClassVar[str] = "classification"
     name: str = "cub"
-    root: str | None = None  # data root (None: $METALEARN_DATA, else ~/.cache/metalearn)
-    ways: int = 5  # N: classes per test task
-    shots: int = 1  # K: labelled examples per class
-    query: int = 15  # Q: query examples per class
     image_size: int = 84  # images are resized once to image_size x image_size
-    download: bool = True  # fetch the official archive when no source is found
 
     def __post_init__(self) -> None:
-        check_image_task_config(self)
+        super().__post_init__()
 
 
 @dataclass

@@ -22,7 +22,6 @@ import pickle
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -34,7 +33,8 @@ from metalearn.data.files.download import download
 from metalearn.data.files.pickles import SafeUnpickler
 from metalearn.data.files.preprocess import image_array
 from metalearn.data.files.root import cache_path, cached, fingerprint, resolve_root, splits_blob
-from metalearn.data.tasks import ClassTasks, check_image_task_config
+from metalearn.data.images.base import ImageTaskConfig
+from metalearn.data.tasks import ClassTasks
 from metalearn.errors import ConfigError, DataError
 
 SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> the pickles' names
@@ -44,24 +44,18 @@ CACHE_FORMAT = 1
 
 
 @dataclass
-class MiniImageNetConfig:
+class MiniImageNetConfig(ImageTaskConfig):
     """miniImageNet with the Ravi split: 64/16/20 classes of 600 images."""
 
-    task_kind: ClassVar[str] = "classification"
     name: str = "miniimagenet"
-    root: str | None = None  # data root (None: $METALEARN_DATA, else ~/.cache/metalearn)
     imagenet: str | None = None  # raw ImageNet train folder (None: <root>/imagenet/train)
     split: str = "ravi"  # the only published miniImageNet split
-    ways: int = 5  # N: classes per test task
-    shots: int = 1  # K: labelled examples per class
-    query: int = 15  # Q: query examples per class
     image_size: int = 84  # images are resized once to image_size x image_size
-    download: bool = True  # fetch the pickled caches when no source is found
 
     def __post_init__(self) -> None:
         if self.split != "ravi":
             raise ConfigError(f"data.split={self.split!r} is not a miniImageNet split; valid: ravi")
-        check_image_task_config(self)
+        super().__post_init__()
 
 
 def ravi_lists(folder: Path) -> dict[str, dict[str, list[str]]]:

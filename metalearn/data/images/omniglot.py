@@ -14,7 +14,6 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +32,8 @@ from metalearn.data.files.classes import (
 from metalearn.data.files.download import download as download_file
 from metalearn.data.files.preprocess import image_array
 from metalearn.data.files.root import cache_dir, fingerprint, load_cache, resolve_root, save_cache
-from metalearn.data.tasks import ClassTasks, check_image_task_config
+from metalearn.data.images.base import ImageTaskConfig
+from metalearn.data.tasks import ClassTasks
 from metalearn.errors import ConfigError, DataError
 
 
@@ -363,20 +363,14 @@ OMNIGLOT_SPLITS = ("vinyals", "maml", "background")
 
 
 @dataclass
-class OmniglotConfig:
+class OmniglotConfig(ImageTaskConfig):
     """Omniglot (Lake et al. 2015), read from the official archives under the data root."""
 
-    task_kind: ClassVar[str] = "classification"
     name: str = "omniglot"
-    root: str | None = None  # data root (None: $METALEARN_DATA, else ~/.cache/metalearn)
     split: str = (
         "vinyals"  # 'vinyals' (with rotations), 'maml' (1200/423 + rotations), 'background'
     )
-    ways: int = 5  # N: classes per test task
-    shots: int = 1  # K: labelled examples per class
-    query: int = 15  # Q: query examples per class
     image_size: int = 28  # images are resized once to image_size x image_size (ink = 1)
-    download: bool = True  # fetch the official archives when they are missing from the root
     split_seed: int = 0  # seed of the 'maml' and 'background' splits
 
     def __post_init__(self) -> None:
@@ -385,7 +379,7 @@ class OmniglotConfig:
                 f"data.split={self.split!r} is not an Omniglot split; "
                 f"valid: {', '.join(OMNIGLOT_SPLITS)}"
             )
-        check_image_task_config(self)
+        super().__post_init__()
         check_seed(self.split_seed, "data.split_seed")
 
 

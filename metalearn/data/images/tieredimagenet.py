@@ -30,7 +30,6 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,7 +40,8 @@ from metalearn.data.files.download import download
 from metalearn.data.files.pickles import Refused, Restricted
 from metalearn.data.files.preprocess import image_array
 from metalearn.data.files.root import cache_path, cached, fingerprint, resolve_root
-from metalearn.data.tasks import ClassTasks, check_image_task_config
+from metalearn.data.images.base import ImageTaskConfig
+from metalearn.data.tasks import ClassTasks
 from metalearn.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -57,20 +57,14 @@ _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass
-class TieredImageNetConfig:
+class TieredImageNetConfig(ImageTaskConfig):
     """tieredImageNet (Ren et al. 2018): 351/97/160 classes of 732 to 1300 images each."""
 
-    task_kind: ClassVar[str] = "classification"
     name: str = "tieredimagenet"
-    root: str | None = None  # data root (None: $METALEARN_DATA, else ~/.cache/metalearn)
-    ways: int = 5  # N: classes per test task
-    shots: int = 1  # K: labelled examples per class
-    query: int = 15  # Q: query examples per class
     image_size: int = 84  # images are resized once to image_size x image_size
-    download: bool = True  # fetch Ren et al.'s PNG pickles when no source is found
 
     def __post_init__(self) -> None:
-        check_image_task_config(self)
+        super().__post_init__()
 
 
 @dataclass
