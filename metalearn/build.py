@@ -1,7 +1,6 @@
 """The one place config names become objects: typed, validated configs and the run they describe."""
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,11 @@ from metalearn.envs.harlow import HarlowConfig, HarlowTasks
 from metalearn.envs.tabular_mdp import MDPTasks, TabularMDPConfig
 from metalearn.errors import CheckpointError, ConfigError, DataError
 from metalearn.evaluate import EvalConfig
-from metalearn.hardware import HardwareConfig, autocast, select_device, task_batching
+from metalearn.hardware import HardwareConfig, select_device, task_batching
 from metalearn.models import MODELS
 from metalearn.records import checkpoint
 from metalearn.records.logger import LoggerConfig
+from metalearn.run import Run, RunConfig
 from metalearn.train.config import TrainerConfig
 
 # name -> (config class, function(config, device) -> task source)
@@ -57,54 +57,6 @@ PREPROCESS = {
     "cub": CUB_PREPROCESS,
 }
 SECTIONS = ("algo", "data", "model", "hardware", "logger", "trainer", "eval", "seed")
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs, typed and validated."""
-
-    algo: Any
-    data: Any
-    model: Any
-    hardware: HardwareConfig
-    logger: LoggerConfig
-    trainer: TrainerConfig
-    eval: EvalConfig
-    seed: int
-
-
-@dataclass
-class Run:
-    """A built run: validated config, device, task source, model and algorithm."""
-
-    config: RunConfig
-    config_dict: dict  # the resolved config, as saved in checkpoints and logged to W&B
-    device: torch.device
-    tasks: Any
-    model: nn.Module
-    algo: Any
-    # (ways, shots, query) of meta-training tasks; meta-RL: (actions, steps per trial, 0)
-    train_shape: tuple[int, int, int]
-    test_shape: tuple[int, int, int]  # the same, of validation and test tasks
-    test_steps: int  # inner steps at validation and test (0 without an inner loop)
-    task_batching: str  # hardware.task_batching resolved: 'vmap' or 'loop'
-    metric: str  # 'accuracy', 'mse' or 'reward'
-    preprocess: dict | None  # user images -> inputs (image data sets only)
-    name: str  # run name: algo-data-ways-shots-seed
-
-    def autocast(self):
-        """The precision context of forward passes (hardware.precision)."""
-        return autocast(self.config.hardware, self.device)
-
-    def load_algo_state(self, state: dict, path: Any) -> None:
-        """Load weights saved by a compatible run, or say why they do not fit."""
-        try:
-            self.algo.load_state_dict(state["algo_state"])
-        except (RuntimeError, KeyError) as error:
-            raise CheckpointError(
-                f"the weights in {path} do not fit this model ({error}); evaluate with the "
-                f"checkpoint's own model settings"
-            ) from error
 
 
 def _pick(registry: dict, section: str, raw: dict) -> tuple:

@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from metalearn.errors import MetalearnError
 
 if TYPE_CHECKING:
-    from metalearn.build import Run
     from metalearn.distributed import Group
+    from metalearn.run import Run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 USAGE = """usage: metalearn <command> [overrides] [--help]

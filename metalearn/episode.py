@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,9 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from metalearn.data.files.preprocess import image_array
 from metalearn.data.tasks import Split
 from metalearn.errors import DataError
-
-if TYPE_CHECKING:
-    from metalearn.build import Run
+from metalearn.run import Run
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

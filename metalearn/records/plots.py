@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,9 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from metalearn.data.tasks import Split  # noqa: E402
-
-if TYPE_CHECKING:
-    from metalearn.build import Run
+from metalearn.run import Run
 
 
 def plot_learning_curves(metrics: Path, path: Path) -> Path:

@@ -8,19 +8,17 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
 from metalearn.records import checkpoint
+from metalearn.records.logger import Logger
 from metalearn.records.plots import plot_learning_curves, plot_sinusoid_tasks
 from metalearn.records.rl import format_rl_table, plot_rl, test_rl
-
-if TYPE_CHECKING:
-    from metalearn.build import Run
-    from metalearn.records.logger import Logger
+from metalearn.run import Run
 
 
 def test(run: Run) -> dict[str, Any]:

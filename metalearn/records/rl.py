@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from metalearn.envs.trials import play
 from metalearn.evaluate import SPLIT_SEED_OFFSET, mean_ci95, run_episodes
 from metalearn.records.plots import plot_policy_curves
-
-if TYPE_CHECKING:
-    from metalearn.build import Run
+from metalearn.run import Run
 
 
 def test_rl(run: Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:

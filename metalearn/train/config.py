@@ -4,8 +4,9 @@ import math
 from dataclasses import dataclass
 
 from metalearn.errors import ConfigError
-from metalearn.train.faults import NONFINITE
-from metalearn.train.schedule import SCHEDULES
+
+SCHEDULES = ("constant", "step", "cosine", "linear")  # trainer.lr_schedule (schedule.py)
+NONFINITE = ("stop", "skip")  # trainer.nonfinite: what a NaN or Inf loss or gradient does
 
 
 @dataclass

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from metalearn.hardware import peak_memory_mib
-
-if TYPE_CHECKING:
-    from metalearn.build import Run
-
-
-NONFINITE = ("stop", "skip")  # trainer.nonfinite: what a NaN or Inf loss or gradient does
+from metalearn.run import Run
 
 
 def grads_finite(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -20,6 +20,8 @@ from tqdm import tqdm
 from metalearn.distributed import SINGLE, Group
 from metalearn.errors import TrainingError
 from metalearn.records import checkpoint
+from metalearn.records.logger import Logger
+from metalearn.run import Run
 from metalearn.train.faults import (
     grads_finite,
     kept,
@@ -31,10 +33,6 @@ from metalearn.train.schedule import outer_optimizer, set_lr
 from metalearn.train.signals import StopRequest, stop_on_signals
 from metalearn.train.state import Progress, restore, save_last
 from metalearn.train.validate import validate
-
-if TYPE_CHECKING:
-    from metalearn.build import Run
-    from metalearn.records.logger import Logger
 
 
 @dataclass

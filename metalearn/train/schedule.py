@@ -4,15 +4,11 @@ that a resumed run follows the same schedule."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from metalearn.build import Run
-
-
-SCHEDULES = ("constant", "step", "cosine", "linear")
+from metalearn.run import Run
 
 
 def outer_optimizer(algo_cfg: Any, algo: Any) -> torch.optim.Optimizer:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from metalearn.config import as_dict
 from metalearn.records import checkpoint
-
-if TYPE_CHECKING:
-    from metalearn.build import Run
+from metalearn.run import Run
 
 
 @dataclass

@@ -5,18 +5,15 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from metalearn.errors import TrainingError
 from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.records import checkpoint
+from metalearn.run import Run
 from metalearn.train.faults import kept
 from metalearn.train.state import Progress, save_last, state
-
-if TYPE_CHECKING:
-    from metalearn.build import Run
 
 
 def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, generator) -> None:

@@ -5,8 +5,9 @@ from pathlib import Path
 
 from conftest import compose_config
 
-from metalearn.build import Run, build_run
+from metalearn.build import build_run
 from metalearn.cli import train
+from metalearn.run import Run
 
 SINUSOID = [
     "debug=smoke",
