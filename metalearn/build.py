@@ -108,18 +108,7 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
     _check_combination(config, algo_cls, train_shape, test_shape, batching)
     torch.manual_seed(config.seed)
     tasks = DATASETS[data.name][1](data, device)
-    try:
-        tasks.check("train", *train_shape)
-    except DataError as error:
-        if getattr(algo_cfg, "protocol", None) != "santoro":
-            raise
-        raise DataError(  # the sampler's shape came from algo.instances, not from data.*
-            f"algo.protocol=santoro draws algo.instances={algo_cfg.instances} examples of "
-            f"each class per sequence: {error}. Lower algo.instances instead."
-        ) from error
-    for split in ("val", "test"):
-        for shots in {test_shape[1], *config.eval.shots}:
-            tasks.check(split, test_shape[0], shots, test_shape[2])
+    _check_task_shapes(config, tasks, train_shape, test_shape)
     # a head has one output per training way (classification), per action (meta-RL) or one
     # value (regression)
     out_features = train_shape[0] if tasks.kind in ("classification", "rl") else 1
@@ -131,14 +120,7 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
         fused_batchnorm=fused_batchnorm_is_exact(algo_cls, batching),
         running_stats=algo_cls.inner_loop and algo_cfg.bn_mode != "transductive",
     ).to(device)
-    extra = {}
-    if algo_cls.needs_ways:  # sequence learners: the label inputs' width
-        extra["ways"] = train_shape[0]
-    if algo_cls.needs_train_classes:  # pre-training over all train classes
-        classification = tasks.kind == "classification"  # else the algorithm says why not
-        extra["train_classes"] = tasks.classes("train") if classification else 0
-        if algo_cfg.distill_from and classification and training:
-            extra["teacher"] = _teacher(algo_cfg.distill_from, tasks, device)
+    extra = _learner_needs(algo_cls, algo_cfg, tasks, train_shape, device, training)
     algo = algo_cls(algo_cfg, model, tasks.kind, batching, **extra)
     if config.hardware.compile:
         compile_training(algo, batching)
@@ -157,6 +139,37 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
     )
+
+
+def _check_task_shapes(config: RunConfig, tasks: Any, train_shape: tuple, test_shape: tuple):
+    """Every split holds enough classes and examples for its tasks, before any training."""
+    try:
+        tasks.check("train", *train_shape)
+    except DataError as error:
+        if getattr(config.algo, "protocol", None) != "santoro":
+            raise
+        raise DataError(  # the sampler's shape came from algo.instances, not from data.*
+            f"algo.protocol=santoro draws algo.instances={config.algo.instances} examples of "
+            f"each class per sequence: {error}. Lower algo.instances instead."
+        ) from error
+    for split in ("val", "test"):
+        for shots in {test_shape[1], *config.eval.shots}:
+            tasks.check(split, test_shape[0], shots, test_shape[2])
+
+
+def _learner_needs(
+    algo_cls: type, algo_cfg: Any, tasks: Any, train_shape: tuple, device, training: bool
+) -> dict[str, Any]:
+    """The constructor arguments a learner declares it needs beyond config, model and kind."""
+    extra: dict[str, Any] = {}
+    if algo_cls.needs_ways:  # sequence learners: the label inputs' width
+        extra["ways"] = train_shape[0]
+    if algo_cls.needs_train_classes:  # pre-training over all train classes
+        classification = tasks.kind == "classification"  # else the algorithm says why not
+        extra["train_classes"] = tasks.classes("train") if classification else 0
+        if algo_cfg.distill_from and classification and training:
+            extra["teacher"] = _teacher(algo_cfg.distill_from, tasks, device)
+    return extra
 
 
 def _task_shapes(config: RunConfig) -> tuple[tuple, tuple]:

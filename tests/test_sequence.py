@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config
 
-from metalearn.algos.blackbox.sequence import CORES, SequenceConfig, instance_accuracies
+from metalearn.algos.blackbox.cores import CORES
+from metalearn.algos.blackbox.sequence import SequenceConfig, instance_accuracies
 from metalearn.build import build_run
 from metalearn.data.tasks import Split
 from metalearn.errors import ConfigError, DataError

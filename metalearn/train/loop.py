@@ -114,14 +114,7 @@ def _loop(
         bar.update(1)
         if progress.iteration % trainer.log_every == 0:
             rate = window_tasks / (time.perf_counter() - window_start)
-            if skipped:  # a dropped batch's loss is not a training metric
-                logger.log({"train/skipped": progress.skipped}, step=progress.iteration)
-            else:
-                extra = {"skipped": progress.skipped} if progress.skipped else {}
-                metrics = metrics | extra
-                _log_train(
-                    run, logger, bar, metrics, optimizer, rate, batch.unit, progress.iteration
-                )
+            _log_train(run, logger, bar, metrics, skipped, progress, optimizer, rate, batch.unit)
             window_start, window_tasks = time.perf_counter(), 0
         over_budget = budget < math.inf and group.agree(progress.seconds >= budget)
         if progress.iteration % trainer.eval_every == 0 or over_budget:
@@ -239,8 +232,15 @@ def _stop_now(run: Run, progress: Progress, run_dir: Path, optimizer, generator,
 
 
 def _log_train(
-    run: Run, logger, bar, metrics, optimizer, rate: float, unit: str, iteration: int
+    run: Run, logger, bar, metrics, skipped: bool, progress: Progress, optimizer, rate, unit: str
 ) -> None:
+    """Training metrics every trainer.log_every iterations (a dropped batch logs only the count
+    of dropped batches: its loss is not a training metric), and a warning when tasks diverged."""
+    iteration = progress.iteration
+    if skipped:
+        logger.log({"train/skipped": progress.skipped}, step=iteration)
+        return
+    metrics = metrics | ({"skipped": progress.skipped} if progress.skipped else {})
     loss, score = metrics["loss"].item(), metrics["score"].item()
     name = {"accuracy": "query_acc", "mse": "query_mse", "reward": "trial_reward"}[run.metric]
     logger.log(

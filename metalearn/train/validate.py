@@ -50,19 +50,7 @@ def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, gen
             step=progress.iteration,
         )
     else:
-        # Some episodes' test-time adaptation blew up (more test steps than training steps
-        # can do that): not a reason to stop training, but never a best checkpoint either.
-        diverged = (~torch.isfinite(out["loss"][:, -1])).float().mean().item()
-        logger.log({"val/diverged": diverged}, step=progress.iteration)
-        best = progress.best_iteration
-        warnings.warn(
-            f"validation at iteration {progress.iteration}: {diverged:.1%} of the episodes "
-            f"diverged in test-time adaptation (non-finite {run.metric}); "
-            + ("no best checkpoint yet" if best is None else f"the best stays at iteration {best}")
-            + "; consider a smaller algo.test_inner_lr or fewer algo.test_inner_steps",
-            stacklevel=2,
-        )
-        value = -sign * math.inf
+        value = _diverged(run, progress, logger, out["loss"][:, -1], sign)
     if progress.best_value is None or sign * value > sign * progress.best_value:
         progress.best_value, progress.best_iteration = value, progress.iteration
         progress.best_val = {
@@ -75,3 +63,19 @@ def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, gen
     if progress.best_iteration == progress.iteration:
         checkpoint.save(run_dir / "checkpoints" / "best.pt", state(run, progress))
     save_last(run, progress, run_dir, optimizer, generator)
+
+
+def _diverged(run: Run, progress: Progress, logger, last_loss: torch.Tensor, sign: float) -> float:
+    """Some episodes' test-time adaptation blew up (more test steps than training steps can do
+    that): not a reason to stop training, but never a best checkpoint either."""
+    diverged = (~torch.isfinite(last_loss)).float().mean().item()
+    logger.log({"val/diverged": diverged}, step=progress.iteration)
+    best = progress.best_iteration
+    warnings.warn(
+        f"validation at iteration {progress.iteration}: {diverged:.1%} of the episodes "
+        f"diverged in test-time adaptation (non-finite {run.metric}); "
+        + ("no best checkpoint yet" if best is None else f"the best stays at iteration {best}")
+        + "; consider a smaller algo.test_inner_lr or fewer algo.test_inner_steps",
+        stacklevel=3,
+    )
+    return -sign * math.inf
