@@ -140,7 +140,8 @@ def _bench(args: list[str]) -> None:
     import dataclasses
 
     from metalearn.config import from_dict
-    from metalearn.tools.bench.learners import BenchConfig, run_bench
+    from metalearn.tools.bench.config import BenchConfig
+    from metalearn.tools.bench.run import run_bench
 
     if any(a in ("-h", "--help") for a in args):
         print("usage: metalearn bench [key=value ...]\n\nkeys (defaults):")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from metalearn.errors import ConfigError
-from metalearn.tools.bench.learners import BenchConfig, count_flops, run_bench
+from metalearn.tools.bench.config import BenchConfig
+from metalearn.tools.bench.run import count_flops, run_bench
 
 HAVE_L2L = importlib.util.find_spec("learn2learn") is not None
 
