@@ -116,3 +116,20 @@ def test_nothing_below_the_cli_imports_the_cli_or_the_tools():
         if within(target, "metalearn.cli", "metalearn.tools")
     )
     assert not bad, bad
+
+
+def test_functions_and_modules_stay_small_or_say_why():
+    """About 50 lines a function (60 at most) and 300 a module, unless its docstring says why."""
+    long_functions, long_modules = [], []
+    for name, path in MODULES.items():
+        text = path.read_text()
+        tree = ast.parse(text)
+        lines = len(text.splitlines())
+        if lines > 300 and "Over 300 lines because" not in (ast.get_docstring(tree) or ""):
+            long_modules.append(f"{name}: {lines} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    long_functions.append(f"{name}.{node.name}: {length} lines")
+    assert not long_modules and not long_functions, long_modules + long_functions

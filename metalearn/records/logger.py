@@ -1,4 +1,8 @@
-"""Run logging: metrics.jsonl always, plus a W&B run (offline unless told otherwise)."""
+"""Run logging: metrics.jsonl always, plus a W&B run (offline unless told otherwise).
+
+Over 300 lines because W&B's failure modes (unreachable, hanging, failing mid-run, a resumed
+run's truncated history) are each handled here so that training never stops for logging.
+"""
 
 from __future__ import annotations
 

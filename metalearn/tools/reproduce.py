@@ -8,6 +8,9 @@ finished runs at that budget are reused, so an interrupted reproduction continue
 stopped. `--budget F` runs F of each experiment's iterations (and of its schedule's decay steps)
 for a quick check; the table says which budget produced it. Writes results/<table>.md and .csv,
 and PNG plots of the validation curves, test-time inner steps and shots.
+
+Over 300 lines because a reproduction is a small pipeline of its own: tables, runs over seeds
+reused across interruptions, the pooled numbers and their plots.
 """
 
 from __future__ import annotations
@@ -138,20 +141,9 @@ def reproduce(
         if only is not None and experiment not in only:
             failures[experiment] = "left out (--only)"
             continue
-        for seed in range(seeds):
-            directory = run_dir(out, table, experiment, seed, budget)
-            if (directory / "results.json").is_file():
-                continue  # finished earlier: reused
-            command = [sys.executable, "-m", "metalearn.cli", "train", f"experiment={experiment}"]
-            command += [f"seed={seed}", *overrides, "trainer.progress=false", "trainer.resume=true"]
-            command += [f"hydra.run.dir={directory}"]
-            started = time.perf_counter()
-            print(f"[reproduce] {experiment} seed {seed}: {' '.join(command[3:])}", flush=True)
-            reason = train_one(command, directory, directory.parent / f"seed{seed}.log")
-            print(f"[reproduce]   {reason or 'done'} ({time.perf_counter() - started:.0f} s)")
-            if reason is not None:
-                failures[experiment] = reason
-                break  # the other seeds would fail alike (missing data, say)
+        reason = _run_seeds(out, table, experiment, seeds, budget, overrides)
+        if reason is not None:
+            failures[experiment] = reason
     table_rows = []
     for row in rows:
         found = [
@@ -174,6 +166,26 @@ def reproduce(
     )
     plot_shots(table_rows, rows, configs, results_dir / f"{table}_shots.png")
     return md
+
+
+def _run_seeds(
+    out: Path, table: str, experiment: str, seeds: int, budget: float, overrides: list[str]
+) -> str | None:
+    """Train each seed of one experiment not finished earlier; why it failed, or None."""
+    for seed in range(seeds):
+        directory = run_dir(out, table, experiment, seed, budget)
+        if (directory / "results.json").is_file():
+            continue  # finished earlier: reused
+        command = [sys.executable, "-m", "metalearn.cli", "train", f"experiment={experiment}"]
+        command += [f"seed={seed}", *overrides, "trainer.progress=false", "trainer.resume=true"]
+        command += [f"hydra.run.dir={directory}"]
+        started = time.perf_counter()
+        print(f"[reproduce] {experiment} seed {seed}: {' '.join(command[3:])}", flush=True)
+        reason = train_one(command, directory, directory.parent / f"seed{seed}.log")
+        print(f"[reproduce]   {reason or 'done'} ({time.perf_counter() - started:.0f} s)")
+        if reason is not None:
+            return reason  # the other seeds would fail alike (missing data, say)
+    return None
 
 
 def summarize_row(row: Row, found: list[dict], failure: str | None) -> dict[str, Any]:

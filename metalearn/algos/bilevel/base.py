@@ -3,6 +3,10 @@
 A subclass says how a task is adapted (`trajectory`), how adapted parameters predict
 (`query_forward`), and, if it is not MAML's, what the outer objective is (`task_loss`,
 `meta_loss`). Everything runs on parameter dicts with `torch.func`: no module copies per task.
+
+Over 300 lines because it is the whole family's shared machinery in one place (config and its
+checks, the vmapped and looped task batches, BatchNorm statistics modes, evaluation and the
+advice every member gives); splitting it would scatter what each member overrides.
 """
 
 import contextlib

