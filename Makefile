@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export METALEARN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: help install reference test faults lint format bench reproduce clean
+.PHONY: help install reference test test-reference faults lint format bench reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,6 +18,9 @@ reference:  ## install learn2learn, the reference for `metalearn bench` and equi
 
 test:  ## run the test suite (a few minutes on 2 cores; real Omniglot from $$METALEARN_DATA)
 	$(BIN)/python -m pytest
+
+test-reference:  ## only the tests against reference code (after `make reference`)
+	$(BIN)/python -m pytest -m reference
 
 faults:  ## only tests/faults: kills, damaged files, full disks, NaNs, outages, bad configs
 	$(BIN)/python -m pytest tests/faults

@@ -1,5 +1,6 @@
 """Shared fixtures: the real data root, Hydra composition of the project's configs, quiet W&B."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -148,3 +149,17 @@ def data_root(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
         return folder
 
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `reference("pkg", ...)` compare with reference code that `make reference`
+    installs (learn2learn, torchvision): without it they are skipped, saying so, so that
+    `make install && make test` passes on a fresh machine; CI runs them after `make reference`."""
+    for item in items:
+        marker = item.get_closest_marker("reference")
+        if marker is None:
+            continue
+        missing = [name for name in marker.args if importlib.util.find_spec(name) is None]
+        if missing:
+            reason = f"{', '.join(missing)} not installed: run `make reference`"
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -102,6 +102,7 @@ def test_peak_memory_window_sees_a_temporary_allocation():
     assert 60 < float(done.stdout.split()[-1]) < 200
 
 
+@pytest.mark.reference("torchvision")
 def test_the_pipeline_group_times_the_cache_against_imagefolder(tmp_path):
     cfg = BenchConfig(groups=["pipeline"], min_seconds=0.0, threads=1, out=str(tmp_path))
     report = run_bench(cfg, echo=lambda line: None)

@@ -2,7 +2,6 @@
 (float64), and the same results from vmap and from a per-task loop for every one of them."""
 
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -20,10 +19,7 @@ from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
 
 BILEVEL = [name for name, (_, cls) in ALGOS.items() if cls.family == "bilevel"]
-needs_learn2learn = pytest.mark.skipif(
-    importlib.util.find_spec("learn2learn") is None,
-    reason="learn2learn is not installed: run `make reference`",
-)
+needs_learn2learn = pytest.mark.reference("learn2learn")  # conftest skips it without
 
 
 pytestmark = pytest.mark.usefixtures("float64")  # conftest: float64 by default

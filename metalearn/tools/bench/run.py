@@ -219,7 +219,9 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
         echo(describe_result(result))
     report["results"] = results
     add_ratios(report)
-    if "pipeline" in cfg.groups:
+    if "pipeline" in cfg.groups and importlib.util.find_spec("torchvision") is None:
+        echo("torchvision is not installed (`make reference`): the pipeline group is skipped")
+    elif "pipeline" in cfg.groups:
         report["pipeline"] = pipeline_bench(
             device,
             tasks=PIPELINE_TASKS,
