@@ -1,5 +1,6 @@
 """Shared fixtures: the real data root, Hydra composition of the project's configs, quiet W&B."""
 
+import collections
 import importlib.util
 import os
 from pathlib import Path
@@ -163,3 +164,42 @@ def pytest_collection_modifyitems(config, items):
         if missing:
             reason = f"{', '.join(missing)} not installed: run `make reference`"
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# tally key -> what the printed line says of it
+FAULT_KINDS = {
+    "sigkill": "SIGKILLs of real training runs, each resumed to the identical result",
+    "sigkill_random": "  of which at random moments (in start-up, training or anything else)",
+    "sigkill_checkpoint": "  of which halfway through a checkpoint write or between its renames",
+    "sigkill_eval": "  of which halfway through a validation or the final test",
+    "stop_signal": "SIGTERM/SIGINT stops, resumed to the identical result",
+    "checkpoint_corrupt": "damaged checkpoints, fallen back to the previous good one or refused",
+    "corrupt_input": "corrupted or wrong input files, each a clear error naming the file",
+    "disk": "disk-full or unwritable outputs, a clear error or a warning, nothing lost",
+    "nonfinite": "NaN/Inf faults, stopped or skipped by policy with the iteration named",
+    "wandb": "W&B outages (unreachable, hanging, failing), training went on",
+    "oom": "out-of-memory faults, a clear error with the peak memory",
+    "invalid_config": "invalid configs, each refused at start-up naming the key and range",
+    "valid_config": "valid random configs, each built",
+    "determinism": "repeated or resumed runs compared, metrics identical",
+}
+FAULT_TALLY: collections.Counter = collections.Counter()  # summed from the tests' reports
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Sum each faults test's tally (tests/faults/conftest.py), here or from xdist workers."""
+    if report.when == "teardown":
+        for key, counts in report.user_properties:
+            if key == "tally":
+                FAULT_TALLY.update(counts)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not FAULT_TALLY:
+        return
+    unknown = set(FAULT_TALLY) - set(FAULT_KINDS)
+    assert not unknown, f"tally keys not in FAULT_KINDS: {unknown}"
+    terminalreporter.section("faults injected and survived")
+    for key, words in FAULT_KINDS.items():
+        if FAULT_TALLY[key]:
+            terminalreporter.write_line(f"{FAULT_TALLY[key]:5d}  {words}")

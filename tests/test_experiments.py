@@ -49,7 +49,7 @@ def test_the_protocol_builds_and_takes_a_step(experiment: str, data_root):
     run = build_run(compose_config([*overrides, *SMALL, *small_model]))
     optimizer = outer_optimizer(run.config.algo, run.algo)
     generator = torch.Generator().manual_seed(0)
-    if getattr(run.algo, "pretrains", False):
+    if run.algo.pretrains:
         batch = run.tasks.sample_labelled("train", generator, 8)
     else:
         batch = run.tasks.sample("train", generator, 2, *run.train_shape)
