@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from metalearn.algos import ALGOS as REGISTRY
 from metalearn.build import build_run, parse_config
-from metalearn.config import as_dict
+from metalearn.config import as_dict, from_dict
 from metalearn.errors import ConfigError
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -235,3 +235,15 @@ def test_auto_task_batching_loops_only_over_large_conv_tasks_on_cpu():
     assert task_batching(auto, cpu, False, large) == "vmap"  # MLPs
     assert task_batching(auto, torch.device("cuda"), True, large) == "vmap"
     assert task_batching(HardwareConfig(task_batching="loop"), cpu, False, 2) == "loop"
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_each_algo_yaml_holds_its_dataclass_defaults_and_nothing_else(name: str):
+    """The dataclass is the one source of an algorithm's defaults: its YAML lists every key (so
+    each can be overridden on the command line) with the value the dataclass gives, or, for the
+    other names a class serves (fomaml, baselinepp, ...), the changes its VARIANTS declare."""
+    config_cls = REGISTRY[name][0]
+    raw = load_yaml(CONFIGS / "algo" / f"{name}.yaml")
+    assert set(raw) == {f.name for f in dataclasses.fields(config_cls)}
+    declared = getattr(config_cls, "VARIANTS", {}).get(name, {})
+    assert from_dict(config_cls, raw, "algo") == config_cls(**{"name": name, **declared})

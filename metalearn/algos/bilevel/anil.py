@@ -22,6 +22,7 @@ class ANILConfig(BilevelConfig):
     """The family's settings; the inner loop touches `head.*` only."""
 
     name: str = "anil"
+    test_inner_steps: int | None = 3  # as MAML's (None: inner_steps)
 
 
 class ANIL(Bilevel):

@@ -6,6 +6,7 @@ differentiated through the inner loop (second order) or not (first order). Both 
 """
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from metalearn.algos.bilevel.base import Bilevel, BilevelConfig
 from metalearn.errors import ConfigError
@@ -16,6 +17,9 @@ class MAMLConfig(BilevelConfig):
     """MAML's settings are the family's common ones (see BilevelConfig)."""
 
     name: str = "maml"
+    test_inner_steps: int | None = 3  # Finn et al. 2017 test with 3 steps (None: inner_steps)
+    # configs/algo/<name>.yaml for the other names this class serves: what they change
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {"fomaml": {"first_order": True}}
 
     def __post_init__(self) -> None:
         super().__post_init__()

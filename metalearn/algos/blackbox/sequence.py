@@ -28,6 +28,7 @@ Shape letters: T tasks, S = N*K support examples, M queries, D embedding, H hidd
 """
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,12 @@ class SequenceConfig:
     """A sequence model over labelled support examples; sizes of its core."""
 
     name: str = "icl_transformer"  # 'mann', 'lstm', 'snail' or 'icl_transformer'
+    # configs/algo/<name>.yaml for the other names this class serves: what they change
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "lstm": {"hidden": 256},
+        "mann": {"hidden": 200},  # Santoro et al.'s controller
+        "snail": {},
+    }
     outer_lr: float = 1e-3  # Adam step size
     train_ways: int | None = None  # ways in meta-training (None: data.ways)
     train_query: int | None = None  # query examples per class in meta-training (None: data.query)

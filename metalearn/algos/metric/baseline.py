@@ -16,6 +16,7 @@ embedding frozen:
 """
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,17 @@ class BaselineConfig:
     """Pre-training (classifier, optimiser, augmentation, distillation) and the test-time head."""
 
     name: str = "baseline"
+    # configs/algo/<name>.yaml for the other names this class serves: what they change
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "baselinepp": {"classifier": "cosine"},
+        "rfs": {  # Tian et al. 2020's recipe
+            "batch_size": 64,
+            "outer_lr": 0.05,
+            "outer_optimizer": "sgd",
+            "weight_decay": 5e-4,
+            "test_head": "logistic",
+        },
+    }
     classifier: str = "linear"  # 'linear' (Baseline, RFS) or 'cosine' (Baseline++)
     cosine_scale: float | None = None  # Baseline++'s scale (None: 2 up to 200 classes, else 10)
     batch_size: int = 16  # examples per pre-training step (Chen et al.: 16; RFS: 64)

@@ -17,6 +17,7 @@ constant added to every logit changes no softmax).
 """
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ class MetaOptNetConfig:
     """The base learner (ridge or SVM) and its regularisation."""
 
     name: str = "metaoptnet_svm"
+    # configs/algo/<name>.yaml for the other names this class serves: what they change
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {"metaoptnet_ridge": {"head": "ridge"}}
     outer_lr: float = 1e-3  # outer step size (the paper: SGD 0.1 with momentum, decayed)
     outer_optimizer: str = "adam"  # 'adam' or 'sgd' (the paper's, with momentum and decay)
     momentum: float = 0.9  # SGD momentum (outer_optimizer=sgd)
