@@ -77,6 +77,9 @@ def test_every_experiment_composes_and_builds(experiment: str, data_root):
     root = data_root(data_name)
     run = build_run(compose_config([f"experiment={experiment}", *SMOKE, f"data.root={root}"]))
     built = run.config_dict
+    if len(run.tasks.in_shape) == 3:  # images, loaded at the protocol's own size
+        size = run.config.data.image_size
+        assert run.tasks.in_shape[1:] == (size, size), experiment
     smoke = load_yaml(CONFIGS / "debug" / "smoke.yaml")
     for entry in preset.pop("defaults"):  # e.g. {"override /algo": "maml"}
         ((key, choice),) = entry.items()

@@ -168,26 +168,6 @@ def test_resume_continues_to_the_same_results_as_an_uninterrupted_run(tmp_path):
     assert steps == sorted(steps) and steps[-1] == 9
 
 
-def test_multirun_sweep_writes_one_run_directory_per_job(tmp_path):
-    sweep = tmp_path / "sweep"
-    done = subprocess.run(
-        [*CLI, "train", "-m", *SMOKE, "algo=maml,fomaml", "seed=0,1", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
-    assert sorted((r["algo"], r["seed"]) for r in results) == [
-        ("fomaml", 0),
-        ("fomaml", 1),
-        ("maml", 0),
-        ("maml", 1),
-    ]
-    assert results[0]["test"]["mse"] != results[1]["test"]["mse"]
-
-
 def test_wandb_offline_run_holds_the_logged_metrics_and_results(tmp_path):
     results = run_train(["logger=wandb", "trainer.iterations=4"], tmp_path)
     (contents,) = wandb_contents(tmp_path)

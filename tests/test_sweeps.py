@@ -69,6 +69,15 @@ def test_grid_sweep_jobs_share_a_wandb_group_and_summarize_per_configuration(tmp
         "seed=0,1",
         f"hydra.sweep.dir={sweep}",
     )
+    # one run directory per job (test_end_to_end's multirun check, on the same sweep)
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert sorted((r["algo"], r["seed"]) for r in results) == [
+        ("fomaml", 0),
+        ("fomaml", 1),
+        ("maml", 0),
+        ("maml", 1),
+    ]
+    assert results[0]["test"]["mse"] != results[1]["test"]["mse"]
     rows = summarize(sweep)
     assert [r["seeds"] for r in rows] == [2, 2]
     assert {r["run"] for r in rows} == {"algo=maml", "algo=fomaml"}
