@@ -136,7 +136,7 @@ ENTRIES = {"train": _train, "eval": _eval}
 
 
 def _bench(args: list[str]) -> None:
-    """`metalearn bench key=value ...` (see metalearn/bench.py's BenchConfig for the keys)."""
+    """`metalearn bench key=value ...` (the keys: tools/bench/config.py's BenchConfig)."""
     import dataclasses
 
     from metalearn.config import from_dict
@@ -228,7 +228,7 @@ def _summarize(args: list[str]) -> None:
 
 
 def _reproduce(args: list[str]) -> None:
-    """`metalearn reproduce TABLE [--budget F] [--seeds N]` (see metalearn/reproduce.py)."""
+    """`metalearn reproduce TABLE [--budget F] [--seeds N]` (see metalearn/tools/reproduce.py)."""
     from metalearn.tools.reproduce import main as reproduce
 
     try:

@@ -42,25 +42,9 @@ class Learner:
     outer_schedule: ClassVar[str]  # the outer learning rate's schedule unless trainer.lr_schedule
     compiled: ClassVar[str]  # the method hardware.compile wraps: one of COMPILED
 
-    DECLARED: ClassVar[tuple[str, ...]] = (
-        "family",
-        "pretrains",
-        "needs_train_classes",
-        "needs_ways",
-        "needs_head",
-        "reinforcement",
-        "batches_tasks",
-        "differentiates_inner_loop",
-        "inner_loop",
-        "first_order_switch",
-        "checkpoint_switch",
-        "outer_schedule",
-        "compiled",
-    )
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        missing = [name for name in cls.DECLARED if not hasattr(cls, name)]
+        missing = [name for name in DECLARED if not hasattr(cls, name)]
         if missing:
             raise TypeError(
                 f"{cls.__qualname__} must declare {', '.join(missing)} (see metalearn.algos."
@@ -94,3 +78,8 @@ class Learner:
         """For an out-of-memory error: what ran (e.g. "second-order maml (...)"), the settings
         to try before a smaller meta-batch, and those to try after it."""
         return "", [], []
+
+
+# the capabilities above, by name: what __init_subclass__ checks and the tests list
+DECLARED: tuple[str, ...] = tuple(Learner.__annotations__)
+Learner.DECLARED = DECLARED

@@ -5,7 +5,7 @@ episodes on the same bandit (Duan et al. 2016, section 3: every pull is an episo
 memory carries across them). Independent arms draw p ~ U[0, 1] per arm; the dependent
 two-armed bandit draws p1 ~ U[0, 1] and sets p2 = 1 - p1 (Wang et al. 2016, section 3.1).
 
-The randomness of a trial travels with its task batch (see data/envs.py): `reward_noise`
+The randomness of a trial travels with its task batch (see envs/trials.py): `reward_noise`
 (T, pulls) uniforms decide every reward (r_t = 1 if u_t < p[a_t]) and `action_noise`
 (T, pulls) uniforms let stochastic policies sample actions by inverse CDF.
 

@@ -12,7 +12,7 @@ Objects are feature vectors (`features` dimensions, entries N(0, 1)) from a fixe
 validation and test, so the test's objects are never seen in training. The observation of a
 choice is the left object's features, then the right one's (T, 2 * features).
 
-Randomness travels with the batch (see data/envs.py): which objects, which is rewarded, the
+Randomness travels with the batch (see envs/trials.py): which objects, which is rewarded, the
 arrangement of every choice, and the action uniforms.
 """
 

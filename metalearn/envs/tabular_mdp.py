@@ -9,7 +9,7 @@ The expected regret of a step is V*(s_0) / horizon - mu(s_t, a_t), with V* the o
 finite-horizon value: summed over a trial, the gap between the optimal expected return and
 the expected reward of the pairs visited.
 
-Randomness travels with the batch (see data/envs.py): standard normals for the rewards and
+Randomness travels with the batch (see envs/trials.py): standard normals for the rewards and
 uniforms for the transitions and the actions, one per step.
 """
 

@@ -269,7 +269,7 @@ class Logger:
     def log_summary(self, results: dict[str, Any]) -> None:
         """Put the final results (nested, like results.json) in the W&B run summary."""
         if self._run is None:
-            return  # results.json (written by report.py) is the local record
+            return  # results.json (written by records/results.py) is the local record
         try:
             self._run.summary.update(flatten(results))
         except Exception as error:  # any failure: see _wandb_failed

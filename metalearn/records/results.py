@@ -56,7 +56,7 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
     config, (ways, shots, query) = run.config, run.test_shape
     algo = config.algo
     has_bn = any(isinstance(m, TaskBatchNorm2d) for m in run.model.modules())
-    inner, learner = run.algo.inner_loop, run.algo
+    inner = run.algo.inner_loop
     bn_mode = (algo.bn_mode if inner else "transductive") if has_bn else None
     return {
         "algo": algo.name,
@@ -79,7 +79,7 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "train_query": run.train_shape[2],
             "test_inner_steps": algo.test_inner_steps if inner else None,
             "test_inner_lr": algo.test_inner_lr if inner else None,
-            "first_order": algo.first_order if learner.first_order_switch else None,
+            "first_order": algo.first_order if run.algo.first_order_switch else None,
             # how BatchNorm normalises at test time: each task with its own batch statistics
             # ('transductive'), or each example with statistics from meta-training ('running',
             # 'per_step'); None when the model has no BatchNorm

@@ -79,9 +79,6 @@ class CIFARFSConfig(ImageTaskConfig):
     name: str = "cifarfs"
     image_size: int = SIZE  # images are resized once to image_size x image_size
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-
 
 @dataclass
 class FC100Config(CIFARFSConfig):

@@ -56,10 +56,6 @@ class CUBConfig(ImageTaskConfig):
     """CUB-200-2011 with the Chen et al. (2019) split: 100/50/50 classes of 41 to 60 images."""
 
     name: str = "cub"
-    image_size: int = 84  # images are resized once to image_size x image_size
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
 
 
 @dataclass

@@ -50,7 +50,6 @@ class MiniImageNetConfig(ImageTaskConfig):
     name: str = "miniimagenet"
     imagenet: str | None = None  # raw ImageNet train folder (None: <root>/imagenet/train)
     split: str = "ravi"  # the only published miniImageNet split
-    image_size: int = 84  # images are resized once to image_size x image_size
 
     def __post_init__(self) -> None:
         if self.split != "ravi":

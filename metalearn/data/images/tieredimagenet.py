@@ -64,10 +64,6 @@ class TieredImageNetConfig(ImageTaskConfig):
     """tieredImageNet (Ren et al. 2018): 351/97/160 classes of 732 to 1300 images each."""
 
     name: str = "tieredimagenet"
-    image_size: int = 84  # images are resized once to image_size x image_size
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
 
 
 @dataclass
