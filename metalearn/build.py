@@ -146,12 +146,10 @@ def _check_task_shapes(config: RunConfig, tasks: Any, train_shape: tuple, test_s
     try:
         tasks.check("train", *train_shape)
     except DataError as error:
-        if getattr(config.algo, "protocol", None) != "santoro":
+        advice = config.algo.shape_advice(str(error))
+        if not advice:
             raise
-        raise DataError(  # the sampler's shape came from algo.instances, not from data.*
-            f"algo.protocol=santoro draws algo.instances={config.algo.instances} examples of "
-            f"each class per sequence: {error}. Lower algo.instances instead."
-        ) from error
+        raise DataError(advice) from error
     for split in ("val", "test"):
         for shots in {test_shape[1], *config.eval.shots}:
             tasks.check(split, test_shape[0], shots, test_shape[2])
@@ -178,28 +176,26 @@ def _task_shapes(config: RunConfig) -> tuple[tuple, tuple]:
     if data.task_kind == "rl":
         shape = (data.actions, data.steps, 0)
         return shape, shape
-    _check_train_shape(algo_cfg, data.task_kind)
     # (pre-training baselines have no training episodes: their shape is the test one)
-    train_ways = getattr(algo_cfg, "train_ways", None) or data.ways
-    train_shots = getattr(algo_cfg, "train_shots", None) or data.shots
-    train_shape = (train_ways, train_shots, getattr(algo_cfg, "train_query", None) or data.query)
+    ways, shots, query = _check_train_shape(algo_cfg.train_shape(), data.task_kind)
+    train_shape = (ways or data.ways, shots or data.shots, query or data.query)
     return train_shape, (data.ways, data.shots, config.eval.query or data.query)
 
 
-def _check_train_shape(algo_cfg: Any, kind: str) -> None:
-    """algo.train_ways, train_shots and train_query (where the algorithm has them): null, for the
-    data set's own, or a count that fits the task kind; 0 must not fall back to the default."""
-    ways = getattr(algo_cfg, "train_ways", None)
+def _check_train_shape(shape: tuple, kind: str) -> tuple:
+    """The config's training (ways, shots, query): each null, for the data set's own, or a count
+    that fits the task kind; 0 must not fall back to the default."""
+    ways, shots, query = shape
     if kind == "regression" and ways not in (None, 1):
         raise ConfigError(
             f"regression tasks have one output: algo.train_ways must be 1 (or null), got {ways}"
         )
     if kind == "classification" and ways is not None and ways < 2:
         raise ConfigError(f"algo.train_ways must be >= 2 (a task tells classes apart), got {ways}")
-    for key in ("train_shots", "train_query"):
-        value = getattr(algo_cfg, key, None)
+    for key, value in (("train_shots", shots), ("train_query", query)):
         if value is not None and value < 1:
             raise ConfigError(f"algo.{key} must be positive, got {value}")
+    return shape
 
 
 def _task_name(data: Any) -> str:

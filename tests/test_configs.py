@@ -248,5 +248,5 @@ def test_each_algo_yaml_holds_its_dataclass_defaults_and_nothing_else(name: str)
     config_cls = REGISTRY[name][0]
     raw = load_yaml(CONFIGS / "algo" / f"{name}.yaml")
     assert set(raw) == {f.name for f in dataclasses.fields(config_cls)}
-    declared = getattr(config_cls, "VARIANTS", {}).get(name, {})
+    declared = config_cls.VARIANTS.get(name, {})
     assert from_dict(config_cls, raw, "algo") == config_cls(**{"name": name, **declared})

@@ -86,6 +86,7 @@ def test_omniglot_protonet_learns_far_above_chance_in_seconds(tmp_path, omniglot
             "trainer.iterations=40",
             "trainer.eval_every=40",
             "algo.train_ways=20",
+            "data.query=5",
             "eval.episodes=100",
             "eval.batch_size=50",
         ],

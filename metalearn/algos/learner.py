@@ -7,11 +7,16 @@ and the records read these attributes instead of probing with getattr or checkin
 
 It also supplies the advice a user reads when its training goes wrong: what to change when its
 loss or meta-gradient is not finite, when some tasks diverge, and when memory runs out.
+
+Its config dataclass subclasses `AlgoConfig`, which says the same for settings some algorithms
+have and others lack (training-task shape, outer optimiser, reference protocol): each config
+answers for itself, so build.py and the trainer never probe it for a field.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -83,3 +88,39 @@ class Learner:
 # the capabilities above, by name: what __init_subclass__ checks and the tests list
 DECLARED: tuple[str, ...] = tuple(Learner.__annotations__)
 Learner.DECLARED = DECLARED
+
+
+@dataclass(frozen=True)
+class OuterOptimizer:
+    """The outer optimiser a config asks for: Adam (the default) or SGD."""
+
+    kind: str = "adam"  # or 'sgd'
+    momentum: float = 0.0  # SGD's
+    weight_decay: float = 0.0
+    eps: float = 1e-8  # Adam's epsilon
+
+
+class AlgoConfig:
+    """The base of every algorithm's config dataclass: class constants and methods only, so that
+    its YAML lists exactly the dataclass's own fields. A config whose algorithm has one of the
+    settings below overrides the method that reports it."""
+
+    # the authors' reference code ('source') and the value of each setting in it, for
+    # results.json's protocol.reference; empty: the algorithm has no such table
+    REFERENCE: ClassVar[dict[str, Any]] = {}
+    # other names this config serves (fomaml, baselinepp, ...) and the defaults each changes
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def train_shape(self) -> tuple[int | None, int | None, int | None]:
+        """(ways, shots, query) of meta-training tasks where they differ from the data set's
+        (None: the data set's own)."""
+        return None, None, None
+
+    def outer_optimizer_settings(self) -> OuterOptimizer:
+        """The outer optimiser and its settings besides the learning rate."""
+        return OuterOptimizer()
+
+    def shape_advice(self, problem: str) -> str:
+        """The error to raise, saying what to change, when the training split cannot fill this
+        config's training tasks for `problem` (empty: the data set's own error says it all)."""
+        return ""

@@ -115,6 +115,8 @@ class TrialTasks:
     """What every meta-RL task family shares: infinite, and fixed trials from a seed."""
 
     kind = "rl"
+    # a step's reward is 1 for a right choice (Harlow): the records report accuracy by step
+    per_step_accuracy = False
 
     def check(self, split: str, *_shape: int) -> None:
         """Any number of trials fits: the family is infinite."""

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from metalearn.data.images.base import ImageTaskConfig
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
@@ -58,6 +59,7 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
     has_bn = any(isinstance(m, TaskBatchNorm2d) for m in run.model.modules())
     inner = run.algo.inner_loop
     bn_mode = (algo.bn_mode if inner else "transductive") if has_bn else None
+    images = isinstance(config.data, ImageTaskConfig)
     return {
         "algo": algo.name,
         "data": config.data.name,
@@ -72,8 +74,8 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
         "val": val,
         "train": train,
         "protocol": {
-            "split": getattr(config.data, "split", None),
-            "image_size": getattr(config.data, "image_size", None),
+            "split": config.data.split if images else None,
+            "image_size": config.data.image_size if images else None,
             "train_ways": run.train_shape[0],
             "train_shots": run.train_shape[1],
             "train_query": run.train_shape[2],
@@ -98,7 +100,7 @@ def reference_protocol(algo: Any) -> dict | None:
     """Which of the algorithm's settings follow its authors' reference code: the code named by
     the config's REFERENCE table, and each setting whose value differs from the code's (empty:
     the run is the reference's protocol). None for algorithms without such a table."""
-    table = dict(getattr(type(algo), "REFERENCE", {}))
+    table = dict(algo.REFERENCE)
     if not table:
         return None
     source = table.pop("source")

@@ -33,7 +33,7 @@ def test_rl(run: Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.T
             for key, value in play(batch.env(), policy, seed=cfg.seed).items():
                 parts.setdefault(key, []).append(value.cpu())
         played[name] = {k: torch.cat(v) for k, v in parts.items()}
-    accuracy = getattr(run.tasks, "per_step_accuracy", False)
+    accuracy = run.tasks.per_step_accuracy
     summaries, curves = {}, {}
     for name, out in played.items():
         summaries[name] = {"reward": mean_ci95(out["reward"]), "regret": mean_ci95(out["regret"])}
@@ -68,6 +68,6 @@ def format_rl_table(results: dict) -> str:
 
 def plot_rl(run: Run, curves: dict[str, torch.Tensor], folder: Path) -> Path:
     """plots/accuracy.png where a step's reward is its accuracy (Harlow), else regret.png."""
-    if getattr(run.tasks, "per_step_accuracy", False):
+    if run.tasks.per_step_accuracy:
         return plot_policy_curves(curves, "accuracy", folder / "accuracy.png")
     return plot_policy_curves(curves, "cumulative regret", folder / "regret.png")

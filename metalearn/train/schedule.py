@@ -8,22 +8,27 @@ from typing import Any
 
 import torch
 
+from metalearn.algos.learner import AlgoConfig
 from metalearn.run import Run
 
 
-def outer_optimizer(algo_cfg: Any, algo: Any) -> torch.optim.Optimizer:
-    """Adam (the default), or SGD where the algorithm asks for it (Reptile's epsilon step; RFS's
-    and MetaOptNet's momentum SGD); `weight_decay`, `momentum` and `adam_eps` where the config
-    has them."""
-    kind = getattr(algo_cfg, "outer_optimizer", "adam")
-    decay = getattr(algo_cfg, "weight_decay", 0.0)
-    if kind == "sgd":
-        momentum = getattr(algo_cfg, "momentum", 0.0)
+def outer_optimizer(algo_cfg: AlgoConfig, algo: Any) -> torch.optim.Optimizer:
+    """Adam (the default), or SGD where the config asks for it (Reptile's epsilon step; RFS's and
+    MetaOptNet's momentum SGD), with the momentum, weight decay and epsilon it gives."""
+    settings = algo_cfg.outer_optimizer_settings()
+    if settings.kind == "sgd":
         return torch.optim.SGD(
-            algo.parameters(), lr=algo_cfg.outer_lr, momentum=momentum, weight_decay=decay
+            algo.parameters(),
+            lr=algo_cfg.outer_lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
         )
-    eps = getattr(algo_cfg, "adam_eps", 1e-8)  # iMAML's reference code uses 1e-3
-    return torch.optim.Adam(algo.parameters(), lr=algo_cfg.outer_lr, eps=eps, weight_decay=decay)
+    return torch.optim.Adam(
+        algo.parameters(),
+        lr=algo_cfg.outer_lr,
+        eps=settings.eps,
+        weight_decay=settings.weight_decay,
+    )
 
 
 def schedule(run: Run) -> str:

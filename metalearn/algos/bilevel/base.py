@@ -21,7 +21,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from metalearn.algos.bilevel.inner import Params, adapt_steps
-from metalearn.algos.learner import Learner
+from metalearn.algos.learner import AlgoConfig, Learner
 from metalearn.algos.objectives import loss_fn, score
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
@@ -36,7 +36,7 @@ BN_MOMENTUM = 0.1  # weight of each meta-batch in the running statistics (torch'
 
 
 @dataclass
-class BilevelConfig:
+class BilevelConfig(AlgoConfig):
     """Inner loop (adaptation) and outer loop (meta-update) settings of the MAML family."""
 
     name: str = "maml"
@@ -53,6 +53,9 @@ class BilevelConfig:
     # statistics accumulated in meta-training and applied to each example alone: 'running'
     # (one set) or 'per_step' (one set per inner step, MAML++'s BNRS)
     bn_mode: str = "transductive"
+
+    def train_shape(self) -> tuple[int | None, int | None, int | None]:
+        return self.train_ways, None, self.train_query
 
     def __post_init__(self) -> None:
         for key in ("inner_lr", "test_inner_lr", "outer_lr"):

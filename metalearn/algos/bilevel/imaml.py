@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from metalearn.algos.bilevel.base import Bilevel, BilevelConfig
 from metalearn.algos.bilevel.inner import Params
+from metalearn.algos.learner import OuterOptimizer
 from metalearn.algos.objectives import score
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
@@ -68,6 +69,9 @@ class IMAMLConfig(BilevelConfig):
         "cg_residual_tol": 1e-10,
         "adam_eps": 1e-3,
     }
+
+    def outer_optimizer_settings(self) -> OuterOptimizer:
+        return OuterOptimizer(eps=self.adam_eps)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -36,6 +36,7 @@ from torch.func import functional_call
 
 from metalearn.algos.bilevel.base import Bilevel, BilevelConfig
 from metalearn.algos.bilevel.inner import Params
+from metalearn.algos.learner import OuterOptimizer
 from metalearn.algos.objectives import score
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
@@ -79,6 +80,9 @@ class ReptileConfig(BilevelConfig):
         "inner_loss": "sum",
         "test_batch": "support+query",
     }
+
+    def outer_optimizer_settings(self) -> OuterOptimizer:
+        return OuterOptimizer(self.outer_optimizer)  # (adam_eps is the inner Adam's)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algos.learner import Learner
+from metalearn.algos.learner import AlgoConfig, Learner
 from metalearn.envs.trials import play, sample_actions
 from metalearn.errors import ConfigError
 
 
 @dataclass
-class RL2Config:
+class RL2Config(AlgoConfig):
     """A2C with GAE on whole trials."""
 
     name: str = "rl2"

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.algos.blackbox.cores import CORES
+from metalearn.algos.learner import AlgoConfig
 from metalearn.algos.metric.episodic import EpisodicLearner, check_outer_lr
 from metalearn.data.tasks import TaskBatch
 from metalearn.errors import ConfigError
@@ -45,7 +46,7 @@ INSTANCES = (1, 2, 3, 4, 5, 10)  # the presentations of a class Santoro et al.'s
 
 
 @dataclass
-class SequenceConfig:
+class SequenceConfig(AlgoConfig):
     """A sequence model over labelled support examples; sizes of its core."""
 
     name: str = "icl_transformer"  # 'mann', 'lstm', 'snail' or 'icl_transformer'
@@ -73,6 +74,17 @@ class SequenceConfig:
     protocol: str = "episodic"
     instances: int = 10  # santoro: examples of each class in one training sequence
     train_shots: int | None = None  # shots per class in meta-training (None: data.shots)
+
+    def train_shape(self) -> tuple[int | None, int | None, int | None]:
+        return self.train_ways, self.train_shots, self.train_query
+
+    def shape_advice(self, problem: str) -> str:
+        if self.protocol != "santoro":
+            return ""
+        return (  # the sampler's shape came from algo.instances, not from data.*
+            f"algo.protocol=santoro draws algo.instances={self.instances} examples of each "
+            f"class per sequence: {problem}. Lower algo.instances instead."
+        )
 
     def __post_init__(self) -> None:
         check_outer_lr(self)

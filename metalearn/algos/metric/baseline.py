@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalearn.algos.learner import Learner
+from metalearn.algos.learner import AlgoConfig, Learner, OuterOptimizer
 from metalearn.algos.metric.episodic import check_outer_lr
 from metalearn.algos.objectives import score
 from metalearn.data.augment import augment
@@ -34,7 +34,7 @@ CLASSIFIERS = ("linear", "cosine")
 
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(AlgoConfig):
     """Pre-training (classifier, optimiser, augmentation, distillation) and the test-time head."""
 
     name: str = "baseline"
@@ -69,6 +69,9 @@ class BaselineConfig:
     distill_from: str | None = None  # RFS-distill: the teacher's checkpoint (an earlier run)
     distill_weight: float = 0.5  # weight of the distillation term; 1 - this weights CE
     distill_temperature: float = 4.0  # softmax temperature of distillation (Hinton et al.)
+
+    def outer_optimizer_settings(self) -> OuterOptimizer:
+        return OuterOptimizer(self.outer_optimizer, self.momentum, self.weight_decay)
 
     def __post_init__(self) -> None:
         check_outer_lr(self)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.algos.learner import AlgoConfig
 from metalearn.algos.metric.episodic import EpisodicLearner, check_outer_lr
 from metalearn.errors import ConfigError
 
@@ -29,7 +30,7 @@ LOG_EPS = 1e-12
 
 
 @dataclass
-class MatchingNetConfig:
+class MatchingNetConfig(AlgoConfig):
     """Cosine attention over the support set, optionally with full context embeddings."""
 
     name: str = "matchingnet"
@@ -48,6 +49,9 @@ class MatchingNetConfig:
         "learn_scale": False,
         "cosine_relu": True,
     }
+
+    def train_shape(self) -> tuple[int | None, int | None, int | None]:
+        return self.train_ways, None, self.train_query
 
     def __post_init__(self) -> None:
         check_outer_lr(self)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.algos.learner import AlgoConfig, OuterOptimizer
 from metalearn.algos.metric.episodic import EpisodicLearner, check_outer_lr
 from metalearn.errors import ConfigError
 
@@ -30,7 +31,7 @@ HEADS = ("ridge", "svm")
 
 
 @dataclass
-class MetaOptNetConfig:
+class MetaOptNetConfig(AlgoConfig):
     """The base learner (ridge or SVM) and its regularisation."""
 
     name: str = "metaoptnet_svm"
@@ -48,6 +49,12 @@ class MetaOptNetConfig:
     train_ways: int | None = None  # ways in meta-training (None: data.ways)
     train_shots: int | None = None  # shots in meta-training (None: data.shots; the paper: 15)
     train_query: int | None = None  # query examples per class in meta-training (None: data.query)
+
+    def train_shape(self) -> tuple[int | None, int | None, int | None]:
+        return self.train_ways, self.train_shots, self.train_query
+
+    def outer_optimizer_settings(self) -> OuterOptimizer:
+        return OuterOptimizer(self.outer_optimizer, self.momentum, self.weight_decay)
 
     def __post_init__(self) -> None:
         check_outer_lr(self)

@@ -6,17 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metalearn.algos.learner import AlgoConfig
 from metalearn.algos.metric.episodic import EpisodicLearner, check_outer_lr
 
 
 @dataclass
-class ProtoNetConfig:
+class ProtoNetConfig(AlgoConfig):
     """Embedding learner: only the outer optimiser and the training episode shape."""
 
     name: str = "protonet"
     outer_lr: float = 1e-3  # Adam step size
     train_ways: int | None = None  # ways in meta-training (None: data.ways; the paper uses 60)
     train_query: int | None = None  # query examples per class in meta-training (None: data.query)
+
+    def train_shape(self) -> tuple[int | None, int | None, int | None]:
+        return self.train_ways, None, self.train_query
 
     def __post_init__(self) -> None:
         check_outer_lr(self)

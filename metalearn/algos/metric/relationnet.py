@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.algos.learner import AlgoConfig
 from metalearn.algos.metric.episodic import EpisodicLearner, check_outer_lr
 from metalearn.errors import ConfigError
 from metalearn.models.layers import TaskBatchNorm2d
 
 
 @dataclass
-class RelationNetConfig:
+class RelationNetConfig(AlgoConfig):
     """The relation module's width; the embedding is the model (conv4 pooling in two blocks)."""
 
     name: str = "relationnet"
@@ -27,6 +28,9 @@ class RelationNetConfig:
     relation_hidden: int = 8  # width of its hidden fully connected layer
     train_ways: int | None = None  # ways in meta-training (None: data.ways)
     train_query: int | None = None  # query examples per class in meta-training (None: data.query)
+
+    def train_shape(self) -> tuple[int | None, int | None, int | None]:
+        return self.train_ways, None, self.train_query
 
     def __post_init__(self) -> None:
         check_outer_lr(self)
