@@ -1,6 +1,7 @@
 """Fixed, seeded validation and test episodes -> mean and 95% confidence interval."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,10 +45,19 @@ def mean_ci95(values: torch.Tensor) -> dict[str, float]:
 
 
 def run_episodes(
-    run, split: str, *, episodes: int, ways: int, shots: int, query: int, steps: list[int]
+    run,
+    split: str,
+    *,
+    episodes: int,
+    ways: int,
+    shots: int,
+    query: int,
+    steps: list[int],
+    on_batch: Callable[[int], object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-episode query loss and score after each number of inner steps: (episodes, len(steps)),
-    and whatever else the algorithm reports per episode (meta-RL: the regret curve)."""
+    and whatever else the algorithm reports per episode (meta-RL: the regret curve).
+    `on_batch(n)` hears of each batch of n episodes done (a progress bar)."""
     cfg: EvalConfig = run.config.eval
     parts: dict[str, list[torch.Tensor]] = {"loss": [], "score": []}
     seed = cfg.seed + SPLIT_SEED_OFFSET[split]
@@ -60,6 +70,8 @@ def run_episodes(
                 out = run.algo.evaluate(batch, steps)
             for key, value in out.items():
                 parts.setdefault(key, []).append(value.detach().cpu())
+            if on_batch is not None:
+                on_batch(batch.tasks)
     finally:
         run.model.train(True)
     return {key: torch.cat(values) for key, values in parts.items()}

@@ -56,9 +56,22 @@ def select_device(cfg: HardwareConfig) -> torch.device:
     kind = cfg.device
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu" and cfg.precision == "bf16" and not cpu_has_bf16():
+        raise ConfigError(
+            "hardware.precision=bf16 needs a CPU with bfloat16 arithmetic (AVX512-BF16 or AMX); "
+            "this one would emulate it, slower than fp32: use hardware.precision=fp32"
+        )
     if kind == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(kind)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively: on x86, AVX512-BF16 or AMX (elsewhere,
+    e.g. ARM, torch decides and bf16 is allowed)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def make_deterministic() -> None:

@@ -11,6 +11,7 @@ import torch
 
 from metalearn.errors import ConfigError
 from metalearn.tools.bench.config import BenchConfig
+from metalearn.tools.bench.report import markdown
 from metalearn.tools.bench.run import count_flops, run_bench
 
 HAVE_L2L = importlib.util.find_spec("learn2learn") is not None
@@ -59,6 +60,24 @@ def test_tiny_bench_writes_results_with_ratios(tmp_path):
         assert ours["speedup_vs_learn2learn"] > 0 and "x |" in markdown
         sampler = next(r for r in report["results"] if r.get("variant") == "ours")
         assert sampler["speedup_vs_learn2learn"] > 0
+
+
+def test_the_report_shows_a_dash_for_what_it_did_not_measure():
+    """Without the peak group there is no fraction of the matmul peak: "-", never "0%"."""
+    row = {
+        "group": "family",
+        "kind": "ours",
+        "algo": "maml",
+        "batching": "vmap",
+        "shape": "omniglot",
+    }
+    report = {
+        "hardware": {"cpu": "x86_64", "threads": 2, "torch": "2"},
+        "config": {"meta_batch": 32},
+        "results": [row | {"steps": 1, "seconds": 0.5, "peak_memory_mib": 300.0}],
+    }
+    family_row = next(line for line in markdown(report).splitlines() if line.startswith("| maml"))
+    assert "| - | - |" in family_row and "0%" not in family_row
 
 
 def test_flop_count_of_a_matmul_is_exact():

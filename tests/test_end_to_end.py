@@ -186,3 +186,23 @@ def test_package_imports_from_a_clean_interpreter():
     """The console script's module loads without the test harness's sys.path help."""
     done = subprocess.run([*CLI, "--help"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and "metalearn <command>" in done.stderr
+
+
+def test_a_time_budget_stops_the_run_and_the_bar_ends_at_its_iteration(tmp_path, capsys):
+    """trainer.max_minutes binds long before trainer.iterations: the bar's total follows the
+    budget (it ends full at the last iteration, not at 1/1000 of a million) and validation is
+    its own phase."""
+    results = run_train(
+        [
+            "trainer.iterations=1000000",
+            "trainer.max_minutes=0.03",
+            "trainer.eval_every=100",
+            "trainer.progress=true",
+        ],
+        tmp_path,
+    )
+    done = results["train"]["iterations"]
+    assert results["train"]["stopped_by"] == "max_minutes" and 100 < done < 1000000
+    err = capsys.readouterr().err
+    assert f"{done}/{done} [" in err and "/1000000" not in err.splitlines()[-1]
+    assert "validate at 100" in err

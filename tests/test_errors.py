@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import compose_config, real_data_root
 
+from metalearn import hardware
 from metalearn.build import build_run
 from metalearn.cli import train
 from metalearn.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -167,6 +168,18 @@ def test_a_maml_head_trained_on_other_ways_than_it_is_tested_on_is_a_config_erro
 def test_asking_for_cuda_without_a_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match="hardware=cpu or auto"):
         build(["hardware=cuda"])
+
+
+def test_bf16_on_a_cpu_that_would_emulate_it_is_a_config_error(monkeypatch):
+    """On a CPU with neither AVX512-BF16 nor AMX (faked here where this one has them) bf16 would
+    be slower than fp32: refused at start-up, naming the key and the value to use."""
+    if hardware.cpu_has_bf16():
+        build(["hardware.precision=bf16"])
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    with pytest.raises(
+        ConfigError, match=r"hardware.precision=bf16 .* use hardware.precision=fp32"
+    ):
+        build(["hardware.precision=bf16"])
 
 
 def test_a_conv_net_on_vector_inputs_is_a_config_error():

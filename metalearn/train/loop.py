@@ -22,6 +22,7 @@ from metalearn.errors import TrainingError
 from metalearn.records import checkpoint
 from metalearn.records.logger import Logger
 from metalearn.run import Run
+from metalearn.train.bar import TrainingBar
 from metalearn.train.faults import (
     grads_finite,
     kept,
@@ -90,15 +91,8 @@ def _loop(
 ) -> None:
     trainer = run.config.trainer
     budget = math.inf if trainer.max_minutes is None else 60.0 * trainer.max_minutes
-    bar = tqdm(
-        total=trainer.iterations,
-        initial=progress.iteration,
-        disable=not (trainer.progress and group.main),
-        desc=run.name,
-        dynamic_ncols=True,
-        # redirected to a file (nohup, SLURM): one line every 30 s instead of every refresh
-        mininterval=0.1 if sys.stderr.isatty() else 30.0,
-    )
+    shown = trainer.progress and group.main
+    bar = TrainingBar(run.name, trainer.iterations, progress, budget, shown)
     params = [p for p in run.algo.parameters() if p.requires_grad]
     window_start, window_tasks = time.perf_counter(), 0
     while progress.iteration < trainer.iterations:
@@ -111,7 +105,7 @@ def _loop(
         progress.iteration += 1
         window_tasks += batch.tasks
         progress.seconds += time.perf_counter() - started
-        bar.update(1)
+        bar.advance(progress)
         if progress.iteration % trainer.log_every == 0:
             rate = window_tasks / (time.perf_counter() - window_start)
             _log_train(run, logger, bar, metrics, skipped, progress, optimizer, rate, batch.unit)
@@ -120,7 +114,7 @@ def _loop(
         if progress.iteration % trainer.eval_every == 0 or over_budget:
             started = time.perf_counter()
             if group.main:  # the others wait for it at the next all-reduce
-                validate(run, progress, logger, run_dir, optimizer, generator)
+                validate(run, progress, logger, run_dir, optimizer, generator, bar)
             progress.seconds += time.perf_counter() - started
             window_start, window_tasks = time.perf_counter(), 0  # tasks/s counts training only
         if over_budget:
@@ -128,11 +122,11 @@ def _loop(
             break
         if scalars[3] > 0:  # a stop signal reached some rank
             _stop_now(run, progress, run_dir, optimizer, generator, group, stop)
-            bar.close()
+            bar.close(progress)
             return
-    bar.close()
-    if group.main and progress.validated_at != progress.iteration:
-        validate(run, progress, logger, run_dir, optimizer, generator)  # best must see the last
+    if group.main and progress.validated_at != progress.iteration:  # best must see the last
+        validate(run, progress, logger, run_dir, optimizer, generator, bar)
+    bar.close(progress)
     group.barrier()  # last.pt and best.pt are written before any rank goes on
 
 

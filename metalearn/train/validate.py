@@ -16,21 +16,22 @@ from metalearn.train.faults import kept
 from metalearn.train.state import Progress, save_last, state
 
 
-def validate(run: Run, progress: Progress, logger, run_dir: Path, optimizer, generator) -> None:
-    """Score the fixed validation episodes; save last.pt always and best.pt when it improves."""
+def validate(
+    run: Run, progress: Progress, logger, run_dir: Path, optimizer, generator, bar=None
+) -> None:
+    """Score the fixed validation episodes (a phase of the progress bar, where there is one);
+    save last.pt always and best.pt when it improves."""
     ways, shots, query = run.test_shape
     # with an inner loop, also score the unadapted model: it tells a broken model (stop) from
     # test-time adaptation that blows up on some episodes (warn, go on)
     steps = [0, run.test_steps] if run.test_steps else [0]
-    out = run_episodes(
-        run,
-        "val",
-        episodes=run.config.eval.val_episodes,
-        ways=ways,
-        shots=shots,
-        query=query,
-        steps=steps,
-    )
+    episodes = run.config.eval.val_episodes
+    shape = {"ways": ways, "shots": shots, "query": query, "steps": steps}
+    if bar is None:
+        out = run_episodes(run, "val", episodes=episodes, **shape)
+    else:
+        with bar.phase(f"validate at {progress.iteration}", episodes) as done:
+            out = run_episodes(run, "val", episodes=episodes, on_batch=done, **shape)
     if not torch.isfinite(out["loss"][:, 0]).all():
         raise TrainingError(
             f"validation at iteration {progress.iteration}: the model's own predictions are "

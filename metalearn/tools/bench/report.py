@@ -97,6 +97,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _measured(value: float | None, form: str) -> str:
+    """A measured value, or "-" for one the bench did not measure (not a misleading 0)."""
+    return "-" if value is None else form.format(value)
+
+
 def _family_table(report: dict) -> list[str]:
     """The bilevel family against learn2learn: time, throughput, memory and arithmetic rate."""
     family = [r for r in report["results"] if r["group"] == "family"]
@@ -113,7 +118,8 @@ def _family_table(report: dict) -> list[str]:
         lines.append(
             f"| {r['algo']} | {_code(r)} | {r['shape']} | {r['steps']} | {tasks} "
             f"| {r['seconds']:.3f} | {tasks / r['seconds']:.1f} | {r['peak_memory_mib']:.0f} "
-            f"| {r.get('gflops', 0):.1f} | {100 * r.get('fraction_of_matmul_peak', 0):.0f}% "
+            f"| {_measured(r.get('gflops'), '{:.1f}')} "
+            f"| {_measured(r.get('fraction_of_matmul_peak'), '{:.0%}')} "
             f"| {_ratio(r.get('speedup_vs_learn2learn'))} |"
         )
     lines.append("")
