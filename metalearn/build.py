@@ -89,10 +89,11 @@ def parse_config(raw: dict) -> RunConfig:
     )
 
 
-def build_run(raw: dict, *, training: bool = True) -> Run:
+def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
     """Parse the config, then build data, model and algorithm; check task shapes before training.
 
-    `training=False` (re-testing a checkpoint) skips what only meta-training uses (a teacher)."""
+    `training=False` (re-testing a checkpoint) skips what only meta-training uses (a teacher);
+    `tasks` (a checkpoint's StoredTasks) stands in for the data set, which is then not read."""
     config = parse_config(raw)
     data, algo_cfg = config.data, config.algo
     algo_cls = ALGOS[algo_cfg.name][1]
@@ -107,8 +108,9 @@ def build_run(raw: dict, *, training: bool = True) -> Run:
     )
     _check_combination(config, algo_cls, train_shape, test_shape, batching)
     torch.manual_seed(config.seed)
-    tasks = DATASETS[data.name][1](data, device)
-    _check_task_shapes(config, tasks, train_shape, test_shape)
+    if tasks is None:
+        tasks = DATASETS[data.name][1](data, device)
+        _check_task_shapes(config, tasks, train_shape, test_shape)
     # a head has one output per training way (classification), per action (meta-RL) or one
     # value (regression)
     out_features = train_shape[0] if tasks.kind in ("classification", "rl") else 1

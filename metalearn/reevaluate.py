@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from metalearn.build import build_run
+from metalearn.data.tasks import StoredTasks
 from metalearn.episode import classify_episode
 from metalearn.errors import CheckpointError, ConfigError
 from metalearn.records import checkpoint
@@ -43,10 +44,14 @@ def evaluate_checkpoint(composed: dict[str, Any], overrides: list[str], run_dir:
     """Re-test the checkpoint (or classify one user episode); write results.json in run_dir."""
     path = Path(composed["checkpoint"]).expanduser()
     state = checkpoint.load(path)
-    run = build_run(merge_config(state["config"], composed, overrides, path), training=False)
+    episode = composed.get("episode") or {}
+    # the user's own episode needs only the checkpoint (older ones: the data set too)
+    stored = state.get("inputs") if episode.get("support") or episode.get("query") else None
+    tasks = StoredTasks(**stored) if stored else None
+    config = merge_config(state["config"], composed, overrides, path)
+    run = build_run(config, training=False, tasks=tasks)
     checkpoint.check_compatible(state, run.config.algo.name, run.config.model.name, path)
     run.load_algo_state(state, path)
-    episode = composed.get("episode") or {}
     if episode.get("support") or episode.get("query"):
         if not (episode.get("support") and episode.get("query")):
             raise ConfigError("give both episode.support=DIR and episode.query=DIR")

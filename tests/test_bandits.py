@@ -2,6 +2,7 @@
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -236,12 +237,16 @@ def test_meta_rl_misconfigurations_fail_early_with_the_fix(overrides, words, tmp
         assert word in str(error.value)
 
 
-def test_eval_retests_a_meta_rl_checkpoint_beside_the_baselines(tmp_path):
+def test_eval_retests_a_meta_rl_checkpoint_beside_the_baselines(tmp_path, monkeypatch):
+    """The checkpoint alone, moved out of its run and with no data root, is enough."""
     from metalearn.reevaluate import evaluate_checkpoint
 
     common = ["algo=rl2", "data=bandit", "model.hidden=8", *SMOKE]
     train(build_run(compose_config(common)), tmp_path / "run")
-    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    checkpoint = (tmp_path / "run" / "checkpoints" / "best.pt").rename(tmp_path / "agent.pt")
+    shutil.rmtree(tmp_path / "run")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("METALEARN_DATA", str(tmp_path / "empty"))
     overrides = [f"checkpoint={checkpoint}", "eval.episodes=30", "logger=none"]
     results = evaluate_checkpoint(
         compose_config(overrides, config_name="eval"), overrides, tmp_path / "eval"

@@ -187,6 +187,33 @@ def test_a_maml_checkpoint_classifies_an_episode_of_its_own_ways(
     assert 0 <= results["episode"]["accuracy"] <= 1
 
 
+def test_a_checkpoint_alone_classifies_an_episode_without_the_data_set(
+    maml_checkpoint, drawings, tmp_path, monkeypatch
+):
+    """On a machine with only the checkpoint (moved away from its run, the data root an empty
+    folder) the episode's predictions are those made where the data set is on disk."""
+    episode = make_episode(tmp_path / "episode", drawings, classes=5)
+    classify(maml_checkpoint, episode["support"], episode["query"], tmp_path / "with_data")
+    alone = tmp_path / "alone" / "model.pt"
+    alone.parent.mkdir()
+    alone.write_bytes(maml_checkpoint.read_bytes())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("METALEARN_DATA", str(empty))
+    results = classify(
+        alone, episode["support"], episode["query"], tmp_path / "alone_eval", f"data.root={empty}"
+    )
+    assert results["episode"]["query_images"] == 11
+    with_data = read_rows(tmp_path / "with_data" / "predictions.csv")
+    assert read_rows(tmp_path / "alone_eval" / "predictions.csv") == with_data
+    with pytest.raises(DataError, match="omniglot"):  # a re-test does need the data set
+        evaluate_checkpoint(
+            composed=compose_config([f"checkpoint={alone}", f"data.root={empty}"], "eval"),
+            overrides=[f"checkpoint={alone}", f"data.root={empty}"],
+            run_dir=tmp_path / "retest",
+        )
+
+
 def test_a_maml_head_of_other_ways_than_the_support_classes_is_a_data_error(
     maml_checkpoint, drawings, tmp_path
 ):

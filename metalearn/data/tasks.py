@@ -5,6 +5,7 @@ Shape letters: T tasks, N ways, K shots, Q queries per class, E examples per cla
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -231,3 +232,29 @@ class ClassTasks:
         return self.samplers[split].episodes(
             n, ways, shots, query, seed=seed, batch_size=batch_size
         )
+
+
+class StoredTasks:
+    """A classification task family as a checkpoint remembers it: its input shape and number of
+    training classes, and no data. `metalearn eval` of the user's own episode builds the model
+    from it on a machine that has only the checkpoint; it draws no tasks."""
+
+    kind = "classification"
+
+    def __init__(self, in_shape: list[int], train_classes: int) -> None:
+        self.in_shape, self.train_classes = tuple(in_shape), train_classes
+
+    @staticmethod
+    def describe(tasks: Any) -> dict[str, Any] | None:
+        """What a checkpoint keeps of `tasks` (None: not a classification family)."""
+        if tasks.kind != "classification":
+            return None
+        return {"in_shape": list(tasks.in_shape), "train_classes": tasks.classes("train")}
+
+    def check(self, split: str, ways: int, shots: int, query: int) -> None:
+        """Nothing to check: the user's episode brings its own images."""
+
+    def classes(self, split: str) -> int:
+        if split != "train":
+            raise DataError(f"a checkpoint keeps the count of training classes only, not {split}")
+        return self.train_classes

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from metalearn.config import as_dict
+from metalearn.data.tasks import StoredTasks
 from metalearn.records import checkpoint
 from metalearn.run import Run
 
@@ -32,6 +33,8 @@ def state(run: Run, progress: Progress) -> dict:
         "algo_state": run.algo.state_dict(),
         "progress": as_dict(progress),
         "preprocess": run.preprocess,
+        # the input shape and training classes: `metalearn eval` of an episode needs no data set
+        "inputs": StoredTasks.describe(run.tasks),
         "torch_rng": torch.get_rng_state(),
     }
 
