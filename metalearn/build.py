@@ -124,6 +124,9 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
     ).to(device)
     extra = _learner_needs(algo_cls, algo_cfg, tasks, train_shape, device, training)
     algo = algo_cls(algo_cfg, model, tasks.kind, batching, **extra)
+    test_batching = batching
+    if algo_cls.batches_tasks:  # test tasks are often larger: `auto` decides for them apart
+        test_batching = _test_batching(config, algo, model, device, test_shape)
     if config.hardware.compile:
         compile_training(algo, batching)
     return Run(
@@ -134,6 +137,7 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
         model=model,
         algo=algo,
         task_batching=batching,
+        test_batching=test_batching,
         train_shape=train_shape,
         test_shape=test_shape,
         test_steps=algo_cfg.test_inner_steps if algo_cls.inner_loop else 0,
@@ -141,6 +145,16 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
     )
+
+
+def _test_batching(config: RunConfig, algo: Any, model: Any, device, test_shape: tuple) -> str:
+    """hardware.task_batching for test-time adaptation (on the support sets) and for the query
+    forwards, each decided by its own size; returns the latter's."""
+    ways, shots, query = test_shape
+    hardware, convolutional = config.hardware, model.convolutional
+    algo.adapt_batching = task_batching(hardware, device, convolutional, ways * shots)
+    algo.test_batching = task_batching(hardware, device, convolutional, ways * (shots + query))
+    return algo.test_batching
 
 
 def _check_task_shapes(config: RunConfig, tasks: Any, train_shape: tuple, test_shape: tuple):

@@ -51,6 +51,7 @@ class Run:
     test_shape: tuple[int, int, int]  # the same, of validation and test tasks
     test_steps: int  # inner steps at validation and test (0 without an inner loop)
     task_batching: str  # hardware.task_batching resolved: 'vmap' or 'loop'
+    test_batching: str  # the same for validation and test tasks
     metric: str  # 'accuracy', 'mse' or 'reward'
     preprocess: dict | None  # user images -> inputs (image data sets only)
     name: str  # run name: algo-data-ways-shots-seed

@@ -17,6 +17,7 @@ from metalearn.algos.bilevel.reptile import mini_batch_stream
 from metalearn.build import fused_batchnorm_is_exact
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
+from metalearn.models.layers import TaskBatchNorm2d
 
 BILEVEL = [name for name, (_, cls) in ALGOS.items() if cls.family == "bilevel"]
 needs_learn2learn = pytest.mark.reference("learn2learn")  # conftest skips it without
@@ -79,9 +80,19 @@ def test_the_native_batchnorm_kernel_is_exact_where_build_uses_it(name):
 
 @pytest.mark.parametrize("name", BILEVEL)
 def test_evaluate_is_the_same_under_vmap_and_the_loop(name):
+    """Also with test-time adaptation under vmap and the query forwards in a loop (build.py's
+    choice on CPU for small support and large query sets), where the loop uses the native
+    BatchNorm kernel for the query forwards only, and the other way round."""
     batch = image_tasks()
     vmapped = build(name, tiny_conv()).evaluate(batch, [0, 1, 3])
     looped = build(name, tiny_conv(), batching="loop").evaluate(batch, [0, 1, 3])
+    for adapt, queries in [("vmap", "loop"), ("loop", "vmap")]:
+        mixed_algo = build(name, tiny_conv())
+        mixed_algo.adapt_batching, mixed_algo.test_batching = adapt, queries
+        mixed = mixed_algo.evaluate(batch, [0, 1, 3])
+        torch.testing.assert_close(vmapped["loss"], mixed["loss"], rtol=1e-10, atol=1e-12)
+        norms = [m for m in mixed_algo.model.modules() if isinstance(m, TaskBatchNorm2d)]
+        assert norms and not any(m.fused for m in norms)  # the training kernel is back
     torch.testing.assert_close(vmapped["loss"], looped["loss"], rtol=1e-10, atol=1e-12)
     assert vmapped["loss"].shape == (TASKS, 3)
 

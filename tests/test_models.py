@@ -7,6 +7,7 @@ from test_gradient_family import build, outer_grads
 
 from metalearn.errors import ConfigError
 from metalearn.models.conv4 import Conv4, Conv4Config
+from metalearn.models.layers import max_pool_2x2
 from metalearn.models.resnet12 import ResNet12, ResNet12Config, drop_block
 
 
@@ -77,3 +78,22 @@ def test_conv4_pools_in_the_blocks_it_is_told():
     assert two.feature_maps(x).shape == (2, 8, 7, 7)
     with pytest.raises(ConfigError, match="pooled_blocks"):
         Conv4Config(pooled_blocks=5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv4_without_gradients_gives_the_same_maps_bit_for_bit(channels_last, dtype):
+    """Validation's path (ReLU after an index-free 2x2 max-pool) equals nn.MaxPool2d after the
+    ReLU exactly, odd sizes included (28 -> 14 -> 7 -> 3 -> 1)."""
+    torch.manual_seed(0)
+    model = Conv4(Conv4Config(hidden=16), (1, 28, 28), 5, channels_last=channels_last)
+    model = model.to(dtype)
+    x = torch.rand(12, 1, 28, 28, dtype=dtype)
+    with torch.no_grad():
+        fast = model(x)
+    reference = model.features(
+        x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    )
+    reference = model.head(reference.flatten(1))
+    assert torch.equal(fast, reference.detach())
+    assert max_pool_2x2(torch.arange(25.0).view(1, 5, 5)).tolist() == [[[6.0, 8.0], [16.0, 18.0]]]

@@ -21,6 +21,15 @@ def check_image_input(model: str, in_shape: tuple[int, ...]) -> None:
         )
 
 
+def max_pool_2x2(x: Tensor) -> Tensor:
+    """nn.MaxPool2d(2)'s values on (..., H, W) (an odd last row or column is dropped, as there),
+    as three elementwise maxima of strided views: no argmax indices, for use without gradients
+    (with them, ties would share the gradient where max-pooling gives it to the first)."""
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+    return torch.maximum(top, torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+
+
 @contextlib.contextmanager
 def recording_batch_stats() -> Iterator[list[Tensor]]:
     """Collect (2, C) [mean; var] of every TaskBatchNorm2d call made inside, in call order.
@@ -47,6 +56,21 @@ def normalizing_with_running_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.use_running = False
+
+
+@contextlib.contextmanager
+def native_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Inside, every TaskBatchNorm2d uses the native kernel: exact where no second-order
+    gradient goes through it (test-time adaptation takes first-order gradients only), and
+    about 1.7x faster on CPU (see TaskBatchNorm2d)."""
+    layers = [m for m in model.modules() if isinstance(m, TaskBatchNorm2d) and not m.fused]
+    for layer in layers:
+        layer.fused = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.fused = False
 
 
 class TaskBatchNorm2d(nn.Module):

@@ -90,7 +90,11 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "eval_seed": config.eval.seed,
             "reference": reference_protocol(algo),
         },
-        "hardware": {**describe(run.device), "task_batching": run.task_batching},
+        "hardware": {
+            **describe(run.device),
+            "task_batching": run.task_batching,
+            "test_task_batching": run.test_batching,
+        },
         "git": git_info(),
         "seed": config.seed,
     }
@@ -162,6 +166,8 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     train = {
         "iterations": progress.iteration,
         "wall_seconds": round(seconds, 2),
+        # validation's share of it (trainer.eval_every, eval.val_episodes)
+        "validation_seconds": round(progress.validation_seconds, 2),
         f"{unit}_per_second": round(progress.iteration * per_step / max(seconds, 1e-9), 2),
         "stopped_by": progress.stopped_by,
         "skipped_meta_batches": progress.skipped,  # trainer.nonfinite=skip

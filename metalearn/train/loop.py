@@ -116,6 +116,7 @@ def _loop(
             if group.main:  # the others wait for it at the next all-reduce
                 validate(run, progress, logger, run_dir, optimizer, generator, bar)
             progress.seconds += time.perf_counter() - started
+            progress.validation_seconds += time.perf_counter() - started
             window_start, window_tasks = time.perf_counter(), 0  # tasks/s counts training only
         if over_budget:
             progress.stopped_by = "max_minutes"

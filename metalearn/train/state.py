@@ -19,6 +19,7 @@ class Progress:
 
     iteration: int = 0
     seconds: float = 0.0  # training wall time so far, summed over restarts
+    validation_seconds: float = 0.0  # the part of `seconds` spent validating
     best_value: float | None = None  # best validation score so far
     best_iteration: int | None = None
     best_val: dict | None = None  # the best validation's summary for results.json

@@ -13,11 +13,13 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import checkpoint
 
 from metalearn.algos.bilevel.inner import Params, adapt_steps
@@ -27,6 +29,7 @@ from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models.layers import (
     TaskBatchNorm2d,
+    native_batchnorm,
     normalizing_with_running_stats,
     recording_batch_stats,
 )
@@ -109,6 +112,9 @@ class Bilevel(Learner):
         self.kind = kind
         self.loss = loss_fn(kind)
         self.task_batching = task_batching
+        # test-time adaptation on the support sets, and the query forwards of validation and
+        # test tasks (often 15 per class): build.py may batch each as suits its size
+        self.adapt_batching = self.test_batching = task_batching
         self.iteration = 0  # the outer iteration, for algorithms with annealed settings
         self.testing = False  # inside evaluate/predict
         # hardware.compile with the per-task loop: each training task function is compiled once
@@ -279,18 +285,27 @@ class Bilevel(Learner):
         data = (batch.support.x, batch.support.y, batch.query.x, batch.query.y)
         return self.map_tasks(fn, data, params, buffers)
 
-    def map_tasks(self, fn: TaskFn, data: tuple[Tensor, ...], params: Params, buffers: Params):
+    def map_tasks(
+        self,
+        fn: TaskFn,
+        data: tuple[Tensor, ...],
+        params: Params,
+        buffers: Params,
+        batching: str | None = None,
+    ):
         """Apply fn(params, buffers, *task's slices of data) to every task (dim 0 of each data
-        tensor) by vmap or a loop, as hardware.task_batching says, and stack the results."""
-        if self.task_batching == "vmap":
+        tensor, or of each tensor in it) by vmap or a loop, as hardware.task_batching says
+        (or `batching`), and stack the results."""
+        if (batching or self.task_batching) == "vmap":
             in_dims = (None, None, *[0] * len(data))
             return torch.vmap(fn, in_dims=in_dims)(params, buffers, *data)
         if self.compile_tasks and torch.is_grad_enabled():
             fn = self._compiled_task(fn)
         if self.cfg.checkpoint and torch.is_grad_enabled():
             fn = self._checkpointed(fn, params, buffers)
-        outs = [fn(params, buffers, *(d[t] for d in data)) for t in range(data[0].shape[0])]
-        return torch.utils._pytree.tree_map(lambda *parts: torch.stack(parts), *outs)
+        tasks = tree_leaves(data)[0].shape[0]
+        outs = [fn(params, buffers, *tree_map(itemgetter(t), data)) for t in range(tasks)]
+        return tree_map(lambda *parts: torch.stack(parts), *outs)
 
     def _compiled_task(self, fn: TaskFn) -> TaskFn:
         """torch.compile of a per-task function, made once per function (shapes fixed)."""
@@ -317,26 +332,39 @@ class Bilevel(Learner):
         return run
 
     def evaluate(self, batch: TaskBatch, steps: list[int]) -> dict[str, Tensor]:
-        """Query loss and score per task after each number of test inner steps: (T, len(steps))."""
+        """Query loss and score per task after each number of test inner steps: (T, len(steps)).
+
+        Two phases, each batched over tasks as suits its size (build.py: hardware.task_batching
+        =auto): adaptation on the small support sets (vmap on CPU), then the query forwards of
+        each step's fast weights (on CPU a loop, with the native BatchNorm kernel: exact, as no
+        second-order gradient goes through it, and faster than under vmap)."""
         wanted = sorted(set(steps))
 
-        def task(params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
-            losses, scores = [], []
+        def adapt(params, buffers, sx, sy) -> list[Params]:
             trajectory = self.trajectory(
                 params, buffers, Split(sx, sy), training=False, steps=wanted[-1]
             )
-            for step, fast in enumerate(trajectory):
-                if step in wanted:
-                    prediction = self.query_forward(fast, buffers, qx, step)
-                    losses.append(self.loss(prediction, qy))
-                    scores.append(score(self.kind, prediction, qy))
+            return [fast for step, fast in enumerate(trajectory) if step in wanted]
+
+        def queries(_params, buffers, fasts, qx, qy) -> tuple[Tensor, Tensor]:
+            losses, scores = [], []
+            for step, fast in zip(wanted, fasts, strict=True):
+                prediction = self.query_forward(fast, buffers, qx, step)
+                losses.append(self.loss(prediction, qy))
+                scores.append(score(self.kind, prediction, qy))
             return torch.stack(losses), torch.stack(scores)
 
         params, buffers = self.params()
         params = {k: v.detach() for k, v in params.items()}
+        loop = self.test_batching == "loop"
+        native = native_batchnorm(self.model) if loop else contextlib.nullcontext()
         # no_grad: the inner torch.func.grad still works; no outer graph is kept
         with torch.no_grad(), self._test_time():
-            losses, scores = self.over_tasks(task, batch, params, buffers)
+            support = (batch.support.x, batch.support.y)
+            fasts = self.map_tasks(adapt, support, params, buffers, self.adapt_batching)
+            with native:
+                data = (fasts, batch.query.x, batch.query.y)
+                losses, scores = self.map_tasks(queries, data, {}, buffers, self.test_batching)
         columns = [wanted.index(s) for s in steps]
         return {"loss": losses[:, columns], "score": scores[:, columns]}
 

@@ -17,13 +17,16 @@ SHAPES = {
 }
 
 
+GROUPS = ("peak", "family", "protonet", "eval", "sampler", "pipeline")
+
+
 @dataclass
 class BenchConfig:
     """What to time and how long."""
 
     groups: list[str] = field(
-        default_factory=lambda: ["peak", "family", "protonet", "sampler", "pipeline"]
-    )  # any of: peak, family, protonet, sampler, pipeline
+        default_factory=lambda: ["peak", "family", "protonet", "eval", "sampler", "pipeline"]
+    )  # any of: GROUPS
     algos: list[str] = field(default_factory=lambda: list(FAMILY))
     shapes: list[str] = field(default_factory=lambda: list(SHAPES))
     steps: list[int] = field(default_factory=lambda: [1, 5])  # inner steps
@@ -42,11 +45,10 @@ class BenchConfig:
     out: str = "outputs/bench"  # bench.json and bench.md go here
 
     def __post_init__(self) -> None:
-        unknown = set(self.groups) - {"peak", "family", "protonet", "sampler", "pipeline"}
+        unknown = set(self.groups) - set(GROUPS)
         if unknown:
             raise ConfigError(
-                f"unknown bench group(s) {sorted(unknown)}; valid: peak, family, protonet, "
-                f"sampler, pipeline"
+                f"unknown bench group(s) {sorted(unknown)}; valid: {', '.join(GROUPS)}"
             )
         if set(self.algos) - set(FAMILY):
             raise ConfigError(f"bench algos must be among {', '.join(FAMILY)}, got {self.algos}")

@@ -33,8 +33,14 @@ def add_ratios(report: dict) -> None:
             )
             if ref:
                 r["speedup_vs_learn2learn"] = ref["seconds"] / r["seconds"]
-        if r["group"] == "protonet" and r["variant"] != "straightforward":
-            ref = next(x for x in results if x.get("variant") == "straightforward")
+        if r["group"] in ("protonet", "eval") and r["variant"] != "straightforward":
+            ref = next(
+                x
+                for x in results
+                if x["group"] == r["group"]
+                and x["variant"] == "straightforward"
+                and x.get("algo") == r.get("algo")
+            )
             r["speedup_vs_straightforward"] = ref["seconds"] / r["seconds"]
         if r["group"] == "sampler" and r["variant"] == "ours":
             ref = next(
@@ -78,6 +84,7 @@ def markdown(report: dict) -> str:
                 f"| {_ratio(r.get('speedup_vs_straightforward'))} |"
             )
         lines.append("")
+    lines += _eval_table(report)
     sampler = [r for r in report["results"] if r["group"] == "sampler"]
     if sampler:
         cfg = report["config"]
@@ -95,6 +102,28 @@ def markdown(report: dict) -> str:
     if report.get("pipeline"):
         lines += [pipeline_markdown(report["pipeline"]), ""]
     return "\n".join(lines)
+
+
+def _eval_table(report: dict) -> list[str]:
+    """Test episodes per second: metalearn's evaluation against a plain per-episode loop."""
+    from metalearn.tools.bench.evaluation import EPISODES
+
+    rows = [r for r in report["results"] if r["group"] == "eval"]
+    if not rows:
+        return []
+    lines = [
+        "| evaluation (Omniglot, 15 queries per class) | code | test episodes / s | speed-up |",
+        "| --- | --- | --- | --- |",
+    ]
+    tasks = report["config"]["meta_batch"]
+    for r in rows:
+        ways, shots, _, steps = EPISODES[r["algo"]]
+        setting = f"{r['algo']} {ways}-way {shots}-shot" + (f", {steps} steps" if steps else "")
+        lines.append(
+            f"| {setting} | {r['variant']} | {tasks / r['seconds']:.1f} "
+            f"| {_ratio(r.get('speedup_vs_straightforward'))} |"
+        )
+    return [*lines, ""]
 
 
 def _measured(value: float | None, form: str) -> str:

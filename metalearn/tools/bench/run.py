@@ -27,6 +27,7 @@ from metalearn.hardware import (
     task_batching,
 )
 from metalearn.tools.bench.config import SHAPES, BenchConfig
+from metalearn.tools.bench.evaluation import eval_cases, eval_step
 from metalearn.tools.bench.learners import (
     bench_conv4,
     learn2learn_step,
@@ -117,6 +118,8 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
         step = learn2learn_step(cfg, case["algo"] == "fomaml", case["shape"], case["steps"], device)
     elif kind == "protonet":
         step = protonet_step(cfg, case["variant"], device)
+    elif kind == "eval":
+        step = eval_step(cfg, case["algo"], case["variant"], device)
     else:
         step = sampler_step(cfg, case["variant"], device)
     baseline = reset_peak_memory(device)
@@ -131,7 +134,9 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
         step()  # a compiled backward compiles on its first call, after the forward's
         flops = 0.0
     else:
-        flops = 0.0 if kind == "sampler" else count_flops(step)  # also the warm-up
+        flops = 0.0 if kind in ("sampler", "eval") else count_flops(step)  # also the warm-up
+        if kind == "eval":  # its rate is in episodes per second, not FLOPs: a plain warm-up
+            step()
     timing = time_step(cfg, step, device)
     memory = peak_memory_mib(device)
     memory -= baseline  # the growth over what the process held before the first step
@@ -187,6 +192,8 @@ def cases(cfg: BenchConfig, have_reference: bool) -> list[dict]:
     if "protonet" in cfg.groups:
         for variant in ("straightforward", "ours", "ours-cl-bf16"):
             out.append({"group": "protonet", "kind": "protonet", "variant": variant})
+    if "eval" in cfg.groups:
+        out += eval_cases()
     if "sampler" in cfg.groups:
         for variant in ["ours", *(["learn2learn"] if have_reference else [])]:
             out.append({"group": "sampler", "kind": "sampler", "variant": variant})
