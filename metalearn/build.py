@@ -297,6 +297,28 @@ def _check_combination(
             f"hardware.channels_last cannot be used inside vmap (algo={name}); set "
             "hardware.task_batching=loop or hardware.channels_last=false"
         )
+    _check_task_chunk(config, algo_cls)
+
+
+def _check_task_chunk(config: RunConfig, algo_cls: type) -> None:
+    """hardware.task_chunk splits a meta-batch of tasks: episodic learners only, evenly."""
+    chunk, size = config.hardware.task_chunk, config.trainer.meta_batch_size
+    if chunk is None:
+        return
+    if algo_cls.pretrains or algo_cls.reinforcement:
+        raise ConfigError(
+            f"hardware.task_chunk splits a meta-batch of tasks; algo={config.algo.name} trains "
+            f"on {'labelled batches' if algo_cls.pretrains else 'trials'}: set "
+            f"hardware.task_chunk=null (smaller batches: algo.batch_size or "
+            f"trainer.meta_batch_size)"
+        )
+    if size % chunk:
+        divisors = [d for d in range(1, size) if size % d == 0]
+        raise ConfigError(
+            f"hardware.task_chunk={chunk} does not divide trainer.meta_batch_size={size} "
+            f"(equal chunks keep every task's weight in the meta-gradient); use one of "
+            f"{divisors} or null"
+        )
 
 
 def _preprocess(data: Any) -> dict | None:

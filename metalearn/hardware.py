@@ -31,6 +31,10 @@ class HardwareConfig:
     # a fixed cuBLAS workspace): bit-identical CUDA reruns where PyTorch allows, at some speed;
     # an op without a deterministic kernel then fails, naming itself. CPU runs are always so.
     deterministic: bool = False
+    # meta-train this many tasks of a meta-batch at a time, each chunk's backward pass before
+    # the next (the same gradient, summed): peak memory of a chunk for a little speed; None:
+    # the whole meta-batch at once
+    task_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
@@ -43,6 +47,11 @@ class HardwareConfig:
             raise ConfigError(f"hardware.precision must be fp32 or bf16, got {self.precision!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"hardware.threads must be positive, got {self.threads}")
+        if self.task_chunk is not None and self.task_chunk < 1:
+            raise ConfigError(
+                f"hardware.task_chunk must be a positive number of tasks (or null), got "
+                f"{self.task_chunk}"
+            )
 
 
 def select_device(cfg: HardwareConfig) -> torch.device:

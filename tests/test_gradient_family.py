@@ -86,9 +86,9 @@ def test_evaluate_is_the_same_under_vmap_and_the_loop(name):
     batch = image_tasks()
     vmapped = build(name, tiny_conv()).evaluate(batch, [0, 1, 3])
     looped = build(name, tiny_conv(), batching="loop").evaluate(batch, [0, 1, 3])
-    for adapt, queries in [("vmap", "loop"), ("loop", "vmap")]:
+    for adapting, queries in [("vmap", "loop"), ("loop", "vmap")]:
         mixed_algo = build(name, tiny_conv())
-        mixed_algo.adapt_batching, mixed_algo.test_batching = adapt, queries
+        mixed_algo.adapt_batching, mixed_algo.test_batching = adapting, queries
         mixed = mixed_algo.evaluate(batch, [0, 1, 3])
         torch.testing.assert_close(vmapped["loss"], mixed["loss"], rtol=1e-10, atol=1e-12)
         norms = [m for m in mixed_algo.model.modules() if isinstance(m, TaskBatchNorm2d)]

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,17 +149,15 @@ def _outer_steps(
     whether the batch was dropped for a non-finite loss or gradient, the last step's metrics
     and the scalars every rank agreed on (loss, logged loss and score, the stop flag)."""
     trainer = run.config.trainer
-    updates = run.algo.meta_losses(shard, progress.iteration)
+    updates = _backward_passes(run, shard, progress.iteration)
     skipped, metrics, scalars = False, {}, None
     while True:
         try:
-            with run.autocast():
-                update = next(updates, None)
+            optimizer.zero_grad(set_to_none=True)
+            update = next(updates, None)  # its gradients are in .grad
             if update is None:
                 break
             loss, metrics = update
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
             if not out_of_memory(error):
                 raise
@@ -184,6 +183,35 @@ def _outer_steps(
         optimizer.step()  # (a skipped batch's gradients are cleared before the next backward)
         metrics = metrics | {"loss": scalars[1], "score": scalars[2]}
     return skipped, metrics, scalars
+
+
+def _backward_passes(run: Run, shard, iteration: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    """For each outer step (one; PPO: one per epoch), the backward pass that leaves its gradients
+    in .grad, then its (loss, metrics). With hardware.task_chunk, one pass per chunk of tasks,
+    each weighted by its share of the meta-batch: the gradient is the whole meta-batch's, but
+    only one chunk's graph is held at a time."""
+    chunk = run.config.hardware.task_chunk
+    if chunk is None or shard.tasks <= chunk:
+        updates = run.algo.meta_losses(shard, iteration)
+        while True:
+            with run.autocast():
+                update = next(updates, None)
+            if update is None:
+                return
+            update[0].backward()
+            yield update
+    total, metrics = shard.tasks, {}
+    loss = torch.zeros(())
+    for start in range(0, total, chunk):
+        part = shard[start : start + chunk]
+        with run.autocast():
+            part_loss, part_metrics = run.algo.meta_loss(part, iteration)
+        share = part.tasks / total
+        (part_loss * share).backward()
+        loss = loss.to(part_loss.device) + share * part_loss.detach().float()
+        for key, value in part_metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + share * torch.as_tensor(value).detach().float()
+    yield loss, metrics
 
 
 def _skip(run: Run, batch, loss: torch.Tensor, progress: Progress, run_dir: Path) -> None:

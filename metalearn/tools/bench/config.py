@@ -41,6 +41,8 @@ class BenchConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     reference: bool = True  # time learn2learn too when it is installed
     compile: bool = True  # time MAML and FOMAML with hardware.compile=true too
+    # time MAML and FOMAML with hardware.task_chunk=c too, for each c (less memory)
+    task_chunks: list[int] = field(default_factory=lambda: [8])
     loader_workers: int = 2  # DataLoader workers of the pipeline group's ImageFolder baseline
     out: str = "outputs/bench"  # bench.json and bench.md go here
 
@@ -56,6 +58,11 @@ class BenchConfig:
             raise ConfigError(f"bench shapes must be among {', '.join(SHAPES)}, got {self.shapes}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"bench device must be cpu or cuda, got {self.device!r}")
+        if any(c < 1 or self.meta_batch % c for c in self.task_chunks):
+            raise ConfigError(
+                f"bench task_chunks must divide meta_batch={self.meta_batch}, got "
+                f"{self.task_chunks}"
+            )
         for key in ("meta_batch", "ways", "shots", "query", "min_iterations"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"bench {key} must be positive, got {getattr(self, key)}")

@@ -68,9 +68,11 @@ def ours_step(
     batching: str,
     device,
     compiled: bool = False,
+    task_chunk: int | None = None,
 ):
     """One meta-iteration of metalearn's algorithm, exactly as the trainer runs it (with
-    `compiled`, as build.py sets up hardware.compile=true)."""
+    `compiled`, as build.py sets up hardware.compile=true; with `task_chunk`, one backward pass
+    per chunk of tasks, as hardware.task_chunk)."""
     from metalearn.build import compile_training, fused_batchnorm_is_exact
     from metalearn.train.schedule import outer_optimizer
 
@@ -92,10 +94,13 @@ def ours_step(
     optimizer = outer_optimizer(algo_cfg, algo)
     batch = synthetic_batch(cfg, shape, device)
 
+    chunk = task_chunk or batch.tasks
+
     def step() -> None:
-        objective, _ = algo.meta_loss(batch)
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        for start in range(0, batch.tasks, chunk):
+            objective, _ = algo.meta_loss(batch[start : start + chunk])
+            (objective * (chunk / batch.tasks)).backward()
         optimizer.step()
 
     return step

@@ -168,7 +168,8 @@ def _code(result: dict) -> str:
     if result["kind"] == "learn2learn":
         return "learn2learn"
     compiled = ", compiled" if result.get("compile") else ""
-    return f"metalearn ({result['batching']}{compiled})"
+    chunk = f", chunks of {result['task_chunk']}" if result.get("task_chunk") else ""
+    return f"metalearn ({result['batching']}{compiled}{chunk})"
 
 
 def _ratio(value: float | None) -> str:

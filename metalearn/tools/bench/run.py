@@ -112,7 +112,14 @@ def _run_case(payload: tuple[dict, dict]) -> dict[str, Any]:
     compiled = case.get("compile", False)
     if kind == "ours":
         step = ours_step(
-            cfg, case["algo"], case["shape"], case["steps"], case["batching"], device, compiled
+            cfg,
+            case["algo"],
+            case["shape"],
+            case["steps"],
+            case["batching"],
+            device,
+            compiled,
+            case.get("task_chunk"),
         )
     elif kind == "learn2learn":
         step = learn2learn_step(cfg, case["algo"] == "fomaml", case["shape"], case["steps"], device)
@@ -163,10 +170,12 @@ def cases(cfg: BenchConfig, have_reference: bool) -> list[dict]:
                 for algo in cfg.algos:
                     # the hardware.task_batching=auto choice; MAML and FOMAML also the other
                     batchings = [auto] + ([other] if algo in ("maml", "fomaml") else [])
-                    variants = [(b, False) for b in batchings]
-                    if cfg.compile and algo in ("maml", "fomaml"):
-                        variants.append((auto, True))  # hardware.compile=true
-                    for batching, compiled in variants:
+                    variants = [(b, False, None) for b in batchings]
+                    if algo in ("maml", "fomaml"):
+                        variants += [(auto, False, c) for c in cfg.task_chunks]
+                        if cfg.compile:
+                            variants.append((auto, True, None))  # hardware.compile=true
+                    for batching, compiled, chunk in variants:
                         out.append(
                             {
                                 "group": "family",
@@ -176,6 +185,7 @@ def cases(cfg: BenchConfig, have_reference: bool) -> list[dict]:
                                 "steps": steps,
                                 "batching": batching,
                                 "compile": compiled,
+                                "task_chunk": chunk,
                             }
                         )
                     if have_reference and algo in ("maml", "fomaml"):
