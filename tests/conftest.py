@@ -157,6 +157,9 @@ def pytest_collection_modifyitems(config, items):
     installs (learn2learn, torchvision): without it they are skipped, saying so, so that
     `make install && make test` passes on a fresh machine; CI runs them after `make reference`."""
     for item in items:
+        on_cpu = os.environ.get("METALEARN_CUDA_TESTS_ON") == "cpu"  # tests/test_cuda.py
+        if item.get_closest_marker("cuda") and not (torch.cuda.is_available() or on_cpu):
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU: scripts/gpu_check.sh runs it"))
         marker = item.get_closest_marker("reference")
         if marker is None:
             continue
