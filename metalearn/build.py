@@ -9,6 +9,7 @@ from torch import nn
 
 from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
+from metalearn.checks import check_combination, check_task_shapes, check_train_shape
 from metalearn.config import as_dict, check_seed, from_dict
 from metalearn.data.images.cifar import PREPROCESS as CIFAR_PREPROCESS
 from metalearn.data.images.cifar import CIFARFSConfig, FC100Config, cifarfs_tasks, fc100_tasks
@@ -24,7 +25,7 @@ from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalearn.envs.bandits import BanditConfig, BanditTasks, DependentBanditConfig
 from metalearn.envs.harlow import HarlowConfig, HarlowTasks
 from metalearn.envs.tabular_mdp import MDPTasks, TabularMDPConfig
-from metalearn.errors import CheckpointError, ConfigError, DataError
+from metalearn.errors import CheckpointError, ConfigError
 from metalearn.evaluate import EvalConfig
 from metalearn.hardware import HardwareConfig, select_device, task_batching
 from metalearn.models import MODELS
@@ -106,11 +107,12 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
         model_cls.convolutional,
         examples_per_task=train_shape[0] * (train_shape[1] + train_shape[2]),
     )
-    _check_combination(config, algo_cls, train_shape, test_shape, batching)
+    shapes = (train_shape, test_shape)
+    check_combination(config, algo_cls, model_cls, shapes, batching)
     torch.manual_seed(config.seed)
     if tasks is None:
         tasks = DATASETS[data.name][1](data, device)
-        _check_task_shapes(config, tasks, train_shape, test_shape)
+        check_task_shapes(config, tasks, train_shape, test_shape)
     # a head has one output per training way (classification), per action (meta-RL) or one
     # value (regression)
     out_features = train_shape[0] if tasks.kind in ("classification", "rl") else 1
@@ -157,20 +159,6 @@ def _test_batching(config: RunConfig, algo: Any, model: Any, device, test_shape:
     return algo.test_batching
 
 
-def _check_task_shapes(config: RunConfig, tasks: Any, train_shape: tuple, test_shape: tuple):
-    """Every split holds enough classes and examples for its tasks, before any training."""
-    try:
-        tasks.check("train", *train_shape)
-    except DataError as error:
-        advice = config.algo.shape_advice(str(error))
-        if not advice:
-            raise
-        raise DataError(advice) from error
-    for split in ("val", "test"):
-        for shots in {test_shape[1], *config.eval.shots}:
-            tasks.check(split, test_shape[0], shots, test_shape[2])
-
-
 def _learner_needs(
     algo_cls: type, algo_cfg: Any, tasks: Any, train_shape: tuple, device, training: bool
 ) -> dict[str, Any]:
@@ -193,25 +181,9 @@ def _task_shapes(config: RunConfig) -> tuple[tuple, tuple]:
         shape = (data.actions, data.steps, 0)
         return shape, shape
     # (pre-training baselines have no training episodes: their shape is the test one)
-    ways, shots, query = _check_train_shape(algo_cfg.train_shape(), data.task_kind)
+    ways, shots, query = check_train_shape(algo_cfg.train_shape(), data.task_kind)
     train_shape = (ways or data.ways, shots or data.shots, query or data.query)
     return train_shape, (data.ways, data.shots, config.eval.query or data.query)
-
-
-def _check_train_shape(shape: tuple, kind: str) -> tuple:
-    """The config's training (ways, shots, query): each null, for the data set's own, or a count
-    that fits the task kind; 0 must not fall back to the default."""
-    ways, shots, query = shape
-    if kind == "regression" and ways not in (None, 1):
-        raise ConfigError(
-            f"regression tasks have one output: algo.train_ways must be 1 (or null), got {ways}"
-        )
-    if kind == "classification" and ways is not None and ways < 2:
-        raise ConfigError(f"algo.train_ways must be >= 2 (a task tells classes apart), got {ways}")
-    for key, value in (("train_shots", shots), ("train_query", query)):
-        if value is not None and value < 1:
-            raise ConfigError(f"algo.{key} must be positive, got {value}")
-    return shape
 
 
 def _task_name(data: Any) -> str:
@@ -258,67 +230,6 @@ def fused_batchnorm_is_exact(algo_cls: type, batching: str) -> bool:
     """The native BatchNorm kernel is exact unless second-order gradients go through it under
     vmap (the torch 2.14 trap described in TaskBatchNorm2d); it is about 1.7x faster on CPU."""
     return not (algo_cls.differentiates_inner_loop and batching == "vmap")
-
-
-def _check_combination(
-    config: RunConfig, algo_cls: type, train_shape: tuple, test_shape: tuple, batching: str
-):
-    """Settings that contradict each other, refused before any data is loaded."""
-    name = config.algo.name
-    reinforcement = algo_cls.reinforcement
-    if reinforcement != (config.data.task_kind == "rl"):
-        raise ConfigError(
-            f"algo={name} learns from rewards in environments and data={config.data.name} "
-            f"holds supervised tasks; pair algo=rl2 with data=bandit, dependent_bandit, harlow "
-            f"or tabular_mdp"
-            if reinforcement
-            else f"algo={name} learns from labelled tasks and data={config.data.name} is a "
-            f"meta-RL environment; use algo=rl2 there, or a supervised data set such as "
-            f"data=omniglot or sinusoid"
-        )
-    model_cls = MODELS[config.model.name][1]
-    if reinforcement != model_cls.recurrent:
-        raise ConfigError(
-            f"algo={name} needs model=recurrent (its memory is the learner)"
-            if reinforcement
-            else f"model={config.model.name} is a meta-RL agent; algo={name} needs a "
-            f"supervised network such as model=conv4 or mlp"
-        )
-    classification = config.data.task_kind == "classification"
-    if algo_cls.needs_head and classification and train_shape[0] != test_shape[0]:
-        raise ConfigError(
-            f"algo={name} ends in a {train_shape[0]}-way linear head, so it cannot be "
-            f"tested on {test_shape[0]}-way tasks; set algo.train_ways equal to data.ways"
-        )
-    hardware = config.hardware
-    vmapped = algo_cls.batches_tasks and batching == "vmap"
-    if hardware.channels_last and vmapped:
-        raise ConfigError(
-            f"hardware.channels_last cannot be used inside vmap (algo={name}); set "
-            "hardware.task_batching=loop or hardware.channels_last=false"
-        )
-    _check_task_chunk(config, algo_cls)
-
-
-def _check_task_chunk(config: RunConfig, algo_cls: type) -> None:
-    """hardware.task_chunk splits a meta-batch of tasks: episodic learners only, evenly."""
-    chunk, size = config.hardware.task_chunk, config.trainer.meta_batch_size
-    if chunk is None:
-        return
-    if algo_cls.pretrains or algo_cls.reinforcement:
-        raise ConfigError(
-            f"hardware.task_chunk splits a meta-batch of tasks; algo={config.algo.name} trains "
-            f"on {'labelled batches' if algo_cls.pretrains else 'trials'}: set "
-            f"hardware.task_chunk=null (smaller batches: algo.batch_size or "
-            f"trainer.meta_batch_size)"
-        )
-    if size % chunk:
-        divisors = [d for d in range(1, size) if size % d == 0]
-        raise ConfigError(
-            f"hardware.task_chunk={chunk} does not divide trainer.meta_batch_size={size} "
-            f"(equal chunks keep every task's weight in the meta-gradient); use one of "
-            f"{divisors} or null"
-        )
 
 
 def _preprocess(data: Any) -> dict | None:

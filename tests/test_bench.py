@@ -24,6 +24,7 @@ def test_tiny_bench_writes_results_with_ratios(tmp_path):
         shapes=["omniglot"],
         steps=[1],
         meta_batch=2,
+        task_chunks=[1],
         query=2,
         warmup=0,
         min_iterations=1,
@@ -37,6 +38,8 @@ def test_tiny_bench_writes_results_with_ratios(tmp_path):
     assert saved["results"] == report["results"]
     kinds = {(r["kind"], r.get("algo"), r.get("batching")) for r in report["results"]}
     assert ("ours", "maml", "vmap") in kinds and ("ours", "maml", "loop") in kinds
+    chunked = [r for r in report["results"] if r.get("task_chunk")]
+    assert {r["algo"] for r in chunked} == {"maml"} and "chunks of 1" in "\n".join(lines)
     compiled = next(r for r in report["results"] if r.get("compile"))
     assert compiled["algo"] == "maml" and compiled["first_call_seconds"] > 0
     assert "compiled" in (tmp_path / "bench.md").read_text()

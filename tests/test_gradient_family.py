@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from test_bilevel import TASKS, WAYS, image_tasks, tiny_conv
 
 from metalearn.algos import ALGOS
+from metalearn.algos.bilevel import base
 from metalearn.algos.bilevel.imaml import IMAML, IMAMLConfig, conjugate_gradient
 from metalearn.algos.bilevel.inner import adapt
 from metalearn.algos.bilevel.mamlpp import msl_weights
@@ -79,14 +80,20 @@ def test_the_native_batchnorm_kernel_is_exact_where_build_uses_it(name):
 
 
 @pytest.mark.parametrize("name", BILEVEL)
-def test_evaluate_is_the_same_under_vmap_and_the_loop(name):
+def test_evaluate_is_the_same_under_vmap_and_the_loop(name, monkeypatch):
     """Also with test-time adaptation under vmap and the query forwards in a loop (build.py's
     choice on CPU for small support and large query sets), where the loop uses the native
-    BatchNorm kernel for the query forwards only, and the other way round."""
+    BatchNorm kernel for the query forwards only; in one go where the adapted weights would not
+    fit (TWO_PHASE_BYTES); and the other way round."""
     batch = image_tasks()
     vmapped = build(name, tiny_conv()).evaluate(batch, [0, 1, 3])
     looped = build(name, tiny_conv(), batching="loop").evaluate(batch, [0, 1, 3])
-    for adapting, queries in [("vmap", "loop"), ("loop", "vmap")]:
+    for adapting, queries, limit in [
+        ("vmap", "loop", 2**28),
+        ("vmap", "loop", 0),
+        ("loop", "vmap", 0),
+    ]:
+        monkeypatch.setattr(base, "TWO_PHASE_BYTES", limit)  # 0: adapted and scored in one go
         mixed_algo = build(name, tiny_conv())
         mixed_algo.adapt_batching, mixed_algo.test_batching = adapting, queries
         mixed = mixed_algo.evaluate(batch, [0, 1, 3])

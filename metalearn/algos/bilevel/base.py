@@ -35,6 +35,9 @@ from metalearn.models.layers import (
 )
 
 BN_MODES = ("transductive", "running", "per_step")
+# the most memory that the adapted weights of an evaluation batch may take at once (two-phase
+# evaluation holds every task's weights after every scored step)
+TWO_PHASE_BYTES = 256 * 2**20
 BN_MOMENTUM = 0.1  # weight of each meta-batch in the running statistics (torch's default)
 
 
@@ -334,10 +337,11 @@ class Bilevel(Learner):
     def evaluate(self, batch: TaskBatch, steps: list[int]) -> dict[str, Tensor]:
         """Query loss and score per task after each number of test inner steps: (T, len(steps)).
 
-        Two phases, each batched over tasks as suits its size (build.py: hardware.task_batching
-        =auto): adaptation on the small support sets (vmap on CPU), then the query forwards of
-        each step's fast weights (on CPU a loop, with the native BatchNorm kernel: exact, as no
-        second-order gradient goes through it, and faster than under vmap)."""
+        Where build.py batches test-time adaptation on the small support sets apart from the
+        query forwards (hardware.task_batching=auto on CPU: vmap, then a per-task loop with the
+        native BatchNorm kernel, exact as no second-order gradient goes through it) and the
+        adapted weights of every task are small enough to hold at once, two phases; else each
+        task is adapted and scored in one go, batched as `test_batching` says."""
         wanted = sorted(set(steps))
 
         def adapt(params, buffers, sx, sy) -> list[Params]:
@@ -354,19 +358,35 @@ class Bilevel(Learner):
                 scores.append(score(self.kind, prediction, qy))
             return torch.stack(losses), torch.stack(scores)
 
+        def task(params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
+            return queries(params, buffers, adapt(params, buffers, sx, sy), qx, qy)
+
         params, buffers = self.params()
         params = {k: v.detach() for k, v in params.items()}
         loop = self.test_batching == "loop"
         native = native_batchnorm(self.model) if loop else contextlib.nullcontext()
+        support, query = (batch.support.x, batch.support.y), (batch.query.x, batch.query.y)
         # no_grad: the inner torch.func.grad still works; no outer graph is kept
         with torch.no_grad(), self._test_time():
-            support = (batch.support.x, batch.support.y)
-            fasts = self.map_tasks(adapt, support, params, buffers, self.adapt_batching)
-            with native:
-                data = (fasts, batch.query.x, batch.query.y)
-                losses, scores = self.map_tasks(queries, data, {}, buffers, self.test_batching)
+            if self._two_phases(params, batch.tasks * len(wanted)):
+                fasts = self.map_tasks(adapt, support, params, buffers, self.adapt_batching)
+                with native:
+                    data = (fasts, *query)
+                    losses, scores = self.map_tasks(queries, data, {}, buffers, "loop")
+            else:
+                with native:
+                    data = (*support, *query)
+                    losses, scores = self.map_tasks(task, data, params, buffers, self.test_batching)
         columns = [wanted.index(s) for s in steps]
         return {"loss": losses[:, columns], "score": scores[:, columns]}
+
+    def _two_phases(self, params: Params, copies: int) -> bool:
+        """Adapt under vmap, then score in a loop: when build.py chose that and `copies` sets of
+        adapted weights fit in TWO_PHASE_BYTES (conv4: 0.5 MB a set; ResNet-12: 50 MB)."""
+        if (self.adapt_batching, self.test_batching) != ("vmap", "loop"):
+            return False
+        size = sum(v.numel() * v.element_size() for v in params.values())
+        return copies * size <= TWO_PHASE_BYTES
 
     def predict(self, support: Split, query_x: Tensor, steps: int | None = None) -> Tensor:
         """Logits (or values) for one task's query inputs after test-time adaptation."""

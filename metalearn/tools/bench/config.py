@@ -61,7 +61,7 @@ class BenchConfig:
         if any(c < 1 or self.meta_batch % c for c in self.task_chunks):
             raise ConfigError(
                 f"bench task_chunks must divide meta_batch={self.meta_batch}, got "
-                f"{self.task_chunks}"
+                f"{self.task_chunks}: give divisors (task_chunks=[4]) or none (task_chunks=[])"
             )
         for key in ("meta_batch", "ways", "shots", "query", "min_iterations"):
             if getattr(self, key) < 1:

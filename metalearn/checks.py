@@ -1,0 +1,104 @@
+"""Start-up checks of a parsed config, before any data is read or any step is taken:
+settings that contradict each other, and task shapes that a data set cannot fill. Each error
+names the key and what to use instead."""
+
+from typing import Any
+
+from metalearn.errors import ConfigError, DataError
+from metalearn.run import RunConfig
+
+
+def check_task_shapes(config: RunConfig, tasks: Any, train_shape: tuple, test_shape: tuple):
+    """Every split holds enough classes and examples for its tasks, before any training."""
+    try:
+        tasks.check("train", *train_shape)
+    except DataError as error:
+        advice = config.algo.shape_advice(str(error))
+        if not advice:
+            raise
+        raise DataError(advice) from error
+    for split in ("val", "test"):
+        for shots in {test_shape[1], *config.eval.shots}:
+            tasks.check(split, test_shape[0], shots, test_shape[2])
+
+
+def check_train_shape(shape: tuple, kind: str) -> tuple:
+    """The config's training (ways, shots, query): each null, for the data set's own, or a count
+    that fits the task kind; 0 must not fall back to the default."""
+    ways, shots, query = shape
+    if kind == "regression" and ways not in (None, 1):
+        raise ConfigError(
+            f"regression tasks have one output: algo.train_ways must be 1 (or null), got {ways}"
+        )
+    if kind == "classification" and ways is not None and ways < 2:
+        raise ConfigError(f"algo.train_ways must be >= 2 (a task tells classes apart), got {ways}")
+    for key, value in (("train_shots", shots), ("train_query", query)):
+        if value is not None and value < 1:
+            raise ConfigError(f"algo.{key} must be positive, got {value}")
+    return shape
+
+
+def check_combination(
+    config: RunConfig,
+    algo_cls: type,
+    model_cls: type,
+    shapes: tuple[tuple, tuple],
+    batching: str,
+) -> None:
+    """Settings that contradict each other, refused before any data is loaded; `shapes`: the
+    (ways, shots, query) of training and of test tasks."""
+    name = config.algo.name
+    train_shape, test_shape = shapes
+    reinforcement = algo_cls.reinforcement
+    if reinforcement != (config.data.task_kind == "rl"):
+        raise ConfigError(
+            f"algo={name} learns from rewards in environments and data={config.data.name} "
+            f"holds supervised tasks; pair algo=rl2 with data=bandit, dependent_bandit, harlow "
+            f"or tabular_mdp"
+            if reinforcement
+            else f"algo={name} learns from labelled tasks and data={config.data.name} is a "
+            f"meta-RL environment; use algo=rl2 there, or a supervised data set such as "
+            f"data=omniglot or sinusoid"
+        )
+    if reinforcement != model_cls.recurrent:
+        raise ConfigError(
+            f"algo={name} needs model=recurrent (its memory is the learner)"
+            if reinforcement
+            else f"model={config.model.name} is a meta-RL agent; algo={name} needs a "
+            f"supervised network such as model=conv4 or mlp"
+        )
+    classification = config.data.task_kind == "classification"
+    if algo_cls.needs_head and classification and train_shape[0] != test_shape[0]:
+        raise ConfigError(
+            f"algo={name} ends in a {train_shape[0]}-way linear head, so it cannot be "
+            f"tested on {test_shape[0]}-way tasks; set algo.train_ways equal to data.ways"
+        )
+    hardware = config.hardware
+    vmapped = algo_cls.batches_tasks and batching == "vmap"
+    if hardware.channels_last and vmapped:
+        raise ConfigError(
+            f"hardware.channels_last cannot be used inside vmap (algo={name}); set "
+            "hardware.task_batching=loop or hardware.channels_last=false"
+        )
+    check_task_chunk(config, algo_cls)
+
+
+def check_task_chunk(config: RunConfig, algo_cls: type) -> None:
+    """hardware.task_chunk splits a meta-batch of tasks: episodic learners only, evenly."""
+    chunk, size = config.hardware.task_chunk, config.trainer.meta_batch_size
+    if chunk is None:
+        return
+    if algo_cls.pretrains or algo_cls.reinforcement:
+        raise ConfigError(
+            f"hardware.task_chunk splits a meta-batch of tasks; algo={config.algo.name} trains "
+            f"on {'labelled batches' if algo_cls.pretrains else 'trials'}: set "
+            f"hardware.task_chunk=null (smaller batches: algo.batch_size or "
+            f"trainer.meta_batch_size)"
+        )
+    if size % chunk:
+        divisors = [d for d in range(1, size) if size % d == 0]
+        raise ConfigError(
+            f"hardware.task_chunk={chunk} does not divide trainer.meta_batch_size={size} "
+            f"(equal chunks keep every task's weight in the meta-gradient); use one of "
+            f"{divisors} or null"
+        )
