@@ -116,8 +116,9 @@ def _loop(
             started = time.perf_counter()
             if group.main:  # the others wait for it at the next all-reduce
                 validate(run, progress, logger, run_dir, optimizer, generator, bar)
-            progress.seconds += time.perf_counter() - started
-            progress.validation_seconds += time.perf_counter() - started
+            spent = time.perf_counter() - started
+            progress.seconds += spent
+            progress.validation_seconds += spent
             window_start, window_tasks = time.perf_counter(), 0  # tasks/s counts training only
         if over_budget:
             progress.stopped_by = "max_minutes"
