@@ -12,7 +12,7 @@
 # $METALEARN_DATA, else ../shared/data or shared/data.
 #
 # GPU_CHECK_DEVICE=cpu runs the same steps on the CPU at tiny sizes: a check of the script where
-# no GPU is lent (tests/test_gpu_check.py). GPU_CHECK_TESTS adds pytest arguments (e.g. -k ...).
+# no GPU is lent (tests/test_gpu_check.py). GPU_CHECK_K=EXPR runs only the tests pytest -k selects.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,9 @@ export METALEARN_DATA="${METALEARN_DATA:-}" WANDB_MODE=offline
 [ -x .venv/bin/python ] || make install
 PY=.venv/bin/python
 
+SELECT=()
+[ -n "${GPU_CHECK_K:-}" ] && SELECT=(-k "$GPU_CHECK_K")
+
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
 
 step "device"
@@ -44,13 +47,13 @@ EOF
 
 if [ "$DEVICE" = cuda ]; then
     step "CUDA-marked tests"
-    $PY -m pytest -m cuda tests/test_cuda.py -p no:cacheprovider ${GPU_CHECK_TESTS:-} \
+    $PY -m pytest -m cuda tests/test_cuda.py -p no:cacheprovider "${SELECT[@]}" \
         2>&1 | tee "$OUT/tests.txt"
     BENCH=(meta_batch=32 min_seconds=3 "groups=[family,protonet,eval]" "task_chunks=[4,8]")
 else
     step "CUDA-marked tests, on the CPU"
     METALEARN_CUDA_TESTS_ON=cpu $PY -m pytest -m cuda tests/test_cuda.py -p no:cacheprovider \
-        ${GPU_CHECK_TESTS:-} 2>&1 | tee "$OUT/tests.txt"
+        "${SELECT[@]}" 2>&1 | tee "$OUT/tests.txt"
     # (the family and protonet groups' CPU runs are test_bench's)
     BENCH=(meta_batch=4 min_seconds=0 "groups=[eval]" "task_chunks=[2]")
 fi
