@@ -83,9 +83,11 @@ def memory_advice(run: Run, iteration: int, error: BaseException) -> str:
     algo, trainer = run.config.algo, run.config.trainer
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     tasks = f"trainer.meta_batch_size={trainer.meta_batch_size}"
-    tips = [
-        f"a smaller meta-batch (trainer.meta_batch_size={max(1, trainer.meta_batch_size // 2)})"
-    ]
+    size, chunk = trainer.meta_batch_size, run.config.hardware.task_chunk or trainer.meta_batch_size
+    tips = [f"a smaller meta-batch (trainer.meta_batch_size={max(1, size // 2)})"]
+    episodic = not (run.algo.pretrains or run.algo.reinforcement)
+    if episodic and chunk > 1 and size % (chunk // 2) == 0:  # the same gradient, less memory
+        tips.insert(0, f"fewer tasks at a time (hardware.task_chunk={chunk // 2})")
     what, before, after = run.algo.memory_advice()
     what = what or f"algo={algo.name}"
     tips = before + tips + after

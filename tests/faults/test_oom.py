@@ -55,6 +55,7 @@ def test_out_of_memory_in_second_order_maml_names_peak_memory_and_remedies(tmp_p
     assert message.startswith("out of memory at iteration 1 in second-order maml")
     assert "trainer.meta_batch_size=64" in message
     assert "GiB of host memory (peak resident set)" in message
+    assert "hardware.task_chunk=32" in message  # half the meta-batch of 64: the same gradient
     for remedy in ("algo.first_order=true", "algo.checkpoint=true", "trainer.meta_batch_size"):
         assert remedy in message
     assert "can't allocate memory" in message  # the allocator's own words, kept
