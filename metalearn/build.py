@@ -27,7 +27,7 @@ from metalearn.envs.harlow import HarlowConfig, HarlowTasks
 from metalearn.envs.tabular_mdp import MDPTasks, TabularMDPConfig
 from metalearn.errors import CheckpointError, ConfigError
 from metalearn.evaluate import EvalConfig
-from metalearn.hardware import HardwareConfig, select_device, task_batching
+from metalearn.hardware import HardwareConfig, select_device, task_batching, test_batchings
 from metalearn.models import MODELS
 from metalearn.records import checkpoint
 from metalearn.records.logger import LoggerConfig
@@ -128,7 +128,10 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
     algo = algo_cls(algo_cfg, model, tasks.kind, batching, **extra)
     test_batching = batching
     if algo_cls.batches_tasks:  # test tasks are often larger: `auto` decides for them apart
-        test_batching = _test_batching(config, algo, model, device, test_shape)
+        hardware, convolutional = config.hardware, model.convolutional
+        batchings = test_batchings(hardware, device, convolutional, test_shape)
+        algo.adapt_batching, algo.test_batching = batchings
+        test_batching = algo.test_batching
     if config.hardware.compile:
         compile_training(algo, batching)
     return Run(
@@ -147,16 +150,6 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
     )
-
-
-def _test_batching(config: RunConfig, algo: Any, model: Any, device, test_shape: tuple) -> str:
-    """hardware.task_batching for test-time adaptation (on the support sets) and for the query
-    forwards, each decided by its own size; returns the latter's."""
-    ways, shots, query = test_shape
-    hardware, convolutional = config.hardware, model.convolutional
-    algo.adapt_batching = task_batching(hardware, device, convolutional, ways * shots)
-    algo.test_batching = task_batching(hardware, device, convolutional, ways * (shots + query))
-    return algo.test_batching
 
 
 def _learner_needs(

@@ -111,6 +111,16 @@ def task_batching(
     return "loop" if device.type == "cpu" and convolutional and large else "vmap"
 
 
+def test_batchings(
+    cfg: HardwareConfig, device: torch.device, convolutional: bool, test_shape: tuple
+) -> tuple[str, str]:
+    """task_batching for test-time adaptation (on the support sets) and for the query forwards
+    of (ways, shots, query) test tasks, each decided by its own size."""
+    ways, shots, query = test_shape
+    adapt = task_batching(cfg, device, convolutional, ways * shots)
+    return adapt, task_batching(cfg, device, convolutional, ways * (shots + query))
+
+
 def autocast(cfg: HardwareConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast of the forward pass when asked for; parameters and optimiser stay fp32."""
     if cfg.precision == "bf16":

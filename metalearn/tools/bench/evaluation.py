@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metalearn.hardware import HardwareConfig, task_batching
+from metalearn.hardware import HardwareConfig, test_batchings
 from metalearn.tools.bench.config import BenchConfig
-from metalearn.tools.bench.learners import bench_conv4, synthetic_batch
+from metalearn.tools.bench.learners import bench_conv4, plain_conv4, synthetic_batch
 
 # algo -> (ways, shots, query, test steps), the episodes validation draws
 EPISODES = {"maml": (5, 1, 15, 3), "protonet": (20, 1, 15, 0)}
@@ -50,9 +50,8 @@ def _maml(cfg: BenchConfig, batch, steps: int, variant: str, device):
     model = bench_conv4(cfg, "omniglot", batch.ways, False, device)
     algo_cfg = MAMLConfig(inner_lr=MAML_INNER_LR, inner_steps=1, test_inner_steps=steps)
     algo = MAML(algo_cfg, model, "classification", "vmap")
-    support, query = batch.support.x.shape[1], batch.query.x.shape[1]  # examples per task
-    algo.adapt_batching = task_batching(HardwareConfig(), device, True, support)
-    algo.test_batching = task_batching(HardwareConfig(), device, True, support + query)
+    shape = EPISODES["maml"][:3]  # (ways, shots, query)
+    algo.adapt_batching, algo.test_batching = test_batchings(HardwareConfig(), device, True, shape)
     return lambda: algo.evaluate(batch, [0, steps])
 
 
@@ -83,21 +82,12 @@ def _protonet(batch, variant: str, device):
 
     torch.manual_seed(0)
     if variant == "straightforward":
-        net = _plain_conv4().to(device)
+        net = plain_conv4().to(device)
         return lambda: _embed_each_episode(net, batch)
     config = Conv4Config(hidden=64, downsample="maxpool")
     model = Conv4(config, (1, 28, 28), 0, fused_batchnorm=True).to(device)
     algo = ProtoNet(ProtoNetConfig(), model, "classification", "loop")
     return lambda: algo.evaluate(batch, [0])
-
-
-def _plain_conv4() -> nn.Module:
-    """nn.Sequential conv4 with nn.BatchNorm2d (batch statistics: train mode) and nn.MaxPool2d."""
-
-    def block(c_in: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2)]
-
-    return nn.Sequential(*block(1), *block(64), *block(64), *block(64), nn.Flatten())
 
 
 def _embed_each_episode(net: nn.Module, batch) -> None:

@@ -162,13 +162,19 @@ def protonet_step(cfg: BenchConfig, variant: str, device):
     return step
 
 
-def _straightforward_protonet(batch: TaskBatch, device):
-    """The reference: nn.Sequential conv4 with nn.BatchNorm2d, torch.cdist, one episode."""
+def plain_conv4() -> nn.Module:
+    """The references' network: nn.Sequential conv4 with nn.BatchNorm2d (batch statistics in
+    train mode) and nn.MaxPool2d, flattened."""
 
     def block(c_in: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2)]
 
-    net = nn.Sequential(*block(1), *block(64), *block(64), *block(64), nn.Flatten()).to(device)
+    return nn.Sequential(*block(1), *block(64), *block(64), *block(64), nn.Flatten())
+
+
+def _straightforward_protonet(batch: TaskBatch, device):
+    """The reference: plain_conv4, torch.cdist, one episode."""
+    net = plain_conv4().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     ways = batch.ways
 
