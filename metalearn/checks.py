@@ -81,6 +81,23 @@ def check_combination(
             "hardware.task_batching=loop or hardware.channels_last=false"
         )
     check_task_chunk(config, algo_cls)
+    check_learned_rate(config, algo_cls)
+
+
+def check_learned_rate(config: RunConfig, algo_cls: type) -> None:
+    """A hypergradient optimiser's rate is learned: a schedule that sets it is a contradiction."""
+    trainer = config.trainer
+    if not (trainer.optimizer or "").endswith("_hd"):
+        return
+    own = "step" if trainer.lr_decay_every else algo_cls.outer_schedule
+    schedule = trainer.lr_schedule or own
+    if schedule != "constant":
+        raise ConfigError(
+            f"trainer.optimizer={trainer.optimizer} learns its own learning rate, and the "
+            f"{schedule!r} schedule (trainer.lr_schedule, trainer.lr_decay_every or "
+            f"algo={config.algo.name}'s own) would overwrite it each step; set "
+            f"trainer.lr_schedule=constant trainer.lr_decay_every=null, or trainer.optimizer=adam"
+        )
 
 
 def check_task_chunk(config: RunConfig, algo_cls: type) -> None:

@@ -7,6 +7,9 @@ from metalearn.errors import ConfigError
 
 SCHEDULES = ("constant", "step", "cosine", "linear")  # trainer.lr_schedule (schedule.py)
 NONFINITE = ("stop", "skip")  # trainer.nonfinite: what a NaN or Inf loss or gradient does
+# trainer.optimizer (schedule.py): the outer optimiser, overriding the algorithm's own; the *_hd
+# ones learn their rate by hypergradient descent (metalearn.optim.hypergradient)
+OPTIMIZERS = ("adam", "sgd", "sgdn", "adam_hd", "sgd_hd", "sgdn_hd")
 
 
 @dataclass
@@ -35,6 +38,11 @@ class TrainerConfig:
     # rescale the meta-gradient to at most this L2 norm before each outer step (null: never);
     # logged as train/grad_norm (the norm before clipping)
     clip_grad_norm: float | None = None
+    # the outer optimiser: one of OPTIMIZERS; None: the algorithm's own (Adam, or SGD where its
+    # paper says). sgdn and sgdn_hd take the algorithm's SGD momentum, else 0.9 (Baydin et al.)
+    optimizer: str | None = None
+    # the *_hd optimisers' hypergradient rate beta; None: the authors' (1e-3 SGD, 1e-7 Adam)
+    hypergrad_lr: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("iterations", "meta_batch_size", "eval_every", "log_every"):
@@ -64,8 +72,27 @@ class TrainerConfig:
             )
         if self.max_skipped < 0:
             raise ConfigError(f"trainer.max_skipped must be >= 0, got {self.max_skipped}")
+        self._check_optimizer()
         if self.clip_grad_norm is not None and not 0 < self.clip_grad_norm < math.inf:
             raise ConfigError(
                 f"trainer.clip_grad_norm must be positive and finite (null: no clipping), got "
                 f"{self.clip_grad_norm}"
+            )
+
+    def _check_optimizer(self) -> None:
+        if self.optimizer not in (None, *OPTIMIZERS):
+            raise ConfigError(
+                f"trainer.optimizer must be one of {', '.join(OPTIMIZERS)} (null: the "
+                f"algorithm's own), got {self.optimizer!r}"
+            )
+        if self.hypergrad_lr is None:
+            return
+        if not (self.optimizer or "").endswith("_hd"):
+            raise ConfigError(
+                "trainer.hypergrad_lr applies to a hypergradient optimiser; set "
+                "trainer.optimizer=adam_hd, sgd_hd or sgdn_hd, or trainer.hypergrad_lr=null"
+            )
+        if not 0 <= self.hypergrad_lr < math.inf:
+            raise ConfigError(
+                f"trainer.hypergrad_lr must be >= 0 and finite, got {self.hypergrad_lr}"
             )

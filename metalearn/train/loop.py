@@ -55,7 +55,7 @@ def start(run: Run, run_dir: Path, group: Group = SINGLE) -> Start:
         group.check_divides(run.config.algo.batch_size, "algo.batch_size")
     else:
         group.check_divides(trainer.meta_batch_size, "trainer.meta_batch_size")
-    optimizer = outer_optimizer(run.config.algo, run.algo)
+    optimizer = outer_optimizer(run.config.algo, run.algo, trainer.optimizer, trainer.hypergrad_lr)
     generator = torch.Generator(run.device).manual_seed(run.config.seed)
     progress = Progress()
     last_path = run_dir / "checkpoints" / "last.pt"

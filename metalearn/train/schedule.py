@@ -9,26 +9,38 @@ from typing import Any
 import torch
 
 from metalearn.algos.learner import AlgoConfig
+from metalearn.optim import DEFAULT_HYPERGRAD_LR, SGDHD, AdamHD
 from metalearn.run import Run
 
 
-def outer_optimizer(algo_cfg: AlgoConfig, algo: Any) -> torch.optim.Optimizer:
-    """Adam (the default), or SGD where the config asks for it (Reptile's epsilon step; RFS's and
-    MetaOptNet's momentum SGD), with the momentum, weight decay and epsilon it gives."""
+def outer_optimizer(algo_cfg: AlgoConfig, algo: Any, kind: str | None = None, beta=None):
+    """The outer optimiser: `kind` (trainer.optimizer) if given, else the config's own: Adam (the
+    default) or SGD (Reptile's epsilon step; RFS's and MetaOptNet's momentum SGD), with the
+    momentum, weight decay and epsilon it gives. The *_hd kinds learn their rate by hypergradient
+    descent at rate `beta` (trainer.hypergrad_lr; None: the authors')."""
     settings = algo_cfg.outer_optimizer_settings()
-    if settings.kind == "sgd":
-        return torch.optim.SGD(
-            algo.parameters(),
-            lr=algo_cfg.outer_lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
+    kind = kind or settings.kind
+    params, lr, decay = algo.parameters(), algo_cfg.outer_lr, settings.weight_decay
+    momentum = settings.momentum if kind in ("sgd", "sgd_hd") else settings.momentum or 0.9
+    if kind.endswith("_hd"):
+        beta = DEFAULT_HYPERGRAD_LR[kind] if beta is None else beta
+        if kind == "adam_hd":
+            return AdamHD(params, lr, hypergrad_lr=beta, eps=settings.eps, weight_decay=decay)
+        nesterov = kind == "sgdn_hd"
+        return SGDHD(
+            params, lr, hypergrad_lr=beta, momentum=momentum, nesterov=nesterov, weight_decay=decay
         )
-    return torch.optim.Adam(
-        algo.parameters(),
-        lr=algo_cfg.outer_lr,
-        eps=settings.eps,
-        weight_decay=settings.weight_decay,
-    )
+    if kind in ("sgd", "sgdn"):
+        nesterov = kind == "sgdn"
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=decay
+        )
+    return torch.optim.Adam(params, lr=lr, eps=settings.eps, weight_decay=decay)
+
+
+def learns_its_rate(optimizer: torch.optim.Optimizer) -> bool:
+    """A hypergradient optimiser: its rate is its own, and no schedule sets it."""
+    return isinstance(optimizer, (SGDHD, AdamHD))
 
 
 def schedule(run: Run) -> str:
@@ -54,5 +66,7 @@ def outer_lr_at(run: Run, iteration: int) -> float:
 
 
 def set_lr(optimizer, run: Run, iteration: int) -> None:
+    if learns_its_rate(optimizer):
+        return
     for group in optimizer.param_groups:
         group["lr"] = outer_lr_at(run, iteration)
