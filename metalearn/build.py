@@ -21,6 +21,7 @@ from metalearn.data.images.omniglot import PREPROCESS as OMNIGLOT_PREPROCESS
 from metalearn.data.images.omniglot import OmniglotConfig, omniglot_tasks
 from metalearn.data.images.tieredimagenet import PREPROCESS as TIEREDIMAGENET_PREPROCESS
 from metalearn.data.images.tieredimagenet import TieredImageNetConfig, tieredimagenet_tasks
+from metalearn.data.optimizees import DigitsMLPConfig, DigitsTasks, QuadraticConfig, QuadraticTasks
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalearn.envs.bandits import BanditConfig, BanditTasks, DependentBanditConfig
 from metalearn.envs.harlow import HarlowConfig, HarlowTasks
@@ -47,6 +48,8 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "dependent_bandit": (DependentBanditConfig, BanditTasks),
     "harlow": (HarlowConfig, HarlowTasks),
     "tabular_mdp": (TabularMDPConfig, MDPTasks),
+    "quadratic": (QuadraticConfig, QuadraticTasks),  # optimizees for learned optimisers
+    "digits_mlp": (DigitsMLPConfig, DigitsTasks),
 }
 # How a user's own images become model inputs, exactly as the cached training data was made.
 PREPROCESS = {
@@ -145,7 +148,7 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
         test_batching=test_batching,
         train_shape=train_shape,
         test_shape=test_shape,
-        test_steps=algo_cfg.test_inner_steps if algo_cls.inner_loop else 0,
+        test_steps=_test_steps(config, algo_cls),
         metric=metric_name(tasks.kind),
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
@@ -159,6 +162,8 @@ def _learner_needs(
     extra: dict[str, Any] = {}
     if algo_cls.needs_ways:  # sequence learners: the label inputs' width
         extra["ways"] = train_shape[0]
+    if algo_cls.family == "optimizers":  # the unroll's length
+        extra["steps"] = tasks.cfg.steps
     if algo_cls.needs_train_classes:  # pre-training over all train classes
         classification = tasks.kind == "classification"  # else the algorithm says why not
         extra["train_classes"] = tasks.classes("train") if classification else 0
@@ -173,14 +178,24 @@ def _task_shapes(config: RunConfig) -> tuple[tuple, tuple]:
     if data.task_kind == "rl":
         shape = (data.actions, data.steps, 0)
         return shape, shape
+    if data.task_kind == "optimization":  # one problem of data.steps optimiser steps
+        shape = (1, data.steps, 0)
+        return shape, shape
     # (pre-training baselines have no training episodes: their shape is the test one)
     ways, shots, query = check_train_shape(algo_cfg.train_shape(), data.task_kind)
     train_shape = (ways or data.ways, shots or data.shots, query or data.query)
     return train_shape, (data.ways, data.shots, config.eval.query or data.query)
 
 
+def _test_steps(config: RunConfig, algo_cls: type) -> int:
+    """Inner steps at validation and test: an inner loop's, or a learned optimiser's unroll."""
+    if algo_cls.inner_loop:
+        return config.algo.test_inner_steps
+    return config.data.steps if config.data.task_kind == "optimization" else 0
+
+
 def _task_name(data: Any) -> str:
-    if data.task_kind == "rl":  # e.g. 5arms10pulls
+    if data.task_kind in ("rl", "optimization"):  # e.g. 5arms10pulls, 100steps
         return "".join(f"{v}{k}" for k, v in data.describe().items())
     return f"{data.ways}w{data.shots}s"
 

@@ -49,6 +49,8 @@ def check_combination(
     (ways, shots, query) of training and of test tasks."""
     name = config.algo.name
     train_shape, test_shape = shapes
+    check_optimizees(config, algo_cls, model_cls)
+    config.algo.check_data(config.data)
     reinforcement = algo_cls.reinforcement
     if reinforcement != (config.data.task_kind == "rl"):
         raise ConfigError(
@@ -84,6 +86,26 @@ def check_combination(
     check_learned_rate(config, algo_cls)
 
 
+def check_optimizees(config: RunConfig, algo_cls: type, model_cls: type) -> None:
+    """Learned optimisers train on optimizee problems, and nothing else does."""
+    name, data, model = config.algo.name, config.data.name, config.model.name
+    optimizes = algo_cls.family == "optimizers"
+    if optimizes != (config.data.task_kind == "optimization"):
+        raise ConfigError(
+            f"algo={name} learns an optimiser from problems to minimise, and data={data} holds "
+            f"tasks; pair it with data=quadratic or digits_mlp"
+            if optimizes
+            else f"data={data} holds problems for a learned optimiser; use algo=l2o there"
+        )
+    if optimizes != model_cls.learned_optimizer:
+        raise ConfigError(
+            f"algo={name} meta-trains a learned optimiser: set model=lstm_optimizer or "
+            f"mlp_optimizer (model={model} is not one)"
+            if optimizes
+            else f"model={model} is a learned optimiser, which only algo=l2o trains"
+        )
+
+
 def check_learned_rate(config: RunConfig, algo_cls: type) -> None:
     """A hypergradient optimiser's rate is learned: a schedule that sets it is a contradiction."""
     trainer = config.trainer
@@ -105,10 +127,12 @@ def check_task_chunk(config: RunConfig, algo_cls: type) -> None:
     chunk, size = config.hardware.task_chunk, config.trainer.meta_batch_size
     if chunk is None:
         return
-    if algo_cls.pretrains or algo_cls.reinforcement:
+    if algo_cls.pretrains or algo_cls.reinforcement or algo_cls.family == "optimizers":
+        unit = {True: "labelled batches", False: "trials"}[algo_cls.pretrains]
+        unit = "unrolls of problems" if algo_cls.family == "optimizers" else unit
         raise ConfigError(
             f"hardware.task_chunk splits a meta-batch of tasks; algo={config.algo.name} trains "
-            f"on {'labelled batches' if algo_cls.pretrains else 'trials'}: set "
+            f"on {unit}: set "
             f"hardware.task_chunk=null (smaller batches: algo.batch_size or "
             f"trainer.meta_batch_size)"
         )

@@ -94,7 +94,7 @@ def sweep_value(results: dict) -> float:
     value instead of NaN (which would fail the trial, and Hydra's Optuna sweeper with it)."""
     value = results["val"][results["metric"]]["mean"]
     if math.isnan(value):
-        return math.inf if results["metric"] == "mse" else -math.inf
+        return math.inf if results["metric"] in ("mse", "final_loss") else -math.inf
     return value
 
 

@@ -19,6 +19,7 @@ from metalearn.algos.metric.matchingnet import MatchingNet, MatchingNetConfig
 from metalearn.algos.metric.metaoptnet import MetaOptNet, MetaOptNetConfig
 from metalearn.algos.metric.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algos.metric.relationnet import RelationNet, RelationNetConfig
+from metalearn.algos.optimizers.l2o import L2O, L2OConfig
 
 # name -> (config class, algorithm class); build.py is the only reader.
 ALGOS: dict[str, tuple[type, type]] = {
@@ -42,4 +43,5 @@ ALGOS: dict[str, tuple[type, type]] = {
     "lstm": (SequenceConfig, SequenceLearner),
     "snail": (SequenceConfig, SequenceLearner),
     "icl_transformer": (SequenceConfig, SequenceLearner),
+    "l2o": (L2OConfig, L2O),  # learned optimisers: model=lstm_optimizer or mlp_optimizer
 }

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-FAMILIES = ("bilevel", "metric", "blackbox", "pretraining")
+FAMILIES = ("bilevel", "metric", "blackbox", "pretraining", "optimizers")
 COMPILED = ("objective", "meta_loss")
 
 
@@ -119,6 +119,10 @@ class AlgoConfig:
     def outer_optimizer_settings(self) -> OuterOptimizer:
         """The outer optimiser and its settings besides the learning rate."""
         return OuterOptimizer()
+
+    def check_data(self, data: Any) -> None:
+        """Raise a ConfigError when this config cannot train on `data` (the data set's config):
+        say what to change. Most configs fit any data set of their task kind."""
 
     def shape_advice(self, problem: str) -> str:
         """The error to raise, saying what to change, when the training split cannot fill this

@@ -15,8 +15,9 @@ def loss_fn(kind: str) -> Objective:
 
 def metric_name(kind: str) -> str:
     """The primary metric that results.json reports for this kind of task (meta-RL: a
-    trial's total reward)."""
-    return {"classification": "accuracy", "regression": "mse", "rl": "reward"}[kind]
+    trial's total reward; learned optimisers: the optimizee's loss at the unroll's end)."""
+    kinds = {"classification": "accuracy", "regression": "mse", "rl": "reward"}
+    return (kinds | {"optimization": "final_loss"})[kind]
 
 
 def score(kind: str, prediction: Tensor, target: Tensor) -> Tensor:

@@ -3,6 +3,12 @@
 from torch import nn
 
 from metalearn.models.conv4 import Conv4, Conv4Config
+from metalearn.models.learned_optimizers import (
+    LSTMOptimizer,
+    LSTMOptimizerConfig,
+    MLPOptimizer,
+    MLPOptimizerConfig,
+)
 from metalearn.models.mlp import MLP, MLPConfig
 from metalearn.models.recurrent import RecurrentActorCritic, RecurrentConfig
 from metalearn.models.resnet12 import ResNet12, ResNet12Config
@@ -13,4 +19,6 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "mlp": (MLPConfig, MLP),
     "resnet12": (ResNet12Config, ResNet12),
     "recurrent": (RecurrentConfig, RecurrentActorCritic),
+    "lstm_optimizer": (LSTMOptimizerConfig, LSTMOptimizer),  # learned optimisers (algo=l2o)
+    "mlp_optimizer": (MLPOptimizerConfig, MLPOptimizer),
 }

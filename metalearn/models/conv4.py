@@ -39,6 +39,7 @@ class Conv4(nn.Module):
 
     convolutional = True  # hardware.task_batching=auto picks the per-task loop on CPU
     recurrent = False  # build.py: a meta-RL agent's memory
+    learned_optimizer = False  # build.py: what algo=l2o meta-trains
 
     def __init__(
         self,

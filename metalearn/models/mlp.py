@@ -30,6 +30,7 @@ class MLP(nn.Module):
 
     convolutional = False
     recurrent = False
+    learned_optimizer = False  # build.py: what algo=l2o meta-trains
 
     def __init__(
         self, cfg: MLPConfig, in_shape: tuple[int, ...], out_features: int, **_layout: bool

@@ -31,6 +31,7 @@ class RecurrentActorCritic(nn.Module):
     logits (T, A), value (T,) and the next hidden state."""
 
     recurrent = True  # build.py: what meta-RL algorithms need
+    learned_optimizer = False
     convolutional = False
 
     def __init__(

@@ -82,6 +82,7 @@ class ResNet12(nn.Module):
 
     convolutional = True
     recurrent = False
+    learned_optimizer = False
 
     def __init__(
         self,

@@ -81,3 +81,16 @@ def save(fig, path: Path, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def plot_loss_curves(curves: dict[str, torch.Tensor], path: Path) -> Path:
+    """Mean optimizee loss against the optimiser's step, one line per optimiser (log scale)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, (name, curve) in enumerate(curves.items()):
+        ax.plot(torch.arange(curve.numel()), curve, label=name, linewidth=2.2 if i == 0 else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("mean loss over test problems")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return save(fig, path, dpi=120)

@@ -17,6 +17,7 @@ from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
 from metalearn.records import checkpoint
 from metalearn.records.logger import Logger
+from metalearn.records.optimizers import format_optimizer_table, plot_optimizer, test_optimizer
 from metalearn.records.plots import plot_learning_curves, plot_sinusoid_tasks
 from metalearn.records.rl import format_rl_table, plot_rl, test_rl
 from metalearn.run import Run
@@ -66,7 +67,7 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
         "model": config.model.name,
         "task": (
             config.data.describe()
-            if run.metric == "reward"
+            if run.metric in ("reward", "final_loss")
             else {"ways": ways, "shots": shots, "query": query}
         ),
         "metric": run.metric,
@@ -89,6 +90,8 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "transductive_bn": bn_mode == "transductive",
             "eval_seed": config.eval.seed,
             "reference": reference_protocol(algo),
+            # a learned optimiser's meta-gradient estimator (algos/optimizers/l2o.py)
+            "estimator": algo.estimator if run.algo.family == "optimizers" else None,
         },
         "hardware": {
             **describe(run.device),
@@ -175,7 +178,9 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     results, curves = tested_results(run, progress.best_val, train)
     write_json(run_dir / "results.json", results)
     plots = write_plots(run, run_dir)
-    if curves:  # meta-RL: each policy's regret (Harlow: accuracy) by step
+    if curves and run.metric == "final_loss":  # each optimiser's loss by step
+        plots.append(plot_optimizer(curves, run_dir / "plots"))
+    elif curves:  # meta-RL: each policy's regret (Harlow: accuracy) by step
         plots.append(plot_rl(run, curves, run_dir / "plots"))
     print(result_table(results))
     logger.log_summary(results)
@@ -191,11 +196,16 @@ def tested_results(run: Run, val: dict | None, train: dict | None) -> tuple[dict
     if run.metric == "reward":  # reward and regret, beside the baseline policies
         test_result, baselines, curves = test_rl(run)
         return results_dict(run, test_result, val, train) | {"baselines": baselines}, curves
+    if run.metric == "final_loss":  # the learned optimiser beside tuned hand-designed ones
+        test_result, baselines, curves = test_optimizer(run)
+        return results_dict(run, test_result, val, train) | {"baselines": baselines}, curves
     return results_dict(run, test(run), val, train), {}
 
 
 def result_table(results: dict) -> str:
     """The terminal table of a results.json dict."""
+    if results["metric"] == "final_loss":
+        return format_optimizer_table(results)
     return format_rl_table(results) if results["metric"] == "reward" else format_table(results)
 
 

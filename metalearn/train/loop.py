@@ -266,7 +266,8 @@ def _log_train(
         return
     metrics = metrics | ({"skipped": progress.skipped} if progress.skipped else {})
     loss, score = metrics["loss"].item(), metrics["score"].item()
-    name = {"accuracy": "query_acc", "mse": "query_mse", "reward": "trial_reward"}[run.metric]
+    names = {"accuracy": "query_acc", "mse": "query_mse", "reward": "trial_reward"}
+    name = (names | {"final_loss": "final_loss"})[run.metric]
     logger.log(
         {
             "train/loss": loss,

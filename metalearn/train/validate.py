@@ -38,8 +38,9 @@ def validate(
             f"no longer finite; {kept(run_dir)}"
         )
     score, loss = mean_ci95(out["score"][:, -1]), mean_ci95(out["loss"][:, -1])
-    short = {"accuracy": "acc", "mse": "mse", "reward": "reward"}[run.metric]
-    sign = -1.0 if run.metric == "mse" else 1.0  # higher accuracy and reward, lower MSE: better
+    short = {"accuracy": "acc", "mse": "mse", "reward": "reward"}.get(run.metric, run.metric)
+    # higher accuracy and reward, lower MSE and final loss: better
+    sign = -1.0 if run.metric in ("mse", "final_loss") else 1.0
     value = score["mean"]
     if math.isfinite(score["mean"]) and math.isfinite(loss["mean"]):
         logger.log(
