@@ -125,7 +125,7 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
         out_features if algo_cls.needs_head else 0,
         channels_last=config.hardware.channels_last,
         fused_batchnorm=fused_batchnorm_is_exact(algo_cls, batching),
-        running_stats=algo_cls.inner_loop and algo_cfg.bn_mode != "transductive",
+        running_stats=algo_cfg.running_batchnorm(),
     ).to(device)
     extra = _learner_needs(algo_cls, algo_cfg, tasks, train_shape, device, training)
     algo = algo_cls(algo_cfg, model, tasks.kind, batching, **extra)

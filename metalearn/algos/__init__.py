@@ -20,6 +20,7 @@ from metalearn.algos.metric.metaoptnet import MetaOptNet, MetaOptNetConfig
 from metalearn.algos.metric.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algos.metric.relationnet import RelationNet, RelationNetConfig
 from metalearn.algos.optimizers.l2o import L2O, L2OConfig
+from metalearn.algos.optimizers.metalstm import MetaLSTM, MetaLSTMConfig
 
 # name -> (config class, algorithm class); build.py is the only reader.
 ALGOS: dict[str, tuple[type, type]] = {
@@ -44,4 +45,5 @@ ALGOS: dict[str, tuple[type, type]] = {
     "snail": (SequenceConfig, SequenceLearner),
     "icl_transformer": (SequenceConfig, SequenceLearner),
     "l2o": (L2OConfig, L2O),  # learned optimisers: model=lstm_optimizer or mlp_optimizer
+    "metalstm": (MetaLSTMConfig, MetaLSTM),  # Ravi & Larochelle's meta-learner LSTM
 }

@@ -120,6 +120,11 @@ class AlgoConfig:
         """The outer optimiser and its settings besides the learning rate."""
         return OuterOptimizer()
 
+    def running_batchnorm(self) -> bool:
+        """Whether the model's BatchNorm layers keep running statistics buffers, which the
+        algorithm fills and tests with (build.py passes it to the model)."""
+        return False
+
     def check_data(self, data: Any) -> None:
         """Raise a ConfigError when this config cannot train on `data` (the data set's config):
         say what to change. Most configs fit any data set of their task kind."""

@@ -3,6 +3,8 @@ optimisers tuned on the validation problems, all on the same problems, and the c
 
 Each hand-designed optimiser (Adam, RMSprop, SGD, NAG) runs every rate of a grid on the
 validation problems; the rate with the lowest mean final loss is then run on the test problems.
+Adam at the paper's fixed rate 1e-3 runs on them too (`adam_lr1e-3`), the baseline
+deepmind/learning-to-learn's evaluate.py compares with.
 The headline, as Andrychowicz et al. report it, is log10 of the mean (over problems) final loss.
 """
 
@@ -18,6 +20,8 @@ from metalearn.data.optimizees import HAND_DESIGNED, LEARNING_RATES, hand_design
 from metalearn.evaluate import SPLIT_SEED_OFFSET, mean_ci95, run_episodes
 from metalearn.records.plots import plot_loss_curves
 from metalearn.run import Run
+
+PAPER_ADAM_LR = 1e-3  # Andrychowicz et al.'s Adam baseline (evaluate.py's learning_rate)
 
 
 def log10_mean(losses: torch.Tensor) -> float:
@@ -59,6 +63,9 @@ def tuned_baselines(run: Run, horizons: list[int]) -> tuple[dict, dict[str, torc
             "val_log10_mean_by_lr": {str(lr): score for lr, score in scores.items()},
         }
         curves[f"{name} (lr {best:g})"] = curve.double().mean(0)
+    curve = _curves(run, "test", "adam", PAPER_ADAM_LR, steps)
+    summaries["adam_lr1e-3"] = summary(curve, horizons, run.metric) | {"lr": PAPER_ADAM_LR}
+    curves["adam (lr 0.001, the paper's)"] = curve.double().mean(0)
     return summaries, curves
 
 

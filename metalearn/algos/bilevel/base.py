@@ -63,6 +63,9 @@ class BilevelConfig(AlgoConfig):
     def train_shape(self) -> tuple[int | None, int | None, int | None]:
         return self.train_ways, None, self.train_query
 
+    def running_batchnorm(self) -> bool:
+        return self.bn_mode != "transductive"
+
     def __post_init__(self) -> None:
         for key in ("inner_lr", "test_inner_lr", "outer_lr"):
             value = getattr(self, key)

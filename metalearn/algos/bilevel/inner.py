@@ -8,7 +8,9 @@ algorithms of the family is only which parameters move and with which step sizes
 - Meta-SGD: one learned step size per parameter element (`lr` is a dict of tensors);
 - MAML++: one learned step size per parameter tensor and per step (`lr` is a list of dicts),
   BatchNorm weights held out of the inner loop and swapped per step (`per_step`);
-- iMAML: a proximal term lambda/2 * ||phi - theta||^2 in the inner objective (`proximal`).
+- iMAML: a proximal term lambda/2 * ||phi - theta||^2 in the inner objective (`proximal`);
+- MAML with `algo.inner_lr_hypergradient`: the scalar rate follows its hypergradient within the
+  loop (`hypergradient`: Baydin et al. 2018's SGD-HD, alpha_k = alpha_{k-1} + beta g_k . g_{k-1}).
 
 Reptile's inner loop is its own (reptile.py): Adam steps whose state outlives the task.
 
@@ -50,13 +52,16 @@ def adapt_steps(
     adapted: Collection[str] | None = None,
     proximal: float = 0.0,
     per_step: Sequence[Params] | None = None,
+    hypergradient: float = 0.0,
 ) -> Iterator[Params]:
     """Yield the fast parameters before and after each of `steps` SGD steps on the support loss.
 
     `adapted` names the parameters that move (None: all); the others enter the forward pass
     unchanged. `proximal` adds lambda/2 * ||phi - theta||^2 around the (detached) starting point.
     `per_step[s]` overrides some parameters in the forward pass of step s (MAML++'s per-step
-    BatchNorm weights). The yielded dicts hold every parameter, adapted or not.
+    BatchNorm weights). `hypergradient` (beta > 0) moves a scalar rate by beta times the dot
+    product of consecutive inner gradients before each step after the first (SGD-HD). The
+    yielded dicts hold every parameter, adapted or not.
     """
     names = list(params) if adapted is None else [k for k in params if k in adapted]
     anchor = {k: params[k].detach() for k in names} if proximal else {}
@@ -71,6 +76,7 @@ def adapt_steps(
         return value
 
     yield params
+    rate, previous = None, None  # hypergradient descent's rate and last gradient
     for step in range(steps):
         moving = {k: params[k] for k in names}
         fixed = {k: v for k, v in params.items() if k not in moving}
@@ -79,10 +85,17 @@ def adapt_steps(
         grads = torch.func.grad(support_loss)(moving, fixed)
         if first_order:  # FOMAML: the inner gradient is a constant (Finn et al. 2017, section 5.2)
             grads = {k: g.detach() for k, g in grads.items()}
-        params = {
-            **params,
-            **{k: moving[k] - step_size(lr, step, k) * grads[k] for k in names},
-        }
+        if hypergradient:
+            rate = step_size(lr, step, names[0]) if rate is None else rate
+            if previous is not None:
+                rate = rate + hypergradient * sum((grads[k] * previous[k]).sum() for k in names)
+            previous = grads
+            params = {**params, **{k: moving[k] - rate * grads[k] for k in names}}
+        else:
+            params = {
+                **params,
+                **{k: moving[k] - step_size(lr, step, k) * grads[k] for k in names},
+            }
         yield params
 
 

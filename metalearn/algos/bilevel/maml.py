@@ -5,6 +5,7 @@ differentiated through the inner loop (second order) or not (first order). Both 
 `Bilevel`, which every other member of the family specialises.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,11 +19,20 @@ class MAMLConfig(BilevelConfig):
 
     name: str = "maml"
     test_inner_steps: int | None = 3  # Finn et al. 2017 test with 3 steps (None: inner_steps)
+    # hypergradient descent of the inner rate within each task's inner loop (Baydin et al. 2018,
+    # SGD-HD): alpha_k = alpha_{k-1} + beta * g_k . g_{k-1}, from inner_lr, at every step after
+    # the first; the rate may turn negative, as the paper observes, and is not clipped
+    inner_lr_hypergradient: bool = False
+    inner_hypergrad_lr: float = 0.001  # beta
     # configs/algo/<name>.yaml for the other names this class serves: what they change
     VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {"fomaml": {"first_order": True}}
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.inner_hypergrad_lr < math.inf:
+            raise ConfigError(
+                f"algo.inner_hypergrad_lr must be >= 0 and finite, got {self.inner_hypergrad_lr}"
+            )
         if self.name == "fomaml" and not self.first_order:  # fomaml.yaml is this class too
             raise ConfigError(
                 "algo=fomaml is first-order by definition; use algo=maml for second order"
@@ -31,3 +41,9 @@ class MAMLConfig(BilevelConfig):
 
 class MAML(Bilevel):
     """Meta-learns an initialisation; tasks of a meta-batch run under `vmap` or a Python loop."""
+
+    def inner_options(self, training: bool) -> dict[str, Any]:
+        options = super().inner_options(training)
+        if self.cfg.inner_lr_hypergradient:
+            options["hypergradient"] = self.cfg.inner_hypergrad_lr
+        return options
