@@ -162,7 +162,7 @@ def _learner_needs(
     extra: dict[str, Any] = {}
     if algo_cls.needs_ways:  # sequence learners: the label inputs' width
         extra["ways"] = train_shape[0]
-    if algo_cls.family == "optimizers":  # the unroll's length
+    if algo_cls.optimizees:  # the unroll's length
         extra["steps"] = tasks.cfg.steps
     if algo_cls.needs_train_classes:  # pre-training over all train classes
         classification = tasks.kind == "classification"  # else the algorithm says why not

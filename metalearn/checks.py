@@ -89,7 +89,7 @@ def check_combination(
 def check_optimizees(config: RunConfig, algo_cls: type, model_cls: type) -> None:
     """Learned optimisers train on optimizee problems, and nothing else does."""
     name, data, model = config.algo.name, config.data.name, config.model.name
-    optimizes = algo_cls.family == "optimizers"
+    optimizes = algo_cls.optimizees
     if optimizes != (config.data.task_kind == "optimization"):
         raise ConfigError(
             f"algo={name} learns an optimiser from problems to minimise, and data={data} holds "
@@ -127,9 +127,9 @@ def check_task_chunk(config: RunConfig, algo_cls: type) -> None:
     chunk, size = config.hardware.task_chunk, config.trainer.meta_batch_size
     if chunk is None:
         return
-    if algo_cls.pretrains or algo_cls.reinforcement or algo_cls.family == "optimizers":
+    if algo_cls.pretrains or algo_cls.reinforcement or algo_cls.optimizees:
         unit = {True: "labelled batches", False: "trials"}[algo_cls.pretrains]
-        unit = "unrolls of problems" if algo_cls.family == "optimizers" else unit
+        unit = "unrolls of problems" if algo_cls.optimizees else unit
         raise ConfigError(
             f"hardware.task_chunk splits a meta-batch of tasks; algo={config.algo.name} trains "
             f"on {unit}: set "

@@ -33,8 +33,13 @@ METRIC = sorted(
     if cls.family in ("metric", "blackbox") and not cls.reinforcement
 )
 REINFORCEMENT = sorted(name for name, (_, cls) in REGISTRY.items() if cls.reinforcement)
+OPTIMIZEES = sorted(name for name, (_, cls) in REGISTRY.items() if cls.optimizees)
+UPDATE_RULES = sorted(  # learned update rules on tasks (Meta-LSTM)
+    name for name, (_, cls) in REGISTRY.items() if cls.family == "optimizers" and not cls.optimizees
+)
 IMPOSSIBLE = {
-    (name, "sinusoid"): [name, "classification", "omniglot"] for name in METRIC + PRETRAINING
+    (name, "sinusoid"): [name, "classification", "omniglot"]
+    for name in METRIC + PRETRAINING + UPDATE_RULES
 }
 # meta-RL: rl2 only on environments, and only rl2 there
 META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp"]
@@ -45,14 +50,27 @@ IMPOSSIBLE |= {
 }
 IMPOSSIBLE |= {
     (name, data): [name, "meta-RL", "rl2"]
-    for name in BILEVEL + METRIC + PRETRAINING
+    for name in BILEVEL + METRIC + PRETRAINING + UPDATE_RULES
     for data in META_RL_DATA
+}
+# learned optimisers train on optimizee problems, and only they do
+OPTIMIZEE_DATA = ["digits_mlp", "quadratic"]
+IMPOSSIBLE |= {
+    (name, data): [name, "quadratic or digits_mlp"]
+    for name in OPTIMIZEES
+    for data in SUPERVISED_DATA + META_RL_DATA
+}
+IMPOSSIBLE |= {
+    (name, data): [data, "algo=l2o"]
+    for name in sorted(set(REGISTRY) - set(OPTIMIZEES))
+    for data in OPTIMIZEE_DATA
 }
 # The groups `metalearn train --help` must list, with their options.
 GROUPS = {
     "algo": sorted(REGISTRY),
-    "data": sorted(SUPERVISED_DATA + META_RL_DATA),
-    "model": ["conv4", "conv4_32", "mlp", "recurrent", "resnet12"],
+    "data": sorted(SUPERVISED_DATA + META_RL_DATA + OPTIMIZEE_DATA),
+    "model": ["conv4", "conv4_32", "lstm_optimizer", "mlp", "mlp_optimizer", "recurrent"]
+    + ["resnet12"],
     "hardware": ["auto", "cpu", "cuda"],
     "logger": ["none", "wandb"],
     "debug": ["smoke"],
@@ -92,10 +110,13 @@ def test_every_experiment_composes_and_builds(experiment: str, data_root):
             expected = smoke.get(section, {}).get(key, value)
             assert built[section][key] == expected, f"{experiment}: {section}.{key}"
     assert run.config.trainer.iterations == smoke["trainer"]["iterations"]
-    data, algo = preset["data"], preset.get("algo", {})
+    data, algo = preset.get("data", {}), preset.get("algo", {})
     if run.metric == "reward":  # meta-RL: (actions, steps of a trial, 0)
         shape = (run.config.data.actions, run.config.data.steps, 0)
         assert run.train_shape == run.test_shape == shape
+        return
+    if run.metric == "final_loss":  # learned optimisers: one problem, an unroll of data.steps
+        assert run.train_shape == run.test_shape == (1, run.config.data.steps, 0)
         return
     train_ways = algo.get("train_ways") or data.get("ways", 1)
     train_query = algo.get("train_query") or data["query"]
@@ -124,9 +145,11 @@ def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_
     assert (run.config.algo.name, run.config.data.name) == (algo, data)
     # Each data set gets its usual network unless model=<name> says otherwise.
     kind = "rl" if data in META_RL_DATA else "regression" if data == "sinusoid" else "images"
-    model = {"rl": "recurrent", "regression": "mlp", "images": "conv4"}[kind]
-    assert run.config.model.name == model
-    assert run.metric == {"rl": "reward", "regression": "mse", "images": "accuracy"}[kind]
+    kind = "optimization" if data in OPTIMIZEE_DATA else kind
+    models = {"rl": "recurrent", "regression": "mlp", "images": "conv4"}
+    assert run.config.model.name == (models | {"optimization": "lstm_optimizer"})[kind]
+    metrics = {"rl": "reward", "regression": "mse", "images": "accuracy"}
+    assert run.metric == (metrics | {"optimization": "final_loss"})[kind]
     assert run.tasks.kind == {"images": "classification"}.get(kind, kind)
     assert run.name.startswith(f"{algo}-{data}-")
     if algo == "fomaml":
@@ -197,7 +220,7 @@ def test_every_value_of_the_saved_config_survives_parse_config_typed(overrides, 
         hints = typing.get_type_hints(type(config))
         for key, value in values.items():
             got = getattr(config, key)
-            if value is None and key.startswith("test_inner_"):  # None means "as in training"
+            if value is None and key.startswith(("test_inner_", "test_updates")):  # as training
                 assert got == getattr(config, key.removeprefix("test_"))
                 continue
             assert got == value, f"{section}.{key}"

@@ -23,13 +23,13 @@ VALID_NAMES = {
     "algo": sorted(
         ["anil", "baseline", "baselinepp", "fomaml", "imaml", "maml", "mamlpp", "matchingnet"]
         + ["metaoptnet_ridge", "metaoptnet_svm", "metasgd", "protonet", "relationnet", "reptile"]
-        + ["rfs", "rl2", "icl_transformer", "lstm", "mann", "snail"]
+        + ["rfs", "rl2", "icl_transformer", "lstm", "mann", "snail", "l2o", "metalstm"]
     ),
     "data": sorted(
         ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"]
-        + ["bandit", "dependent_bandit", "harlow", "tabular_mdp"]
+        + ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "quadratic", "digits_mlp"]
     ),
-    "model": ["conv4", "mlp", "recurrent", "resnet12"],
+    "model": ["conv4", "lstm_optimizer", "mlp", "mlp_optimizer", "recurrent", "resnet12"],
 }
 # Sinusoid MAML that validates and checkpoints after every iteration, on tiny episodes.
 SINUSOID_EVERY_STEP = [

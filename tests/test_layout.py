@@ -30,7 +30,7 @@ def test_a_learner_that_leaves_a_capability_undeclared_fails_when_defined():
             family, pretrains, needs_train_classes, needs_ways = "metric", False, False, False
             needs_head, reinforcement, differentiates_inner_loop = False, False, False
             inner_loop, first_order_switch, checkpoint_switch = False, False, False
-            outer_schedule, compiled = "constant", "meta_loss"
+            outer_schedule, compiled, optimizees = "constant", "meta_loss", False
 
 
 def module_name(path: Path) -> str:

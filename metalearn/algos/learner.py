@@ -35,6 +35,8 @@ class Learner:
     needs_ways: ClassVar[bool]  # build.py passes the training ways (sequence learners' labels)
     needs_head: ClassVar[bool]  # the model ends in a linear layer with one output per way
     reinforcement: ClassVar[bool]  # meta-RL: an environment data set and a recurrent model
+    # learned optimisers: optimizee problems (data=quadratic, digits_mlp) and an optimiser model
+    optimizees: ClassVar[bool]
     # hardware.task_batching applies (vmap over the tasks of a meta-batch, or a loop)
     batches_tasks: ClassVar[bool]
     # gradients through gradients: under vmap only primitive BatchNorm is exact

@@ -91,7 +91,7 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
             "eval_seed": config.eval.seed,
             "reference": reference_protocol(algo),
             # a learned optimiser's meta-gradient estimator (algos/optimizers/l2o.py)
-            "estimator": algo.estimator if run.algo.family == "optimizers" else None,
+            "estimator": algo.estimator if run.algo.optimizees else None,
         },
         "hardware": {
             **describe(run.device),

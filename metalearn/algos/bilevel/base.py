@@ -94,6 +94,7 @@ class Bilevel(Learner):
     """MAML's machinery; MAML itself is this class unchanged (see maml.py)."""
 
     family = "bilevel"
+    optimizees = False
     pretrains = False
     needs_train_classes = False
     needs_ways = False

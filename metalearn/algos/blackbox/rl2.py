@@ -74,6 +74,7 @@ class RL2(Learner):
     """Meta-RL by a recurrent actor-critic trained on whole trials."""
 
     family = "blackbox"
+    optimizees = False
     pretrains = False
     needs_train_classes = False
     needs_ways = False

@@ -129,6 +129,7 @@ class SequenceLearner(EpisodicLearner):
     """The episodic base (embedding, loss, evaluation) with a sequence model as the scorer."""
 
     family = "blackbox"
+    optimizees = False
     needs_ways = True  # build.py passes the training ways: the width of the label one-hots
 
     def __init__(

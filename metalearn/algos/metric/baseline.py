@@ -188,6 +188,7 @@ class Baseline(Learner):
     """Supervised pre-training over all meta-train classes; a new head per task at test."""
 
     family = "pretraining"
+    optimizees = False
     pretrains = True  # the trainer feeds LabelledBatch, not episodes
     needs_train_classes = True  # build passes train_classes
     needs_ways = False

@@ -33,6 +33,7 @@ class EpisodicLearner(Learner):
     """
 
     family = "metric"
+    optimizees = False
     pretrains = False
     needs_train_classes = False
     needs_ways = False

@@ -101,6 +101,7 @@ class L2O(Learner):
     """Meta-trains the model (a learned optimiser) on problems from an optimizee family."""
 
     family = "optimizers"
+    optimizees = True
     pretrains = False
     needs_train_classes = False
     needs_ways = False

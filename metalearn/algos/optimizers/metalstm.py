@@ -131,7 +131,8 @@ class MetaLSTM(Learner):
     """Meta-LSTM few-shot learner: the meta-learner updates the model's weights, episode by
     episode (one task at a time)."""
 
-    family = "bilevel"
+    family = "optimizers"  # it learns an update rule, on few-shot episodes
+    optimizees = False
     pretrains = False
     needs_train_classes = False
     needs_ways = False
@@ -147,7 +148,10 @@ class MetaLSTM(Learner):
 
     def __init__(self, cfg: MetaLSTMConfig, model: nn.Module, kind: str, task_batching: str):
         if kind != "classification":
-            raise ConfigError("algo=metalstm learns few-shot classifiers: use an image data set")
+            raise ConfigError(
+                "algo=metalstm meta-learns a few-shot classifier's updates, so it needs "
+                "classification tasks: use an image data set such as data=omniglot"
+            )
         self.cfg = cfg
         self.model = model
         self.kind = kind
