@@ -186,3 +186,22 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(estimator, tmp_path)
     train(l2o_run(*common, "trainer.iterations=2"), tmp_path / "b")
     resumed = train(l2o_run(*common, "trainer.iterations=4", "trainer.resume=true"), tmp_path / "b")
     assert resumed["test"] == whole["test"] and resumed["val"] == whole["val"]
+
+
+@pytest.mark.parametrize(
+    ("data", "override"), [("digits_mlp", "data.batch=8"), ("quadratic", "data.family=noisy")]
+)
+def test_a_problems_minibatches_and_noise_do_not_depend_on_how_its_batch_is_cut(data, override):
+    """Fixed evaluation problems give the same losses whatever eval.batch_size (and a rank's
+    share of a meta-batch the same as in the whole): problem 4's step-3 draw is its own."""
+    run = l2o_run(override, data=data)
+    whole = run.tasks.sample("val", torch.Generator().manual_seed(0), 6)
+    params = {k: v.clone().requires_grad_() for k, v in whole.start.items()}
+    for step in (0, 3):
+        losses = whole.loss(params, step)
+        part = {k: v[3:] for k, v in params.items()}
+        torch.testing.assert_close(whole[3:].loss(part, step), losses[3:])
+        grads = torch.autograd.grad(losses.sum(), list(params.values()))
+        part_grads = torch.autograd.grad(whole[3:].loss(part, step).sum(), list(part.values()))
+        for g, h in zip(grads, part_grads, strict=True):
+            torch.testing.assert_close(h, g[3:])

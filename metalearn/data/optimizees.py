@@ -106,6 +106,7 @@ class Problems:
     tensors: dict[str, Tensor]  # the family's fixed data per problem (W, y, centres, ...)
     family: Any  # the task source: QuadraticTasks or DigitsTasks
     seed: int  # per-step randomness (minibatches, noise) derives from it
+    first: int = 0  # this batch's first problem in the batch it was cut from (see `draw_step`)
     unit = "problems"
 
     @property
@@ -119,7 +120,16 @@ class Problems:
     def __getitem__(self, part: slice) -> Problems:
         start = {k: v[part] for k, v in self.start.items()}
         tensors = {k: v[part] for k, v in self.tensors.items()}
-        return Problems(start, tensors, self.family, self.seed)
+        first = self.first + range(self.tasks)[part].start
+        return Problems(start, tensors, self.family, self.seed, first)
+
+    def draw_step(self, step: int, draw) -> Tensor:
+        """Step `step`'s random draw for these problems: `draw(rows, generator)` makes one row
+        per problem of the whole batch, of which these problems take theirs, so that a problem's
+        minibatches and noise do not depend on how its batch was cut (evaluation batches, ranks)."""
+        device = next(iter(self.start.values())).device
+        rows = draw(self.first + self.tasks, _step_generator(self.seed, step, device))
+        return rows[self.first :]
 
 
 class _Family:
@@ -178,8 +188,9 @@ class QuadraticTasks(_Family):
         loss = (t["scale"] * (x - t["centre"])).pow(2).sum(-1)
         if self.cfg.family == "noisy" and self.cfg.noise_std > 0:
             # n - n.detach(): worth zero, its gradient the noise (learned_optimization's trick)
-            gen = _step_generator(problems.seed, step, x.device)
-            noise = self.cfg.noise_std * torch.randn(x.shape, generator=gen, device=x.device)
+            noise = self.cfg.noise_std * problems.draw_step(
+                step, lambda n, gen: torch.randn((n, *x.shape[1:]), generator=gen, device=x.device)
+            )
             loss = loss + ((noise * x) - (noise * x).detach()).sum(-1)
         return loss
 
@@ -215,10 +226,12 @@ class DigitsTasks(_Family):
         return start, {}
 
     def loss(self, problems: Problems, params: dict[str, Tensor], step: int) -> Tensor:
-        tasks = params["w0"].shape[0]
-        gen = _step_generator(problems.seed, step, self.x.device)
-        shape, device = (tasks, self.cfg.batch), self.x.device
-        index = torch.randint(0, len(self.y), shape, generator=gen, device=device)
+        tasks, size, device = params["w0"].shape[0], self.cfg.batch, self.x.device
+
+        def minibatches(n: int, gen: torch.Generator) -> Tensor:  # with replacement
+            return torch.randint(0, len(self.y), (n, size), generator=gen, device=device)
+
+        index = problems.draw_step(step, minibatches)  # (T, B)
         h = self.x[index]  # (T, B, 64)
         act = torch.sigmoid if self.cfg.activation == "sigmoid" else torch.relu
         for i in range(len(self.shapes)):

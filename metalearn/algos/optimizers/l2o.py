@@ -261,7 +261,7 @@ class L2O(Learner):
         if c is not None:
             problems = {"start": c.problems.start, "tensors": c.problems.tensors}
             carry = {
-                "problems": problems | {"seed": c.problems.seed},
+                "problems": problems | {"seed": c.problems.seed, "first": c.problems.first},
                 "step": c.step,
                 "params": c.params,
                 "states": c.states,
@@ -276,5 +276,5 @@ class L2O(Learner):
             self.carry = None
             return
         p = carry["problems"]
-        problems = Problems(p["start"], p["tensors"], None, p["seed"])  # family: next batch's
+        problems = Problems(p["start"], p["tensors"], None, p["seed"], p["first"])  # family: later
         self.carry = Carry(problems, carry["step"], carry["params"], carry["states"], carry["xi"])
