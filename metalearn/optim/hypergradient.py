@@ -49,6 +49,16 @@ def _check(lr: float, hypergrad_lr: float, params: list) -> None:
         )
 
 
+def _gradients(group: dict) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, gradient plus weight decay) for each parameter of the group with a gradient."""
+    decay = group["weight_decay"]
+    return [
+        (p, p.grad.add(p, alpha=decay) if decay else p.grad)
+        for p in group["params"]
+        if p.grad is not None
+    ]
+
+
 def _closure_loss(closure: Callable[[], Tensor] | None) -> Tensor | None:
     if closure is None:
         return None
@@ -87,11 +97,8 @@ class SGDHD(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = _closure_loss(closure)
         group = self.param_groups[0]
-        momentum, nesterov, decay = group["momentum"], group["nesterov"], group["weight_decay"]
-        pairs = []  # (parameter, gradient with weight decay)
-        for p in group["params"]:
-            if p.grad is not None:
-                pairs.append((p, p.grad.add(p, alpha=decay) if decay else p.grad))
+        momentum, nesterov = group["momentum"], group["nesterov"]
+        pairs = _gradients(group)
         previous = [self.state[p].get("direction") for p, _ in pairs]
         if all(d is not None for d in previous) and previous:
             h = sum(torch.sum(g * d) for (_, g), d in zip(pairs, previous, strict=True))
@@ -145,11 +152,8 @@ class AdamHD(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = _closure_loss(closure)
         group = self.param_groups[0]
-        (beta1, beta2), decay = group["betas"], group["weight_decay"]
-        pairs = []
-        for p in group["params"]:
-            if p.grad is not None:
-                pairs.append((p, p.grad.add(p, alpha=decay) if decay else p.grad))
+        beta1, beta2 = group["betas"]
+        pairs = _gradients(group)
         steps = {self.state[p].get("step", 0) for p, _ in pairs}
         if len(steps) > 1:
             raise RuntimeError("Adam-HD: every parameter must get a gradient at every step")

@@ -37,6 +37,7 @@ from torch.func import functional_call
 from metalearn.algos.learner import AlgoConfig, Learner
 from metalearn.data.optimizees import Problems
 from metalearn.errors import ConfigError
+from metalearn.models.learned_optimizers import flatten, unflatten
 
 ESTIMATORS = ("full", "truncated", "es", "pes")
 
@@ -193,14 +194,10 @@ class L2O(Learner):
         return loss, {"loss": loss.detach(), "score": last.mean()}
 
     def _flat(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+        return flatten(dict(self.model.named_parameters())).detach()
 
     def _weights(self, flat: Tensor) -> dict[str, Tensor]:
-        out, offset = {}, 0
-        for name, p in self.model.named_parameters():
-            out[name] = flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-        return out
+        return unflatten(flat, dict(self.model.named_parameters()))
 
     @torch.no_grad()
     def _evolution(self, n: int) -> tuple[Tensor, dict[str, Tensor]]:

@@ -46,6 +46,7 @@ from metalearn.models.layers import (
     normalizing_with_running_stats,
     recording_batch_stats,
 )
+from metalearn.models.learned_optimizers import unflatten
 
 
 @dataclass
@@ -155,7 +156,6 @@ class MetaLSTM(Learner):
         self.cfg = cfg
         self.model = model
         self.kind = kind
-        self.shapes = {name: p.shape for name, p in model.named_parameters()}
         initial = torch.cat([p.detach().flatten() for p in model.parameters()])
         self.meta = MetaLearner(cfg, initial).to(initial.device)
         self.norms = [n for n, m in model.named_modules() if isinstance(m, TaskBatchNorm2d)]
@@ -167,12 +167,7 @@ class MetaLSTM(Learner):
         return {"meta": self.meta}
 
     def _weights(self, flat: Tensor) -> dict[str, Tensor]:
-        out, offset = {}, 0
-        for name, shape in self.shapes.items():
-            n = math.prod(shape)
-            out[name] = flat[offset : offset + n].view(shape)
-            offset += n
-        return out
+        return unflatten(flat, dict(self.model.named_parameters()))
 
     def _forward(self, flat: Tensor, x: Tensor, stats: dict[str, Tensor] | None = None) -> Tensor:
         """The learner's logits at weights `flat`: batch statistics, or the given running ones."""
