@@ -105,14 +105,20 @@ def sweep_group(sweep_dir: str) -> str:
     return "/".join(parts[1:] if parts and parts[0] == "outputs" and len(parts) > 1 else parts)
 
 
+_CHECKPOINT_GROUPS: list[str] = []  # eval: the checkpoint's groups, composed but not overrides
+
+
 def _eval(cfg: DictConfig) -> float:
     """Re-test a checkpoint (or classify one user episode) into this run's directory."""
     from metalearn.reevaluate import evaluate_checkpoint
 
     hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    for group in _CHECKPOINT_GROUPS:
+        overrides.remove(group)
     results = evaluate_checkpoint(
         composed=OmegaConf.to_container(cfg, resolve=True),
-        overrides=list(hydra_cfg.overrides.task),
+        overrides=overrides,
         run_dir=Path(hydra_cfg.runtime.output_dir),
     )
     return results["test"][results["metric"]]["mean"] if "test" in results else float("nan")
@@ -259,7 +265,13 @@ def main() -> None:
     command = sys.argv[1]
     if not any(a in ("-h", "--help", "--cfg", "-c", "--info") for a in sys.argv[2:]):
         _check_output_folder(sys.argv[2:])
-    sys.argv = [f"metalearn {command}", *sys.argv[2:], *_rank_overrides(command)]
+    args = sys.argv[2:]
+    if command == "eval" and not any(a in ("-h", "--help") for a in args):
+        from metalearn.reevaluate import checkpoint_groups
+
+        _CHECKPOINT_GROUPS[:] = checkpoint_groups(args, CONFIG_DIR)
+        args = [*_CHECKPOINT_GROUPS, *args]
+    sys.argv = [f"metalearn {command}", *args, *_rank_overrides(command)]
     entry = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=command)
     entry(_reported(ENTRIES[command]))()
 

@@ -1,6 +1,7 @@
 """`metalearn eval`: the checkpoint's own config, changed only by the overrides the user typed."""
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,31 @@ from metalearn.records.results import result_table, tested_results, write_json
 FIXED_GROUPS = ("algo", "model")  # the weights decide these; asking for others is an error
 SWAPPABLE_GROUPS = ("data", "hardware", "logger")  # a new choice replaces the whole section
 IGNORED = ("checkpoint", "episode", "hydra", "debug", "experiment")
+
+
+def checkpoint_groups(overrides: list[str], configs: Path) -> list[str]:
+    """`algo=`, `model=` and `data=` naming the checkpoint's own choices, for the groups the
+    command line does not choose: composed first, they give Hydra the checkpoint's sections, so
+    that it accepts overrides of their keys (`data.activation=relu` on a digits_mlp checkpoint
+    while the eval config's default data set is omniglot). They are not the user's overrides:
+    the caller leaves them out of merge_config's. Empty where the checkpoint cannot be read
+    (evaluate_checkpoint then says why)."""
+    paths = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "checkpoint"]
+    if not paths:
+        return []
+    try:
+        with warnings.catch_warnings():  # a fallback's warning comes again when it is evaluated
+            warnings.simplefilter("ignore")
+            saved = checkpoint.load(Path(paths[-1]).expanduser())["config"]
+    except (CheckpointError, KeyError, TypeError):
+        return []
+    chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    groups = []
+    for group in (*FIXED_GROUPS, "data"):
+        name = (saved.get(group) or {}).get("name")
+        if group not in chosen and name and (configs / group / f"{name}.yaml").is_file():
+            groups.append(f"{group}={name}")
+    return groups
 
 
 def merge_config(saved: dict, composed: dict, overrides: list[str], path: Path) -> dict:

@@ -186,8 +186,17 @@ def test_the_inner_rate_follows_its_hypergradient_within_the_inner_loop():
     assert not torch.allclose(plain[-1]["weight"], ours[-1]["weight"])
 
 
-def test_maml_with_a_hypergradient_inner_rate_meta_trains(tmp_path):
+def test_maml_with_a_hypergradient_inner_rate_meta_trains_and_logs_the_rate(tmp_path):
+    """The learned inner rate (the last inner step's, mean and smallest over the meta-batch) is
+    logged at every step; it moves away from algo.inner_lr."""
     overrides = [*SMOKE, "algo.inner_steps=3", "algo.inner_lr_hypergradient=true"]
     overrides += ["algo.inner_hypergrad_lr=1e-5"]  # sinusoid gradients are large
-    results = meta_train(build_run(compose_config(overrides)), tmp_path)
+    cfg = compose_config(overrides)
+    results = meta_train(build_run(cfg), tmp_path)
     assert math.isfinite(results["test"]["mse"]["mean"])
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in lines if "train/inner_lr" in x]
+    assert len(logged) == 6
+    for x in logged:
+        assert x["train/inner_lr"] != cfg["algo"]["inner_lr"]
+        assert x["train/inner_lr_min"] <= x["train/inner_lr"]

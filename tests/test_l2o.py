@@ -205,3 +205,36 @@ def test_a_problems_minibatches_and_noise_do_not_depend_on_how_its_batch_is_cut(
         part_grads = torch.autograd.grad(whole[3:].loss(part, step).sum(), list(part.values()))
         for g, h in zip(grads, part_grads, strict=True):
             torch.testing.assert_close(h, g[3:])
+
+
+def test_the_papers_generalisation_checks_are_measured_on_a_checkpoint(tmp_path):
+    """Andrychowicz et al.'s two checks through `metalearn eval`: an optimiser trained for 6
+    steps run for 12 reports, beside every tuned baseline, each problem's loss change since
+    step 6 and whether it still descends (here an SGD-like one from fan-in starts: it does);
+    and the same checkpoint on ReLU networks is tested there, baselines tuned there too."""
+    from conftest import CONFIGS
+
+    from metalearn.cli import train
+    from metalearn.reevaluate import checkpoint_groups, evaluate_checkpoint
+
+    common = ["data.steps=6", "algo.truncation=3", "data.init=fan_in", "model.base_lr=1.0"]
+    train(l2o_run(*common, "trainer.iterations=2", data="digits_mlp"), tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+
+    def retest(*overrides: str) -> dict:
+        overrides = [f"checkpoint={checkpoint}", "eval.episodes=16", "logger=none", *overrides]
+        groups = checkpoint_groups(overrides, CONFIGS)  # as `metalearn eval` composes
+        assert groups == ["algo=l2o", "model=lstm_optimizer", "data=digits_mlp"]
+        config = compose_config([*groups, *overrides], config_name="eval")
+        return evaluate_checkpoint(config, overrides, tmp_path / "eval")
+
+    longer = retest("eval.steps=[12]")
+    for entry in [longer["test"], *longer["baselines"].values()]:
+        trained, later = entry["breakdown"]
+        assert (trained["steps"], later["steps"]) == (6, 12) and "change" not in trained
+        change = later["change"]
+        assert later["still_descending"] == (change["mean"] + change["ci95"] < 0)
+    assert longer["test"]["breakdown"][1]["still_descending"]  # SGD at rate 1 from fan-in starts
+    relu = retest("data.activation=relu")
+    assert relu["test"]["final_loss"]["mean"] != longer["test"]["final_loss"]["mean"]
+    assert set(relu["baselines"]) == set(longer["baselines"])

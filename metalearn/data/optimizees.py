@@ -83,11 +83,16 @@ class DigitsMLPConfig(OptimizeeConfig):
     layers: int = 1  # hidden layers
     activation: str = "sigmoid"  # the paper's; relu: its generalisation test
     batch: int = 128  # minibatch
+    # 'paper': weights and biases ~ N(0, 0.01^2) (problems.py); 'fan_in': U(-1/sqrt(fan_in),
+    # 1/sqrt(fan_in)), torch.nn.Linear's default, which starts off the paper's plateau
+    init: str = "paper"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.activation not in ("sigmoid", "relu"):
             raise ConfigError(f"data.activation must be sigmoid or relu, got {self.activation!r}")
+        if self.init not in ("paper", "fan_in"):
+            raise ConfigError(f"data.init must be paper or fan_in, got {self.init!r}")
         for key in ("hidden", "layers", "batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
@@ -218,11 +223,17 @@ class DigitsTasks(_Family):
         self.shapes = list(zip(sizes[:-1], sizes[1:], strict=True))
 
     def draw(self, gen: torch.Generator, tasks: int) -> tuple[dict, dict]:
-        """Weights and biases ~ N(0, 0.01^2), as the paper's MNIST network."""
+        """Weights and biases ~ N(0, 0.01^2), as the paper's MNIST network, or U(+-1/sqrt(fan_in))
+        (data.init=fan_in)."""
         start = {}
         for i, (fan_in, fan_out) in enumerate(self.shapes):
-            start[f"w{i}"] = 0.01 * self.normal(gen, tasks, fan_in, fan_out)
-            start[f"b{i}"] = 0.01 * self.normal(gen, tasks, fan_out)
+            if self.cfg.init == "paper":
+                start[f"w{i}"] = 0.01 * self.normal(gen, tasks, fan_in, fan_out)
+                start[f"b{i}"] = 0.01 * self.normal(gen, tasks, fan_out)
+            else:
+                bound = fan_in**-0.5
+                start[f"w{i}"] = bound * (2 * self.uniform(gen, tasks, fan_in, fan_out) - 1)
+                start[f"b{i}"] = bound * (2 * self.uniform(gen, tasks, fan_out) - 1)
         return start, {}
 
     def loss(self, problems: Problems, params: dict[str, Tensor], step: int) -> Tensor:

@@ -17,12 +17,15 @@ class Conv4Config:
     hidden: int = 64  # filters per block (64 for Omniglot and ProtoNets, 32 for MAML miniImageNet)
     downsample: str = "maxpool"  # 'maxpool' (ProtoNets) or 'stride' (MAML's Omniglot network)
     pooled_blocks: int = 4  # how many blocks, from the first, downsample (Relation Networks: 2)
+    bn_eps: float = 1e-5  # BatchNorm's epsilon (torch's default; Ravi & Larochelle's learner: 1e-3)
 
     def __post_init__(self) -> None:
         if self.hidden < 1:
             raise ConfigError(f"model.hidden must be positive, got {self.hidden}")
         if not 0 <= self.pooled_blocks <= 4:
             raise ConfigError(f"model.pooled_blocks must be in 0..4, got {self.pooled_blocks}")
+        if not self.bn_eps > 0:
+            raise ConfigError(f"model.bn_eps must be positive, got {self.bn_eps}")
         if self.downsample not in ("maxpool", "stride"):
             raise ConfigError(
                 f"model.downsample must be 'maxpool' or 'stride', got {self.downsample!r}"
@@ -62,7 +65,9 @@ class Conv4(nn.Module):
             stride = 2 if cfg.downsample == "stride" and pooled else 1
             blocks += [
                 nn.Conv2d(channels if i == 0 else cfg.hidden, cfg.hidden, 3, stride, padding=1),
-                TaskBatchNorm2d(cfg.hidden, fused=fused_batchnorm, running=running_stats),
+                TaskBatchNorm2d(
+                    cfg.hidden, cfg.bn_eps, fused=fused_batchnorm, running=running_stats
+                ),
                 nn.ReLU(),
             ]
             if cfg.downsample == "maxpool" and pooled:

@@ -31,11 +31,18 @@ def log10_mean(losses: torch.Tensor) -> float:
 
 
 def summary(curve: torch.Tensor, horizons: list[int], metric: str) -> dict[str, Any]:
-    """A curve (problems, steps + 1)'s loss after each horizon, and the last one's headline."""
-    breakdown = [
-        {"steps": h, metric: mean_ci95(curve[:, h]), "log10_mean": log10_mean(curve[:, h])}
-        for h in horizons
-    ]
+    """A curve (problems, steps + 1)'s loss after each horizon; the first (the horizon it was
+    trained for) is the headline. A horizon beyond it also gets each problem's loss change since
+    the headline's (`change`, paired, 95% CI) and `still_descending`: that change is below zero
+    beyond its interval (Andrychowicz et al.'s check of an optimiser run twice as long as it was
+    trained for)."""
+    trained, breakdown = horizons[0], []
+    for h in horizons:
+        entry = {"steps": h, metric: mean_ci95(curve[:, h]), "log10_mean": log10_mean(curve[:, h])}
+        if h > trained:
+            change = mean_ci95(curve[:, h].double() - curve[:, trained].double())
+            entry |= {"change": change, "still_descending": change["mean"] + change["ci95"] < 0}
+        breakdown.append(entry)
     return {**breakdown[0], "breakdown": breakdown}
 
 
@@ -95,6 +102,18 @@ def format_optimizer_table(results: dict) -> str:
         rate = "learned" if rate is None else f"{rate:g}"
         cell = f"{value['mean']:.4g} ± {value['ci95']:.2g}"
         rows.append(f"{name:>22}{rate:>10}{cell:>24}{entry['log10_mean']:>12.3f}")
+    for later in [e for e in test["breakdown"] if "change" in e]:
+        rows.append(
+            f"after {later['steps']} steps (trained for {test['steps']}): loss, and its change "
+            f"since step {test['steps']}"
+        )
+        for name, entry in entries:
+            at = next(e for e in entry["breakdown"] if e["steps"] == later["steps"])
+            value, change = at[results["metric"]], at["change"]
+            note = "still descending" if at["still_descending"] else ""
+            cell = f"{value['mean']:.4g} ± {value['ci95']:.2g}"
+            delta = f"{change['mean']:+.3g} ± {change['ci95']:.2g}"
+            rows.append(f"{name:>22}{'':>10}{cell:>24}{delta:>20}  {note}")
     return "\n".join([title, *rows])
 
 

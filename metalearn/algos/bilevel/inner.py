@@ -53,6 +53,7 @@ def adapt_steps(
     proximal: float = 0.0,
     per_step: Sequence[Params] | None = None,
     hypergradient: float = 0.0,
+    trace: dict[str, list[Tensor]] | None = None,
 ) -> Iterator[Params]:
     """Yield the fast parameters before and after each of `steps` SGD steps on the support loss.
 
@@ -60,8 +61,9 @@ def adapt_steps(
     unchanged. `proximal` adds lambda/2 * ||phi - theta||^2 around the (detached) starting point.
     `per_step[s]` overrides some parameters in the forward pass of step s (MAML++'s per-step
     BatchNorm weights). `hypergradient` (beta > 0) moves a scalar rate by beta times the dot
-    product of consecutive inner gradients before each step after the first (SGD-HD). The
-    yielded dicts hold every parameter, adapted or not.
+    product of consecutive inner gradients before each step after the first (SGD-HD); with a
+    `trace` dict, the rate each step used is appended to trace["lr"] (a caller under vmap reads
+    it inside its mapped function). The yielded dicts hold every parameter, adapted or not.
     """
     names = list(params) if adapted is None else [k for k in params if k in adapted]
     anchor = {k: params[k].detach() for k in names} if proximal else {}
@@ -90,6 +92,8 @@ def adapt_steps(
             if previous is not None:
                 rate = rate + hypergradient * sum((grads[k] * previous[k]).sum() for k in names)
             previous = grads
+            if trace is not None:
+                trace.setdefault("lr", []).append(torch.as_tensor(rate))
             params = {**params, **{k: moving[k] - rate * grads[k] for k in names}}
         else:
             params = {

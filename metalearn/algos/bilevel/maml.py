@@ -9,7 +9,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+from torch import Tensor
+
 from metalearn.algos.bilevel.base import Bilevel, BilevelConfig
+from metalearn.data.tasks import TaskBatch
 from metalearn.errors import ConfigError
 
 
@@ -40,10 +44,35 @@ class MAMLConfig(BilevelConfig):
 
 
 class MAML(Bilevel):
-    """Meta-learns an initialisation; tasks of a meta-batch run under `vmap` or a Python loop."""
+    """Meta-learns an initialisation; tasks of a meta-batch run under `vmap` or a Python loop.
+
+    With `algo.inner_lr_hypergradient` the training log records the inner rate that each task's
+    last inner step used, averaged over the meta-batch (`train/inner_lr`), and its smallest
+    (`train/inner_lr_min`): a rate that turns negative shows there, unclipped.
+    """
+
+    _trace: dict[str, list[Tensor]] | None = None  # the running task's inner rates
 
     def inner_options(self, training: bool) -> dict[str, Any]:
         options = super().inner_options(training)
         if self.cfg.inner_lr_hypergradient:
             options["hypergradient"] = self.cfg.inner_hypergrad_lr
+            if self._trace is not None:
+                options["trace"] = self._trace
         return options
+
+    def _traced_task_loss(self, params, buffers, sx, sy, qx, qy) -> tuple[Tensor, ...]:
+        self._trace = {}
+        try:
+            loss, task_score = self.task_loss(params, buffers, sx, sy, qx, qy)
+            rates = self._trace.get("lr") or [torch.as_tensor(float(self.cfg.inner_lr))]
+        finally:
+            self._trace = None
+        return loss, task_score, rates[-1].to(loss.dtype)
+
+    def objective(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if not self.cfg.inner_lr_hypergradient:
+            return super().objective(batch)
+        losses, scores, rates = self.over_tasks(self._traced_task_loss, batch, *self.params())
+        metrics, rates = {"loss": losses.mean(), "score": scores.mean()}, rates.detach()
+        return losses.mean(), metrics | {"inner_lr": rates.mean(), "inner_lr_min": rates.min()}
