@@ -10,7 +10,12 @@ from metalearn.data.tasks import StoredTasks
 from metalearn.episode import classify_episode
 from metalearn.errors import CheckpointError, ConfigError
 from metalearn.records import checkpoint
-from metalearn.records.results import result_table, tested_results, write_json
+from metalearn.records.results import (
+    result_table,
+    tested_results,
+    write_curve_plots,
+    write_json,
+)
 
 FIXED_GROUPS = ("algo", "model")  # the weights decide these; asking for others is an error
 SWAPPABLE_GROUPS = ("data", "hardware", "logger")  # a new choice replaces the whole section
@@ -90,8 +95,9 @@ def evaluate_checkpoint(composed: dict[str, Any], overrides: list[str], run_dir:
             + (f"; accuracy {100 * accuracy:.2f}%" if accuracy is not None else "")
         )
     else:
-        results, _ = tested_results(run, val=None, train=None)
+        results, curves = tested_results(run, val=None, train=None)
         results["checkpoint"] = str(path)
+        write_curve_plots(run, curves, run_dir / "plots")
         print(result_table(results))
     write_json(run_dir / "results.json", results)
     return results

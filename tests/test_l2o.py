@@ -229,6 +229,7 @@ def test_the_papers_generalisation_checks_are_measured_on_a_checkpoint(tmp_path)
         return evaluate_checkpoint(config, overrides, tmp_path / "eval")
 
     longer = retest("eval.steps=[12]")
+    assert (tmp_path / "eval" / "plots" / "loss_by_step.png").is_file()  # 12 steps, each optimiser
     for entry in [longer["test"], *longer["baselines"].values()]:
         trained, later = entry["breakdown"]
         assert (trained["steps"], later["steps"]) == (6, 12) and "change" not in trained

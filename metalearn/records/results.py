@@ -177,11 +177,7 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     }
     results, curves = tested_results(run, progress.best_val, train)
     write_json(run_dir / "results.json", results)
-    plots = write_plots(run, run_dir)
-    if curves and run.metric == "final_loss":  # each optimiser's loss by step
-        plots.append(plot_optimizer(curves, run_dir / "plots"))
-    elif curves:  # meta-RL: each policy's regret (Harlow: accuracy) by step
-        plots.append(plot_rl(run, curves, run_dir / "plots"))
+    plots = write_plots(run, run_dir) + write_curve_plots(run, curves, run_dir / "plots")
     print(result_table(results))
     logger.log_summary(results)
     logger.log_images(plots)
@@ -189,6 +185,16 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{run.name}-results")
     logger.log_artifact(name, [run_dir / "results.json", *plots, best])
     return results
+
+
+def write_curve_plots(run: Run, curves: dict, folder: Path) -> list[Path]:
+    """The test's curves, where it has them: each optimiser's loss by step, or each meta-RL
+    policy's regret (Harlow: accuracy) by step."""
+    if not curves:
+        return []
+    if run.metric == "final_loss":
+        return [plot_optimizer(curves, folder)]
+    return [plot_rl(run, curves, folder)]
 
 
 def tested_results(run: Run, val: dict | None, train: dict | None) -> tuple[dict, dict]:

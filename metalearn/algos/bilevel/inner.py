@@ -87,19 +87,15 @@ def adapt_steps(
         grads = torch.func.grad(support_loss)(moving, fixed)
         if first_order:  # FOMAML: the inner gradient is a constant (Finn et al. 2017, section 5.2)
             grads = {k: g.detach() for k, g in grads.items()}
-        if hypergradient:
-            rate = step_size(lr, step, names[0]) if rate is None else rate
+        sizes = {k: step_size(lr, step, k) for k in names}
+        if hypergradient:  # one rate, from lr at the first step, then by its hypergradient
             if previous is not None:
                 rate = rate + hypergradient * sum((grads[k] * previous[k]).sum() for k in names)
-            previous = grads
+            rate = sizes[names[0]] if previous is None else rate
+            previous, sizes = grads, dict.fromkeys(names, rate)
             if trace is not None:
                 trace.setdefault("lr", []).append(torch.as_tensor(rate))
-            params = {**params, **{k: moving[k] - rate * grads[k] for k in names}}
-        else:
-            params = {
-                **params,
-                **{k: moving[k] - step_size(lr, step, k) * grads[k] for k in names},
-            }
+        params = {**params, **{k: moving[k] - sizes[k] * grads[k] for k in names}}
         yield params
 
 
