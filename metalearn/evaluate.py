@@ -23,6 +23,8 @@ class EvalConfig:
     query: int | None = None  # query examples per class at test (None: data.query)
     shots: list[int] = field(default_factory=list)  # extra shots for test.breakdown
     steps: list[int] = field(default_factory=list)  # extra test inner-step counts for the breakdown
+    calibration: bool = True  # classifiers: test.calibration and plots/reliability.png
+    temperature: bool = False  # with calibration: temperature scaling fitted on val episodes
 
     def __post_init__(self) -> None:
         for key in ("episodes", "val_episodes", "batch_size"):
@@ -31,6 +33,11 @@ class EvalConfig:
         if self.query is not None and self.query < 1:
             raise ConfigError(f"eval.query must be positive, got {self.query}")
         check_seed(self.seed, "eval.seed")
+        if self.temperature and not self.calibration:
+            raise ConfigError(
+                "eval.temperature=true fits a temperature for the calibration report; set "
+                "eval.calibration=true as well (or drop eval.temperature)"
+            )
         if any(s < 1 for s in self.shots) or any(s < 0 for s in self.steps):
             raise ConfigError(
                 f"eval.shots must be >= 1 and eval.steps >= 0: {self.shots}, {self.steps}"

@@ -97,7 +97,7 @@ def evaluate_checkpoint(composed: dict[str, Any], overrides: list[str], run_dir:
     else:
         results, curves = tested_results(run, val=None, train=None)
         results["checkpoint"] = str(path)
-        write_curve_plots(run, curves, run_dir / "plots")
+        write_curve_plots(run, curves, run_dir / "plots", results)
         print(result_table(results))
     write_json(run_dir / "results.json", results)
     return results

@@ -16,6 +16,7 @@ from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
 from metalearn.records import checkpoint
+from metalearn.records.calibration import calibration_report, plot_reliability
 from metalearn.records.logger import Logger
 from metalearn.records.optimizers import format_optimizer_table, plot_optimizer, test_optimizer
 from metalearn.records.plots import plot_learning_curves, plot_sinusoid_tasks
@@ -45,12 +46,15 @@ def test(run: Run) -> dict[str, Any]:
             breakdown.append(entry)
             if k == shots and step == run.test_steps:
                 headline = entry
-    return {
+    out = {
         run.metric: headline[run.metric],
         "loss": headline["loss"],
         "episodes": cfg.episodes,
         "breakdown": breakdown,
     }
+    if run.metric == "accuracy" and cfg.calibration:
+        out["calibration"] = calibration_report(run)
+    return out
 
 
 def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | None) -> dict:
@@ -177,7 +181,7 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     }
     results, curves = tested_results(run, progress.best_val, train)
     write_json(run_dir / "results.json", results)
-    plots = write_plots(run, run_dir) + write_curve_plots(run, curves, run_dir / "plots")
+    plots = write_plots(run, run_dir) + write_curve_plots(run, curves, run_dir / "plots", results)
     print(result_table(results))
     logger.log_summary(results)
     logger.log_images(plots)
@@ -187,9 +191,11 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
     return results
 
 
-def write_curve_plots(run: Run, curves: dict, folder: Path) -> list[Path]:
-    """The test's curves, where it has them: each optimiser's loss by step, or each meta-RL
-    policy's regret (Harlow: accuracy) by step."""
+def write_curve_plots(run: Run, curves: dict, folder: Path, results: dict) -> list[Path]:
+    """The test's own plots: a classifier's reliability diagram, each optimiser's loss by step,
+    or each meta-RL policy's regret (Harlow: accuracy) by step."""
+    if "calibration" in results.get("test", {}):
+        return [plot_reliability(results["test"]["calibration"], folder / "reliability.png")]
     if not curves:
         return []
     if run.metric == "final_loss":
@@ -245,4 +251,22 @@ def format_table(results: dict) -> str:
     inner_loop = results["protocol"]["test_inner_steps"] is not None
     header = f"{'':>8}" + "".join(f"{f'{s} steps' if inner_loop else metric:>20}" for s in steps)
     rows = [f"{f'K={k}':>8}" + "".join(f"{fmt(cells[(k, s)]):>20}" for s in steps) for k in shots]
+    if "calibration" in test_result:
+        rows += calibration_rows(test_result["calibration"])
     return "\n".join([title, header, *rows])
+
+
+def calibration_rows(calibration: dict) -> list[str]:
+    """The calibration lines under the accuracy table: pooled, and the per-episode means."""
+    rows = []
+    entries = [("raw", calibration)]
+    if "temperature" in calibration:
+        entries.append((f"T={calibration['temperature']['value']:.2f}", calibration["temperature"]))
+    for name, entry in entries:
+        p, t = entry["pooled"], entry["per_task"]
+        rows.append(
+            f"calibration ({name}): ECE {p['ece']:.4f}, MCE {p['mce']:.4f}, NLL {p['nll']:.4f}, "
+            f"Brier {p['brier']:.4f} pooled; per episode ECE {t['ece']['mean']:.4f}, "
+            f"NLL {t['nll']['mean']:.4f}, Brier {t['brier']['mean']:.4f}"
+        )
+    return rows
