@@ -130,7 +130,7 @@ def fit_temperature(logits: Tensor, labels: Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def calibration_report(run) -> dict[str, Any]:

@@ -89,9 +89,10 @@ def adapt_steps(
             grads = {k: g.detach() for k, g in grads.items()}
         sizes = {k: step_size(lr, step, k) for k in names}
         if hypergradient:  # one rate, from lr at the first step, then by its hypergradient
-            if previous is not None:
+            if previous is None:
+                rate = sizes[names[0]]
+            else:
                 rate = rate + hypergradient * sum((grads[k] * previous[k]).sum() for k in names)
-            rate = sizes[names[0]] if previous is None else rate
             previous, sizes = grads, dict.fromkeys(names, rate)
             if trace is not None:
                 trace.setdefault("lr", []).append(torch.as_tensor(rate))
