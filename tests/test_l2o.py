@@ -239,3 +239,30 @@ def test_the_papers_generalisation_checks_are_measured_on_a_checkpoint(tmp_path)
     relu = retest("data.activation=relu")
     assert relu["test"]["final_loss"]["mean"] != longer["test"]["final_loss"]["mean"]
     assert set(relu["baselines"]) == set(longer["baselines"])
+
+
+def test_metalearn_eval_takes_keys_of_the_checkpoints_own_data_set(tmp_path):
+    """`metalearn eval checkpoint=... data.activation=relu` from the command line: the eval
+    config's default data set (omniglot) has no such key, so the CLI composes the checkpoint's
+    groups first; they are not overrides, so the checkpoint's data section (data.steps=4) stays."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from metalearn.cli import train
+
+    train(l2o_run("data.steps=4", "algo.truncation=2", data="digits_mlp"), tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "best.pt"
+    out = subprocess.run(
+        [sys.executable, "-m", "metalearn.cli", "eval", f"checkpoint={checkpoint}",
+         "data.activation=relu", "eval.episodes=4", "hardware.threads=1", "logger=none",
+         f"hydra.run.dir={tmp_path / 'eval'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["test"]["steps"] == 4 and results["test"]["episodes"] == 4
+    saved = (tmp_path / "eval" / ".hydra" / "overrides.yaml").read_text()
+    assert "data.activation=relu" in saved
