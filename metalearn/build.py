@@ -11,6 +11,7 @@ from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
 from metalearn.checks import check_combination, check_task_shapes, check_train_shape
 from metalearn.config import as_dict, check_seed, from_dict
+from metalearn.data.gp import GPConfig, GPTasks
 from metalearn.data.images.cifar import PREPROCESS as CIFAR_PREPROCESS
 from metalearn.data.images.cifar import CIFARFSConfig, FC100Config, cifarfs_tasks, fc100_tasks
 from metalearn.data.images.cub import PREPROCESS as CUB_PREPROCESS
@@ -39,6 +40,7 @@ from metalearn.train.config import TrainerConfig
 DATASETS: dict[str, tuple[type, Any]] = {
     "omniglot": (OmniglotConfig, omniglot_tasks),
     "sinusoid": (SinusoidConfig, SinusoidTasks),
+    "gp": (GPConfig, GPTasks),  # Gaussian-process functions with their exact posterior
     "miniimagenet": (MiniImageNetConfig, miniimagenet_tasks),
     "tieredimagenet": (TieredImageNetConfig, tieredimagenet_tasks),
     "cifarfs": (CIFARFSConfig, cifarfs_tasks),
@@ -149,7 +151,7 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
         train_shape=train_shape,
         test_shape=test_shape,
         test_steps=_test_steps(config, algo_cls),
-        metric=metric_name(tasks.kind),
+        metric=algo_cls.metric or metric_name(tasks.kind),
         preprocess=_preprocess(data),
         name=f"{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
     )

@@ -37,14 +37,27 @@ OPTIMIZEES = sorted(name for name, (_, cls) in REGISTRY.items() if cls.optimizee
 UPDATE_RULES = sorted(  # learned update rules on tasks (Meta-LSTM)
     name for name, (_, cls) in REGISTRY.items() if cls.family == "optimizers" and not cls.optimizees
 )
+PROCESSES = sorted(name for name, (_, cls) in REGISTRY.items() if cls.family == "processes")
 IMPOSSIBLE = {
-    (name, "sinusoid"): [name, "classification", "omniglot"]
+    (name, data): [name, "classification", "omniglot"]
     for name in METRIC + PRETRAINING + UPDATE_RULES
+    for data in ("sinusoid", "gp")
 }
+# data=gp draws U{0..50} context points: an inner loop needs at least one, of a fixed number
+IMPOSSIBLE |= {(name, "gp"): [name, "at least one", "data.min_shots"] for name in BILEVEL}
 # meta-RL: rl2 only on environments, and only rl2 there
 META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp"]
 SUPERVISED_DATA = ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
-SUPERVISED_DATA.append("tieredimagenet")
+SUPERVISED_DATA += ["tieredimagenet", "gp"]
+# neural processes predict real values: regression data only
+IMPOSSIBLE |= {
+    (name, data): [name, "regression", "data=gp or sinusoid"]
+    for name in PROCESSES
+    for data in SUPERVISED_DATA + META_RL_DATA
+    if data not in ("sinusoid", "gp")
+}
+# ConvCNP puts x itself on its grid: sinusoid's default network (MAML's MLP) does not fit
+IMPOSSIBLE[("convcnp", "sinusoid")] = ["convcnp", "model=identity"]
 IMPOSSIBLE |= {
     (name, data): [name, "supervised", data] for name in REINFORCEMENT for data in SUPERVISED_DATA
 }
@@ -69,8 +82,8 @@ IMPOSSIBLE |= {
 GROUPS = {
     "algo": sorted(REGISTRY),
     "data": sorted(SUPERVISED_DATA + META_RL_DATA + OPTIMIZEE_DATA),
-    "model": ["conv4", "conv4_32", "lstm_optimizer", "mlp", "mlp_optimizer", "recurrent"]
-    + ["resnet12"],
+    "model": ["conv4", "conv4_32", "identity", "lstm_optimizer", "mlp", "mlp_optimizer"]
+    + ["recurrent", "resnet12"],
     "hardware": ["auto", "cpu", "cuda"],
     "logger": ["none", "wandb"],
     "debug": ["smoke"],
@@ -144,12 +157,19 @@ def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_
     run = build_run(raw)
     assert (run.config.algo.name, run.config.data.name) == (algo, data)
     # Each data set gets its usual network unless model=<name> says otherwise.
-    kind = "rl" if data in META_RL_DATA else "regression" if data == "sinusoid" else "images"
+    regression = data in ("sinusoid", "gp")
+    kind = "rl" if data in META_RL_DATA else "regression" if regression else "images"
     kind = "optimization" if data in OPTIMIZEE_DATA else kind
     models = {"rl": "recurrent", "regression": "mlp", "images": "conv4"}
-    assert run.config.model.name == (models | {"optimization": "lstm_optimizer"})[kind]
+    models |= {"optimization": "lstm_optimizer"} | (
+        {"regression": "identity"} if data == "gp" else {}
+    )
+    assert run.config.model.name == models[kind]
     metrics = {"rl": "reward", "regression": "mse", "images": "accuracy"}
-    assert run.metric == (metrics | {"optimization": "final_loss"})[kind]
+    metrics |= {"optimization": "final_loss"} | (
+        {"regression": "loglik"} if algo in PROCESSES else {}
+    )
+    assert run.metric == metrics[kind]
     assert run.tasks.kind == {"images": "classification"}.get(kind, kind)
     assert run.name.startswith(f"{algo}-{data}-")
     if algo == "fomaml":

@@ -21,6 +21,7 @@ from metalearn.algos.metric.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algos.metric.relationnet import RelationNet, RelationNetConfig
 from metalearn.algos.optimizers.l2o import L2O, L2OConfig
 from metalearn.algos.optimizers.metalstm import MetaLSTM, MetaLSTMConfig
+from metalearn.algos.processes.neural_process import NeuralProcess, NeuralProcessConfig
 
 # name -> (config class, algorithm class); build.py is the only reader.
 ALGOS: dict[str, tuple[type, type]] = {
@@ -46,4 +47,9 @@ ALGOS: dict[str, tuple[type, type]] = {
     "icl_transformer": (SequenceConfig, SequenceLearner),
     "l2o": (L2OConfig, L2O),  # learned optimisers: model=lstm_optimizer or mlp_optimizer
     "metalstm": (MetaLSTMConfig, MetaLSTM),  # Ravi & Larochelle's meta-learner LSTM
+    "cnp": (NeuralProcessConfig, NeuralProcess),  # neural processes: each YAML names its paths
+    "acnp": (NeuralProcessConfig, NeuralProcess),
+    "np": (NeuralProcessConfig, NeuralProcess),
+    "anp": (NeuralProcessConfig, NeuralProcess),
+    "convcnp": (NeuralProcessConfig, NeuralProcess),
 }

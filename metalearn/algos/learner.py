@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-FAMILIES = ("bilevel", "metric", "blackbox", "pretraining", "optimizers")
+FAMILIES = ("bilevel", "metric", "blackbox", "pretraining", "optimizers", "processes")
 COMPILED = ("objective", "meta_loss")
 
 
@@ -48,6 +48,13 @@ class Learner:
     checkpoint_switch: ClassVar[bool]
     outer_schedule: ClassVar[str]  # the outer learning rate's schedule unless trainer.lr_schedule
     compiled: ClassVar[str]  # the method hardware.compile wraps: one of COMPILED
+
+    # Defaults most learners keep (not declarations): the metric a learner scores tasks by
+    # when it is not its task kind's (neural processes: 'loglik', the predictive log-likelihood
+    # per target point), and whether it takes context sets of different sizes in one batch
+    # (data=gp pads them; a learner without this needs data.min_shots = data.shots >= 1).
+    metric: ClassVar[str | None] = None
+    variable_context: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -87,8 +94,11 @@ class Learner:
         return "", [], []
 
 
-# the capabilities above, by name: what __init_subclass__ checks and the tests list
-DECLARED: tuple[str, ...] = tuple(Learner.__annotations__)
+# the capabilities above without a default, by name: what __init_subclass__ checks and the
+# tests list
+DECLARED: tuple[str, ...] = tuple(
+    name for name in Learner.__annotations__ if name not in vars(Learner)
+)
 Learner.DECLARED = DECLARED
 
 

@@ -9,7 +9,7 @@ from metalearn.models.learned_optimizers import (
     MLPOptimizer,
     MLPOptimizerConfig,
 )
-from metalearn.models.mlp import MLP, MLPConfig
+from metalearn.models.mlp import MLP, Identity, IdentityConfig, MLPConfig
 from metalearn.models.recurrent import RecurrentActorCritic, RecurrentConfig
 from metalearn.models.resnet12 import ResNet12, ResNet12Config
 
@@ -17,6 +17,7 @@ from metalearn.models.resnet12 import ResNet12, ResNet12Config
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "conv4": (Conv4Config, Conv4),
     "mlp": (MLPConfig, MLP),
+    "identity": (IdentityConfig, Identity),  # x itself: neural processes' default on data=gp
     "resnet12": (ResNet12Config, ResNet12),
     "recurrent": (RecurrentConfig, RecurrentActorCritic),
     "lstm_optimizer": (LSTMOptimizerConfig, LSTMOptimizer),  # learned optimisers (algo=l2o)

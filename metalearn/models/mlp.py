@@ -3,6 +3,7 @@
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from metalearn.errors import ConfigError
@@ -46,4 +47,32 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, embed_only: bool = False) -> Tensor:  # (B, *in_shape) -> (B, out)
         z = self.body(x.flatten(1))
+        return z if self.head is None or embed_only else self.head(z)
+
+
+@dataclass
+class IdentityConfig:
+    """No layers: the inputs themselves (a neural process's x features; ConvCNP needs it)."""
+
+    name: str = "identity"
+
+
+class Identity(nn.Module):
+    """x (B, in) -> x flattened; with out_features > 0, one linear layer (linear regression)."""
+
+    convolutional = False
+    recurrent = False
+    learned_optimizer = False
+
+    def __init__(
+        self, cfg: IdentityConfig, in_shape: tuple[int, ...], out_features: int, **_layout: bool
+    ) -> None:
+        super().__init__()
+        self.embedding_dim = math.prod(in_shape)
+        self.head = nn.Linear(self.embedding_dim, out_features) if out_features > 0 else None
+        # an empty buffer: learners that add modules find the model's device from it
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
+
+    def forward(self, x: Tensor, embed_only: bool = False) -> Tensor:
+        z = x.flatten(1)
         return z if self.head is None or embed_only else self.head(z)

@@ -61,6 +61,57 @@ def plot_sinusoid_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
     return save(fig, path)
 
 
+def plot_gp_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
+    """A few test functions: their context points and targets, the exact GP posterior's mean and
+    90% band, and the learner's (a neural process's band; another learner's mean)."""
+    from metalearn.data.gp import oracle_predictive  # data stays out of the records' imports
+
+    ways, shots, query = run.test_shape
+    batch = next(
+        run.tasks.episodes(
+            "test", tasks, ways, shots, query, seed=run.config.eval.seed, batch_size=tasks
+        )
+    )
+    low, high = run.config.data.x_range
+    x = torch.linspace(low, high, 200, device=run.device)[:, None]
+    fig, axes = plt.subplots(1, tasks, figsize=(4 * tasks, 3.2), squeeze=False)
+    for t, ax in enumerate(axes[0]):
+        count = int(batch.info["context"][t])
+        support = Split(batch.support.x[t, :count], batch.support.y[t, :count])
+        info = {k: v[t : t + 1] for k, v in batch.info.items()}
+        mean, var = oracle_predictive(
+            Split(support.x[None], support.y[None]),
+            x[None],
+            info | {"context": torch.tensor([count], device=run.device)},
+        )
+        band(ax, x, mean[0], var[0].sqrt(), "k", "GP oracle")
+        if run.metric == "loglik":
+            m, sd = run.algo.predict_distribution(support, x)
+            band(ax, x, m, sd, "tab:blue", run.config.algo.name)
+        elif count:
+            ax.plot(
+                x.cpu(),
+                run.algo.predict(support, x).cpu(),
+                color="tab:blue",
+                label=run.config.algo.name,
+            )
+        ax.plot(
+            batch.query.x[t].cpu(), batch.query.y[t].cpu(), ".", color="0.6", ms=3, label="targets"
+        )
+        ax.plot(
+            support.x.cpu(), support.y.cpu(), "o", color="tab:red", ms=4, label=f"{count} context"
+        )
+    axes[0][0].legend(fontsize=7)
+    return save(fig, path)
+
+
+def band(ax, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, color: str, label: str):
+    """A predictive mean and its central 90% interval (mean +- 1.645 std)."""
+    x, mean, std = x[:, 0].cpu(), mean.float().cpu(), std.float().cpu()
+    ax.plot(x, mean, color=color, label=label)
+    ax.fill_between(x, mean - 1.645 * std, mean + 1.645 * std, color=color, alpha=0.2)
+
+
 def plot_policy_curves(curves: dict[str, torch.Tensor], ylabel: str, path: Path) -> Path:
     """One mean curve per policy against the step of a trial (cumulative regret, accuracy)."""
     fig, ax = plt.subplots(figsize=(5, 3.6))

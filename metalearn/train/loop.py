@@ -267,7 +267,7 @@ def _log_train(
     metrics = metrics | ({"skipped": progress.skipped} if progress.skipped else {})
     loss, score = metrics["loss"].item(), metrics["score"].item()
     names = {"accuracy": "query_acc", "mse": "query_mse", "reward": "trial_reward"}
-    name = (names | {"final_loss": "final_loss"})[run.metric]
+    name = (names | {"final_loss": "final_loss", "loglik": "target_loglik"})[run.metric]
     logger.log(
         {
             "train/loss": loss,

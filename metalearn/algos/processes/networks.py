@@ -1,0 +1,144 @@
+"""The parts of a neural process: set encoders, cross-attention, the latent path, the decoder,
+and ConvCNP's SetConv layers and CNN. Sizes follow the Neural-Process-Family (Dubois et al.
+2020) scaled to a CPU: width `hidden`, MLPs of `layers` layers.
+
+Shape letters: T tasks, C context points (padded; `mask` (T, C) marks the real ones), Q target
+points, X input features, D width, G grid points (ConvCNP).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MIN_STD = 0.01  # the NPF's predictive std floor: 0.01 + 0.99 * softplus
+LATENT_MIN_STD = 0.1  # Kim et al. 2019: 0.1 + 0.9 * sigmoid
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def masked_mean(r: Tensor, mask: Tensor) -> Tensor:
+    """(T, C, D) -> (T, D), the mean over real context points; zeros for an empty context."""
+    weights = mask.to(r.dtype)[..., None]
+    return (r * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def gaussian(raw: Tensor) -> tuple[Tensor, Tensor]:
+    """(..., 2) decoder outputs -> mean and std (..., ), std = 0.01 + 0.99 softplus."""
+    mean, scale = raw.unbind(-1)
+    return mean, MIN_STD + (1 - MIN_STD) * F.softplus(scale)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of target inputs over context points, a transformer block (the NPF's
+    'transformer' attention): LayerNorm(q + MHA), then LayerNorm(h + MLP(h)). A task with no
+    context gets zeros."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = mlp([dim, dim, dim])
+
+    def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """query (T, Q, D), keys (T, C, D), values (T, C, D), mask (T, C) -> (T, Q, D)."""
+        t, q_len, dim = query.shape
+        split = lambda z: z.view(t, z.shape[1], self.heads, dim // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(query)), split(self.k(keys)), split(self.v(values))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(dim // self.heads)  # (T, H, Q, C)
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+        weights = torch.nan_to_num(logits.softmax(-1), nan=0.0)  # empty context: no weight
+        attended = (weights @ v).transpose(1, 2).reshape(t, q_len, dim)
+        h = self.norm1(query + self.out(attended))
+        h = self.norm2(h + self.ffn(h))
+        return h * mask.any(1)[:, None, None].to(h.dtype)
+
+
+class LatentEncoder(nn.Module):
+    """(x, y) pairs -> a diagonal Gaussian over the global latent z: MLP, mean over the set,
+    MLP to mean and std (0.1 + 0.9 sigmoid, Kim et al. 2019)."""
+
+    def __init__(self, in_dim: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.encoder = mlp([in_dim] + [hidden] * layers)
+        self.head = mlp([hidden, hidden, 2 * hidden])
+
+    def forward(self, xy: Tensor, mask: Tensor) -> torch.distributions.Normal:
+        s = masked_mean(self.encoder(xy), mask)
+        mean, raw = self.head(s).chunk(2, -1)
+        return torch.distributions.Normal(
+            mean, LATENT_MIN_STD + (1 - LATENT_MIN_STD) * torch.sigmoid(raw)
+        )
+
+
+class SetConv(nn.Module):
+    """A Gaussian-RBF set convolution with a learned length scale (Gordon et al. 2020): the value
+    at each output input is sum over points of exp(-d^2 / (2 l^2)) * the point's value."""
+
+    def __init__(self, init_length: float) -> None:
+        super().__init__()
+        self.log_length = nn.Parameter(torch.tensor(math.log(init_length)))
+
+    def forward(self, x_in: Tensor, values: Tensor, x_out: Tensor, mask: Tensor | None) -> Tensor:
+        """x_in (T, A, 1), values (T, A, channels), x_out (T, B, 1) -> (T, B, channels)."""
+        d2 = (x_out - x_in.transpose(1, 2)) ** 2  # (T, B, A)
+        weights = torch.exp(-0.5 * d2 / self.log_length.exp() ** 2)
+        if mask is not None:
+            weights = weights * mask[:, None, :].to(weights.dtype)
+        return weights @ values
+
+
+class ConvCNPNet(nn.Module):
+    """ConvCNP (Gordon et al. 2020) for 1-D inputs: SetConv onto a uniform grid (a density
+    channel and the density-normalised data channel), a residual CNN, SetConv back to the
+    targets, a linear layer to mean and std."""
+
+    def __init__(
+        self,
+        x_range: tuple[float, float],
+        points_per_unit: int,
+        channels: int,
+        layers: int,
+        kernel_size: int,
+    ) -> None:
+        super().__init__()
+        low, high = x_range
+        margin = 0.1 * (high - low)  # the grid reaches a little past the inputs
+        count = int(round((high - low + 2 * margin) * points_per_unit))
+        self.register_buffer("grid", torch.linspace(low - margin, high + margin, count)[:, None])
+        spacing = 1.0 / points_per_unit
+        self.encoder = SetConv(2 * spacing)
+        self.lift = nn.Conv1d(2, channels, 1)
+        self.blocks = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
+            for _ in range(layers)
+        )
+        self.decoder = SetConv(2 * spacing)
+        self.head = nn.Linear(channels, 2)
+
+    def forward(self, xc: Tensor, yc: Tensor, mask: Tensor, xt: Tensor) -> tuple[Tensor, Tensor]:
+        t = xc.shape[0]
+        grid = self.grid[None].expand(t, -1, -1)  # (T, G, 1)
+        ones = torch.ones_like(yc)
+        h = self.encoder(xc, torch.cat([ones, yc], -1), grid, mask)  # (T, G, 2)
+        density, data = h[..., :1], h[..., 1:]
+        h = torch.cat([density, data / (density + 1e-8)], -1).transpose(1, 2)  # (T, 2, G)
+        h = self.lift(h)
+        for block in self.blocks:
+            h = h + block(F.relu(h))
+        h = F.relu(h).transpose(1, 2)  # (T, G, channels)
+        out = self.decoder(grid, h, xt, None)  # (T, Q, channels)
+        return gaussian(self.head(out))
