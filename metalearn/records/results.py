@@ -10,12 +10,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from metalearn.data.gp import GPTasks
 from metalearn.data.images.base import ImageTaskConfig
 from metalearn.errors import MetalearnError
-from metalearn.evaluate import SPLIT_SEED_OFFSET, mean_ci95, run_episodes
+from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
 from metalearn.models.layers import TaskBatchNorm2d
 from metalearn.records import checkpoint
@@ -23,10 +21,9 @@ from metalearn.records.calibration import calibration_report, plot_reliability
 from metalearn.records.logger import Logger
 from metalearn.records.optimizers import format_optimizer_table, plot_optimizer, test_optimizer
 from metalearn.records.plots import plot_gp_tasks, plot_learning_curves, plot_sinusoid_tasks
+from metalearn.records.regression import EXTRA_COLUMNS, gp_oracle, regression_rows
 from metalearn.records.rl import format_rl_table, plot_rl, test_rl
 from metalearn.run import Run
-
-EXTRA_COLUMNS = ("mse", "coverage90")  # per-episode values some learners report besides
 
 
 def test(run: Run) -> dict[str, Any]:
@@ -67,23 +64,6 @@ def test(run: Run) -> dict[str, Any]:
     if run.metric == "accuracy" and cfg.calibration:
         out["calibration"] = calibration_report(run)
     return out
-
-
-def gp_oracle(run: Run, ways: int, shots: int, query: int) -> dict[str, Any]:
-    """The exact GP posterior's per-point log-likelihood and MSE on the test tasks."""
-    cfg = run.config.eval
-    scores: dict[str, list] = {"loglik": [], "mse": []}
-    seed = cfg.seed + SPLIT_SEED_OFFSET["test"]
-    for batch in run.tasks.episodes(
-        "test", cfg.episodes, ways, shots, query, seed=seed, batch_size=cfg.batch_size
-    ):
-        for key, value in run.tasks.oracle(batch).items():
-            scores[key].append(value.cpu())
-    oracle = {key: mean_ci95(torch.cat(values)) for key, values in scores.items()}
-    return oracle | {
-        "what": "exact GP posterior under the true kernel",
-        "unit": "nats per target point",
-    }
 
 
 def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | None) -> dict:
@@ -286,24 +266,6 @@ def format_table(results: dict) -> str:
         rows += calibration_rows(test_result["calibration"])
     rows += regression_rows(test_result)
     return "\n".join([title, header, *rows])
-
-
-def regression_rows(test_result: dict) -> list[str]:
-    """Under a regression table: the predictive mean's MSE, the 90% interval's coverage, and
-    the exact GP posterior's numbers on the same tasks."""
-    rows = []
-    if "unit" in test_result:
-        rows.append(f"log-likelihood in {test_result['unit']}")
-    extras = [(k, test_result[k]) for k in EXTRA_COLUMNS if k in test_result]
-    if extras:
-        rows.append(", ".join(f"{k} {v['mean']:.4f} ± {v['ci95']:.4f}" for k, v in extras))
-    if "oracle" in test_result:
-        oracle = test_result["oracle"]
-        rows.append(
-            f"GP oracle ({oracle['what']}): loglik {oracle['loglik']['mean']:.3f} ± "
-            f"{oracle['loglik']['ci95']:.3f}, mse {oracle['mse']['mean']:.4f}"
-        )
-    return rows
 
 
 def calibration_rows(calibration: dict) -> list[str]:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalearn.data.tasks import TaskBatch
+
 MIN_STD = 0.01  # the NPF's predictive std floor: 0.01 + 0.99 * softplus
 LATENT_MIN_STD = 0.1  # Kim et al. 2019: 0.1 + 0.9 * sigmoid
 
@@ -32,6 +34,25 @@ def masked_mean(r: Tensor, mask: Tensor) -> Tensor:
     """(T, C, D) -> (T, D), the mean over real context points; zeros for an empty context."""
     weights = mask.to(r.dtype)[..., None]
     return (r * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def context_mask(batch: TaskBatch) -> Tensor:
+    """(T, C) True for the real context points (GP tasks pad theirs; others have all real)."""
+    support = batch.support.x
+    if "context" not in batch.info:
+        return torch.ones(support.shape[:2], dtype=torch.bool, device=support.device)
+    positions = torch.arange(support.shape[1], device=support.device)
+    return positions[None] < batch.info["context"][:, None]
+
+
+def per_point_loglik(mean: Tensor, std: Tensor, y: Tensor, kl: Tensor | None) -> Tensor:
+    """(T,) each task's objective per target point from S predictions (S, T, Q) of targets y
+    (T, Q): with `kl` (T,), the ELBO (expected log-likelihood less the KL); otherwise the log
+    of the mean likelihood over the S draws (one draw: the conditional log-likelihood)."""
+    logp = torch.distributions.Normal(mean, std).log_prob(y).sum(-1)  # (S, T)
+    if kl is not None:
+        return (logp.mean(0) - kl) / y.shape[1]
+    return (logp.logsumexp(0) - math.log(mean.shape[0])) / y.shape[1]
 
 
 def gaussian(raw: Tensor) -> tuple[Tensor, Tensor]:

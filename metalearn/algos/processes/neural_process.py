@@ -24,7 +24,6 @@ default for data=gp: x itself; ConvCNP reads x itself and needs model=identity).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,16 +36,17 @@ from metalearn.algos.processes.networks import (
     ConvCNPNet,
     CrossAttention,
     LatentEncoder,
+    context_mask,
     gaussian,
     masked_mean,
     mlp,
+    per_point_loglik,
 )
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models.mlp import Identity
 
 OBJECTIVES = ("elbo", "ml")
-Z90 = 1.6448536269514722  # the standard normal's 95% quantile: a central 90% interval
 
 
 @dataclass
@@ -131,15 +131,6 @@ class NeuralProcessConfig(AlgoConfig):
             self.grid_range = list(data.x_range)
 
 
-def context_mask(batch: TaskBatch) -> Tensor:
-    """(T, C) True for the real context points (GP tasks pad theirs; others have all real)."""
-    support = batch.support.x
-    if "context" not in batch.info:
-        return torch.ones(support.shape[:2], dtype=torch.bool, device=support.device)
-    positions = torch.arange(support.shape[1], device=support.device)
-    return positions[None] < batch.info["context"][:, None]
-
-
 class NeuralProcess(Learner):
     """The context set's forward pass is the inner loop; nothing adapts per task."""
 
@@ -195,7 +186,7 @@ class NeuralProcess(Learner):
     # -- the predictive distribution -------------------------------------------------------
     def _features(self, x: Tensor) -> Tensor:
         t, n = x.shape[:2]
-        return self.model(x.flatten(0, 1)).view(t, n, -1)
+        return self.model(x.flatten(0, 1)).view(t, n, self.model.embedding_dim)
 
     def predictive(
         self, context: Split, mask: Tensor, xt: Tensor, samples: int, targets: Split | None = None
@@ -247,20 +238,12 @@ class NeuralProcess(Learner):
     def loglik(self, batch: TaskBatch, training: bool) -> tuple[Tensor, dict[str, Tensor]]:
         """(T,) each task's objective per target point: the log-likelihood (conditional
         models, and latent ones outside ELBO training) or the ELBO; and the predictions."""
-        mask, yt = context_mask(batch), batch.query.y[..., 0]
-        samples, elbo = (
-            self._samples(training),
-            training and self.cfg.latent and self.cfg.objective == "elbo",
-        )
+        elbo = training and self.cfg.latent and self.cfg.objective == "elbo"
         targets = batch.query if elbo else None
-        mean, std, kl = self.predictive(batch.support, mask, batch.query.x, samples, targets)
-        logp = torch.distributions.Normal(mean, std).log_prob(yt)  # (S, T, Q)
-        points = yt.shape[1]
-        if elbo:
-            value = (logp.sum(-1).mean(0) - kl) / points
-        else:  # log of the mean likelihood over the draws of z
-            value = (logp.sum(-1).logsumexp(0) - math.log(samples)) / points
-        return value, {"mean": mean, "std": std}
+        mean, std, kl = self.predictive(
+            batch.support, context_mask(batch), batch.query.x, self._samples(training), targets
+        )
+        return per_point_loglik(mean, std, batch.query.y[..., 0], kl), {"mean": mean, "std": std}
 
     # -- the learner protocol ----------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
