@@ -7,10 +7,12 @@ training (the trainer calls backward on the objective and steps its optimiser),
 """
 
 from metalearn.algos.bilevel.anil import ANIL, ANILConfig
+from metalearn.algos.bilevel.bmaml import BMAML
 from metalearn.algos.bilevel.imaml import IMAML, IMAMLConfig
 from metalearn.algos.bilevel.maml import MAML, MAMLConfig
 from metalearn.algos.bilevel.mamlpp import MAMLPlusPlus, MAMLPlusPlusConfig
 from metalearn.algos.bilevel.metasgd import MetaSGD, MetaSGDConfig
+from metalearn.algos.bilevel.particles import EnsembleMAML, ParticlesConfig
 from metalearn.algos.bilevel.reptile import Reptile, ReptileConfig
 from metalearn.algos.blackbox.rl2 import RL2, RL2Config
 from metalearn.algos.blackbox.sequence import SequenceConfig, SequenceLearner
@@ -32,6 +34,8 @@ ALGOS: dict[str, tuple[type, type]] = {
     "metasgd": (MetaSGDConfig, MetaSGD),
     "imaml": (IMAMLConfig, IMAML),
     "mamlpp": (MAMLPlusPlusConfig, MAMLPlusPlus),
+    "emaml": (ParticlesConfig, EnsembleMAML),  # M particles, adapted independently
+    "bmaml": (ParticlesConfig, BMAML),  # M particles moved by SVGD, the chaser loss
     "protonet": (ProtoNetConfig, ProtoNet),
     "matchingnet": (MatchingNetConfig, MatchingNet),
     "relationnet": (RelationNetConfig, RelationNet),

@@ -23,6 +23,10 @@ class SinusoidConfig:
     amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])  # U[low, high]
     phase: list[float] = field(default_factory=lambda: [0.0, 3.141592653589793])  # U[low, high]
     x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])  # inputs U[low, high]
+    # a finite set of training functions (BMAML's |T| = 100, 1000), drawn once from seed 0 of
+    # the family; meta-training draws tasks from it (fresh inputs each time), validation and
+    # test from the whole family (None: every training task is a fresh function)
+    train_tasks: int | None = None
     root: str | None = None  # unused: procedural tasks need no files
     split: str | None = None  # unused: every task is fresh; test tasks come from a fixed seed
 
@@ -34,6 +38,10 @@ class SinusoidConfig:
         if self.shots < 1 or self.query < 1:
             raise ConfigError(
                 f"data.shots and data.query must be positive, got {self.shots} and {self.query}"
+            )
+        if self.train_tasks is not None and self.train_tasks < 1:
+            raise ConfigError(
+                f"data.train_tasks must be positive (or null), got {self.train_tasks}"
             )
         for key in ("amplitude", "phase", "x_range"):
             bounds = getattr(self, key)
@@ -65,8 +73,14 @@ class SinusoidTasks:
             u = torch.rand(shape, generator=generator, device=generator.device)
             return (bounds[0] + (bounds[1] - bounds[0]) * u).to(self.device)
 
-        amplitude = uniform((tasks, 1, 1), self.cfg.amplitude)
-        phase = uniform((tasks, 1, 1), self.cfg.phase)
+        if split == "train" and self.cfg.train_tasks:  # from the finite set of functions
+            pick = torch.randint(
+                self.cfg.train_tasks, (tasks,), generator=generator, device=generator.device
+            )
+            amplitude, phase = (v[pick.to(self.device)] for v in self.finite_set())
+        else:
+            amplitude = uniform((tasks, 1, 1), self.cfg.amplitude)
+            phase = uniform((tasks, 1, 1), self.cfg.phase)
         x = uniform((tasks, shots + query, 1), self.cfg.x_range)  # (T, K+Q, 1)
         y = amplitude * torch.sin(x - phase)
         return TaskBatch(
@@ -74,6 +88,16 @@ class SinusoidTasks:
             query=Split(x[:, shots:], y[:, shots:]),
             ways=1,
             info={"amplitude": amplitude.view(-1), "phase": phase.view(-1)},
+        )
+
+    def finite_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The amplitudes and phases (|T|, 1, 1) of data.train_tasks functions, from seed 0."""
+        generator = torch.Generator().manual_seed(0)
+        n = self.cfg.train_tasks
+        draws = [torch.rand((n, 1, 1), generator=generator) for _ in range(2)]
+        bounds = (self.cfg.amplitude, self.cfg.phase)
+        return tuple(  # type: ignore[return-value]
+            (b[0] + (b[1] - b[0]) * u).to(self.device) for u, b in zip(draws, bounds, strict=True)
         )
 
     def episodes(

@@ -11,7 +11,7 @@ import torch
 from metalearn.evaluate import SPLIT_SEED_OFFSET, mean_ci95
 from metalearn.run import Run
 
-EXTRA_COLUMNS = ("mse", "coverage90")  # per-episode values some learners report besides
+EXTRA_COLUMNS = ("mse", "nll", "coverage90")  # per-episode values some learners report besides
 
 
 def gp_oracle(run: Run, ways: int, shots: int, query: int) -> dict[str, Any]:

@@ -1,0 +1,168 @@
+"""Gradient-based meta-learners over M particles (sets of weights): ensemble MAML (`emaml`) and
+the shared machinery of BMAML (bmaml.py).
+
+Each particle has its own meta-learned initialisation, drawn independently at the start (the
+model's own initialiser, M times). A task adapts every particle; the prediction is the
+ensemble's: the mean of the particles' outputs for regression, the mean of their class
+probabilities for classification (as log-probabilities, which every loss and the calibration
+report read as logits). EMAML (Yoon et al. 2018's baseline) adapts the particles independently
+with MAML's inner loop and meta-trains the sum of their query losses: with M = 1 it is MAML.
+
+For regression, evaluation also reports the predictive NLL and the 90% interval's coverage of
+a Gaussian whose variance is the particles' spread at each query point plus the observation
+noise, estimated per task as the ensemble's mean squared residual on its support set after
+adaptation (a plug-in estimate: MAML, one particle, has only that term).
+
+Shape letters: M particles, B examples.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metalearn.algos.bilevel.base import Bilevel, BilevelConfig
+from metalearn.algos.bilevel.inner import Params, adapt
+from metalearn.algos.objectives import score
+from metalearn.data.tasks import Split, TaskBatch
+from metalearn.errors import ConfigError
+
+Z90 = 1.6448536269514722  # the standard normal's 95% quantile: a central 90% interval
+
+
+@dataclass
+class ParticlesConfig(BilevelConfig):
+    """MAML's settings and the number of particles."""
+
+    name: str = "emaml"
+    particles: int = 5  # M: sets of weights, each with its own initialisation
+    leader_steps: int = 1  # bmaml: SVGD steps of the leader on support and query (chaser loss)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.particles < 1:
+            raise ConfigError(f"algo.particles must be at least 1, got {self.particles}")
+        if self.leader_steps < 1:
+            raise ConfigError(f"algo.leader_steps must be at least 1, got {self.leader_steps}")
+        if self.bn_mode != "transductive":
+            raise ConfigError(
+                f"algo={self.name} keeps no running BatchNorm statistics per particle; use "
+                f"algo.bn_mode=transductive"
+            )
+
+
+def stack_initialisations(model: nn.Module, particles: int) -> dict[str, nn.Parameter]:
+    """M independent draws of the model's initial weights, stacked: name -> (M, *shape)."""
+    draws = []
+    for m in range(particles):
+        if m:  # the first particle is the model as built
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        draws.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    return {k: nn.Parameter(torch.stack([d[k] for d in draws])) for k in draws[0]}
+
+
+def mean_squared_error(prediction: Tensor, target: Tensor) -> Tensor:
+    return (prediction - target).square().mean()
+
+
+class EnsembleMAML(Bilevel):
+    """EMAML: M MAMLs adapted independently, trained on the sum of their query losses."""
+
+    def __init__(self, cfg: ParticlesConfig, model: nn.Module, kind: str, task_batching: str):
+        super().__init__(cfg, model, kind, task_batching)
+        self.particles = stack_initialisations(model, cfg.particles)
+        if kind == "regression":  # F.mse_loss's batching rule breaks under nested vmap (torch
+            self.loss = mean_squared_error  # 2.14: tasks, then particles); the same value
+
+    # -- weights ------------------------------------------------------------------------------
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"particles.{k}": v for k, v in self.particles.items()}
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.particles.values())
+
+    def params(self) -> tuple[Params, Params]:
+        _, buffers = super().params()
+        return dict(self.particles), buffers
+
+    def memory_advice(self) -> tuple[str, list[str], list[str]]:
+        what, before, after = super().memory_advice()
+        what = f"{what or self.cfg.name} with algo.particles={self.cfg.particles} sets of weights"
+        return (
+            what,
+            [f"fewer particles (algo.particles={max(1, self.cfg.particles // 2)})", *before],
+            after,
+        )
+
+    # -- adaptation and prediction ------------------------------------------------------------
+    def step(self, params: Params, buffers: Params, support: Split, lr: Any, first_order: bool):
+        """One inner step of every particle: here MAML's SGD step, particle by particle."""
+        options = {"steps": 1, "lr": lr, "first_order": first_order, "loss": self.loss}
+        one = lambda p: adapt(self.model, p, buffers, support, **options)  # noqa: E731
+        return torch.vmap(one)(params)
+
+    def trajectory(self, params, buffers, support, training: bool, steps=None):
+        options = self.inner_options(training)
+        steps = options["steps"] if steps is None else steps
+        yield params
+        for _ in range(steps):
+            params = self.step(params, buffers, support, options["lr"], options["first_order"])
+            yield params
+
+    def outputs(self, params: Params, buffers: Params, x: Tensor) -> Tensor:
+        """Every particle's outputs (M, B, out)."""
+        forward = lambda p: functional_call(self.model, (p, buffers), (x,))  # noqa: E731
+        return torch.vmap(forward)(params)
+
+    def ensemble(self, outputs: Tensor) -> Tensor:
+        """(M, B, out) -> the ensemble's prediction (B, out): mean value, or the log of the mean
+        class probability."""
+        if self.kind == "classification":
+            return outputs.log_softmax(-1).logsumexp(0) - math.log(outputs.shape[0])
+        return outputs.mean(0)
+
+    def query_forward(self, params: Params, buffers: Params, x: Tensor, step: int) -> Tensor:
+        return self.ensemble(self.outputs(params, buffers, x))
+
+    def task_loss(self, params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
+        """The mean of the particles' own query losses (independent MAMLs), and the ensemble's
+        score."""
+        *_, fast = self.trajectory(params, buffers, Split(sx, sy), training=True)
+        outputs = self.outputs(fast, buffers, qx)
+        losses = torch.stack([self.loss(out, qy) for out in outputs.unbind(0)])
+        return losses.mean(), score(self.kind, self.ensemble(outputs), qy)
+
+    # -- predictive distribution (regression) -------------------------------------------------
+    def predict_distribution(self, support: Split, query_x: Tensor, steps: int | None = None):
+        """Mean and std (Q,) of one task's Gaussian predictive after adaptation: the particles'
+        spread plus the support residual's variance."""
+        params, buffers = self.params()
+        params = {k: v.detach() for k, v in params.items()}
+        steps = self.cfg.test_inner_steps if steps is None else steps
+        *_, fast = self.trajectory(params, buffers, support, training=False, steps=steps)
+        with torch.no_grad():
+            on_support = self.outputs(fast, buffers, support.x).mean(0)[:, 0]
+            noise = ((on_support - support.y[:, 0]) ** 2).mean().clamp_min(1e-6)
+            outputs = self.outputs(fast, buffers, query_x)[..., 0]  # (M, Q)
+            spread = outputs.var(0, unbiased=False)
+            return outputs.mean(0), (spread + noise).sqrt()
+
+    def evaluate(self, batch: TaskBatch, steps: list[int]) -> dict[str, Tensor]:
+        out = super().evaluate(batch, steps)
+        if self.kind != "regression":
+            return out
+        nll, coverage = torch.zeros_like(out["loss"]), torch.zeros_like(out["loss"])
+        for t in range(batch.tasks):
+            support = Split(batch.support.x[t], batch.support.y[t])
+            y = batch.query.y[t, :, 0]
+            for column, step in enumerate(steps):
+                mean, std = self.predict_distribution(support, batch.query.x[t], step)
+                normal = torch.distributions.Normal(mean, std)
+                nll[t, column] = -normal.log_prob(y).mean()
+                coverage[t, column] = ((y - mean).abs() <= Z90 * std).float().mean()
+        return out | {"nll": nll, "coverage90": coverage}

@@ -1,0 +1,166 @@
+"""Particle meta-learners (EMAML, BMAML): EMAML with one particle is MAML, SVGD with one particle
+is MAML's inner loop, BMAML's meta-gradient equals a plain transcription of the paper's chaser
+loss over Liu & Wang's SVGD (float64), the ensemble's predictions, the finite sinusoid task sets,
+runs on sinusoid and on real Omniglot, and the errors bad input gets."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config
+
+from metalearn.algos.bilevel.bmaml import BMAML, svgd_direction
+from metalearn.algos.bilevel.maml import MAML, MAMLConfig
+from metalearn.algos.bilevel.particles import EnsembleMAML, ParticlesConfig
+from metalearn.build import build_run
+from metalearn.cli import train
+from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
+from metalearn.data.tasks import Split
+from metalearn.errors import ConfigError
+from metalearn.models.mlp import MLP, MLPConfig
+
+sys.path.insert(0, str(Path(__file__).parent / "reference"))
+from bmaml_svgd import bmaml_meta_gradient  # noqa: E402
+
+TASKS = 3
+
+
+def tiny_mlp(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(MLPConfig(hidden_sizes=[8, 8]), (1,), 1).double()
+
+
+def sinusoids(seed: int = 1):
+    tasks = SinusoidTasks(SinusoidConfig(), torch.device("cpu"))
+    batch = tasks.sample("train", torch.Generator().manual_seed(seed), TASKS, 1, 5, 6)
+    batch.support.x, batch.support.y = batch.support.x.double(), batch.support.y.double()
+    batch.query.x, batch.query.y = batch.query.x.double(), batch.query.y.double()
+    return batch
+
+
+def meta_gradient(algo, batch) -> list[torch.Tensor]:
+    objective, _ = algo.meta_loss(batch)
+    return torch.autograd.grad(objective, algo.parameters())
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_emaml_with_one_particle_is_maml(batching: str):
+    options = {"inner_lr": 0.05, "inner_steps": 2, "test_inner_steps": 2}
+    maml = MAML(MAMLConfig(**options), tiny_mlp(), "regression", batching)
+    emaml = EnsembleMAML(
+        ParticlesConfig(name="emaml", particles=1, **options), tiny_mlp(), "regression", batching
+    )
+    batch = sinusoids()
+    for mine, theirs in zip(meta_gradient(emaml, batch), meta_gradient(maml, batch), strict=True):
+        assert torch.allclose(mine[0], theirs, atol=1e-12)
+    steps = [0, 2]
+    a, b = emaml.evaluate(batch, steps), maml.evaluate(batch, steps)
+    assert torch.allclose(a["score"], b["score"], atol=1e-12)
+
+
+def test_svgd_with_one_particle_is_mamls_inner_loop():
+    options = {"inner_lr": 0.05, "inner_steps": 3, "test_inner_steps": 3}
+    maml = MAML(MAMLConfig(**options), tiny_mlp(), "regression", "loop")
+    bmaml = BMAML(
+        ParticlesConfig(name="bmaml", particles=1, **options), tiny_mlp(), "regression", "loop"
+    )
+    batch = sinusoids()
+    support = Split(batch.support.x[0], batch.support.y[0])
+    params, buffers = maml.params()
+    particles, _ = bmaml.params()
+    mine = list(bmaml.trajectory(particles, buffers, support, training=True))
+    theirs = list(maml.trajectory(params, buffers, support, training=True))
+    assert len(mine) == len(theirs) == 4
+    for a, b in zip(mine, theirs, strict=True):
+        for name in b:
+            assert torch.allclose(a[name][0], b[name], atol=1e-12)
+
+
+def test_the_svgd_direction_drives_and_repels():
+    """Two particles with zero gradient move apart (the kernel's repulsion); with one, the
+    direction is the gradient itself."""
+    flat = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    phi = svgd_direction(flat, torch.zeros(2, 2))
+    assert phi[0, 0] < 0 < phi[1, 0] and torch.allclose(phi[:, 1], torch.zeros(2))
+    g = torch.tensor([[0.3, -1.0]])
+    assert torch.allclose(svgd_direction(flat[:1], g), g)
+
+
+@pytest.mark.parametrize("particles", [3, 4])
+def test_bmamls_meta_gradient_equals_the_transcription_of_the_paper(particles: int):
+    """The chaser loss's gradient for each particle's initialisation, against
+    tests/reference/bmaml_svgd.py (second order, 2 inner steps, 1 leader step; 4 particles:
+    an even number of pairwise distances, numpy's median)."""
+    cfg = ParticlesConfig(name="bmaml", particles=particles, inner_lr=0.05, inner_steps=2)
+    algo = BMAML(cfg, tiny_mlp(), "regression", "loop")
+    batch = sinusoids()
+    mine = meta_gradient(algo, batch)  # (M, *shape) per parameter
+    model = tiny_mlp()
+    inits = [
+        torch.cat([algo.particles[k][m].detach().flatten() for k, _ in model.named_parameters()])
+        .clone()
+        .requires_grad_()
+        for m in range(particles)
+    ]
+    tasks = [
+        (batch.support.x[t], batch.support.y[t], batch.query.x[t], batch.query.y[t])
+        for t in range(TASKS)
+    ]
+    loss = torch.nn.functional.mse_loss
+    theirs = bmaml_meta_gradient(model, inits, tasks, loss, 0.05, 2, 1)
+    for m in range(particles):
+        flat = torch.cat([g[m].flatten() for g in mine])
+        assert torch.allclose(flat, theirs[m], atol=1e-10)
+
+
+def test_particles_start_apart_and_the_ensemble_averages_probabilities():
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(hidden_sizes=[8]), (4,), 3).double()
+    algo = EnsembleMAML(ParticlesConfig(particles=3), model, "classification", "loop")
+    weights = algo.particles["body.0.weight"]
+    assert not torch.allclose(weights[0], weights[1])
+    outputs = torch.randn(3, 5, 3, dtype=torch.float64)
+    mean = outputs.softmax(-1).mean(0)
+    assert torch.allclose(algo.ensemble(outputs).exp(), mean)
+
+
+def test_a_finite_sinusoid_task_set_feeds_training_only():
+    tasks = SinusoidTasks(SinusoidConfig(train_tasks=4), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    amplitudes = tasks.sample("train", gen, 200, 1, 5, 5).info["amplitude"]
+    assert len(set(amplitudes.tolist())) == 4  # the same four functions, new inputs
+    test = next(tasks.episodes("test", 50, 1, 5, 5, seed=1, batch_size=50))
+    assert len(set(test.info["amplitude"].tolist())) == 50
+    with pytest.raises(ConfigError, match="data.train_tasks"):
+        SinusoidConfig(train_tasks=0)
+
+
+@pytest.mark.parametrize("name", ["emaml", "bmaml"])
+def test_a_particle_run_on_sinusoid_reports_mse_nll_and_coverage(name: str, tmp_path):
+    overrides = [f"algo={name}", "debug=smoke", "hardware.threads=1", "algo.particles=2"]
+    train(build_run(compose_config([*overrides, "data.train_tasks=10"])), tmp_path)
+    test = json.loads((tmp_path / "results.json").read_text())["test"]
+    assert test["mse"]["mean"] > 0 and test["nll"]["mean"] == test["nll"]["mean"]
+    assert 0 <= test["coverage90"]["mean"] <= 1
+
+
+def test_bmaml_on_real_omniglot_reports_calibration(omniglot_root, tmp_path):
+    overrides = ["algo=bmaml", "data=omniglot", f"data.root={omniglot_root}", "debug=smoke"]
+    overrides += ["hardware.threads=1", "algo.particles=2", "model.hidden=8"]
+    train(build_run(compose_config(overrides)), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    calibration = results["test"]["calibration"]["pooled"]
+    assert 0 <= calibration["ece"] <= 1 and calibration["nll"] > 0
+    assert (tmp_path / "plots" / "reliability.png").is_file()
+
+
+def test_bad_input_gets_a_clear_error():
+    with pytest.raises(ConfigError, match="algo.particles"):
+        ParticlesConfig(particles=0)
+    with pytest.raises(ConfigError, match="bn_mode=transductive"):
+        ParticlesConfig(bn_mode="running")
+    algo = EnsembleMAML(ParticlesConfig(particles=8), tiny_mlp(), "regression", "loop")
+    what, before, _ = algo.memory_advice()
+    assert "algo.particles=8" in what and "algo.particles=4" in before[0]
