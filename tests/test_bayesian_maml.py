@@ -1,7 +1,8 @@
-"""Particle meta-learners (EMAML, BMAML): EMAML with one particle is MAML, SVGD with one particle
-is MAML's inner loop, BMAML's meta-gradient equals a plain transcription of the paper's chaser
-loss over Liu & Wang's SVGD (float64), the ensemble's predictions, the finite sinusoid task sets,
-runs on sinusoid and on real Omniglot, and the errors bad input gets."""
+"""Bayesian gradient-based meta-learners (EMAML, BMAML, the variational VMAML): EMAML with one
+particle is MAML, SVGD with one particle is MAML's inner loop, BMAML's meta-gradient equals a
+plain transcription of the paper's chaser loss over Liu & Wang's SVGD (float64), VMAML with a
+vanishing variance is MAML, the ensemble's predictions, the finite sinusoid task sets, runs on
+sinusoid and on real Omniglot, and the errors bad input gets."""
 
 import json
 import sys
@@ -14,6 +15,7 @@ from conftest import compose_config
 from metalearn.algos.bilevel.bmaml import BMAML, svgd_direction
 from metalearn.algos.bilevel.maml import MAML, MAMLConfig
 from metalearn.algos.bilevel.particles import EnsembleMAML, ParticlesConfig
+from metalearn.algos.bilevel.vmaml import VariationalConfig, VariationalMAML, kl_to_standard_normal
 from metalearn.build import build_run
 from metalearn.cli import train
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
@@ -137,18 +139,41 @@ def test_a_finite_sinusoid_task_set_feeds_training_only():
         SinusoidConfig(train_tasks=0)
 
 
-@pytest.mark.parametrize("name", ["emaml", "bmaml"])
+def test_vmaml_with_a_vanishing_variance_and_no_kl_is_maml():
+    """Draws w = mean + exp(-40) eps are the mean: the meta-gradient of the mean is MAML's."""
+    options = {"inner_lr": 0.05, "inner_steps": 2}
+    maml = MAML(MAMLConfig(**options), tiny_mlp(), "regression", "loop")
+    cfg = VariationalConfig(kl_weight=0.0, init_logstd=[-40.0, -40.0], samples=3, **options)
+    vmaml = VariationalMAML(cfg, tiny_mlp(), "regression", "loop")
+    batch = sinusoids()
+    mine, theirs = meta_gradient(vmaml, batch), meta_gradient(maml, batch)
+    for a, b in zip(mine[: len(theirs)], theirs, strict=True):  # the means, then log-stds
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_the_kl_to_the_standard_normal():
+    mean, log_std = torch.randn(4, 3), torch.randn(4, 3) * 0.3
+    q = torch.distributions.Normal(mean, log_std.exp())
+    expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum()
+    got = kl_to_standard_normal({"w": mean, "logstd.w": log_std})
+    assert torch.allclose(got, expected)
+
+
+@pytest.mark.parametrize("name", ["emaml", "bmaml", "vmaml"])
 def test_a_particle_run_on_sinusoid_reports_mse_nll_and_coverage(name: str, tmp_path):
-    overrides = [f"algo={name}", "debug=smoke", "hardware.threads=1", "algo.particles=2"]
+    overrides = [f"algo={name}", "debug=smoke", "hardware.threads=1"]
+    overrides += ["algo.samples=2"] if name == "vmaml" else ["algo.particles=2"]
     train(build_run(compose_config([*overrides, "data.train_tasks=10"])), tmp_path)
     test = json.loads((tmp_path / "results.json").read_text())["test"]
     assert test["mse"]["mean"] > 0 and test["nll"]["mean"] == test["nll"]["mean"]
     assert 0 <= test["coverage90"]["mean"] <= 1
 
 
-def test_bmaml_on_real_omniglot_reports_calibration(omniglot_root, tmp_path):
-    overrides = ["algo=bmaml", "data=omniglot", f"data.root={omniglot_root}", "debug=smoke"]
-    overrides += ["hardware.threads=1", "algo.particles=2", "model.hidden=8"]
+@pytest.mark.parametrize("name", ["bmaml", "vmaml"])
+def test_on_real_omniglot_the_ensemble_reports_calibration(name: str, omniglot_root, tmp_path):
+    overrides = [f"algo={name}", "data=omniglot", f"data.root={omniglot_root}", "debug=smoke"]
+    overrides += ["hardware.threads=1", "model.hidden=8"]
+    overrides += ["algo.particles=2"] if name == "bmaml" else ["algo.test_samples=3"]
     train(build_run(compose_config(overrides)), tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     calibration = results["test"]["calibration"]["pooled"]
