@@ -14,6 +14,7 @@ from metalearn.config import as_dict, check_seed, from_dict
 from metalearn.data.gp import GPConfig, GPTasks
 from metalearn.data.images.cifar import PREPROCESS as CIFAR_PREPROCESS
 from metalearn.data.images.cifar import CIFARFSConfig, FC100Config, cifarfs_tasks, fc100_tasks
+from metalearn.data.images.completion import CompletionConfig, CompletionTasks
 from metalearn.data.images.cub import PREPROCESS as CUB_PREPROCESS
 from metalearn.data.images.cub import CUBConfig, cub_tasks
 from metalearn.data.images.miniimagenet import PREPROCESS as MINIIMAGENET_PREPROCESS
@@ -41,6 +42,7 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "omniglot": (OmniglotConfig, omniglot_tasks),
     "sinusoid": (SinusoidConfig, SinusoidTasks),
     "gp": (GPConfig, GPTasks),  # Gaussian-process functions with their exact posterior
+    "omniglot_completion": (CompletionConfig, CompletionTasks),  # images as functions
     "miniimagenet": (MiniImageNetConfig, miniimagenet_tasks),
     "tieredimagenet": (TieredImageNetConfig, tieredimagenet_tasks),
     "cifarfs": (CIFARFSConfig, cifarfs_tasks),

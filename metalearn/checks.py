@@ -5,6 +5,7 @@ names the key and what to use instead."""
 from typing import Any
 
 from metalearn.data.gp import GPConfig
+from metalearn.data.images.completion import CompletionConfig
 from metalearn.errors import ConfigError, DataError
 from metalearn.run import RunConfig
 
@@ -88,22 +89,26 @@ def check_combination(
     check_context(config, algo_cls)
 
 
+CONTEXT_SETS = (GPConfig, CompletionConfig)  # data sets whose context sizes vary per task
+
+
 def check_context(config: RunConfig, algo_cls: type) -> None:
     """Context sets of different sizes (data=gp's U{min_shots..shots}) suit only learners that
     condition on a set; an inner loop adapts on a fixed-size support set of at least one point."""
     data = config.data
-    if not isinstance(data, GPConfig) or algo_cls.variable_context or not algo_cls.inner_loop:
-        return  # (a classifier's own error says why it cannot take data=gp)
-    name = config.algo.name
+    if not isinstance(data, CONTEXT_SETS) or algo_cls.variable_context or not algo_cls.inner_loop:
+        return  # (a classifier's own error says why it cannot take these data sets)
+    name, data_name = config.algo.name, data.name
     if data.min_shots < 1:
         raise ConfigError(
-            f"algo={name} adapts on the context points and needs at least one, but data=gp "
-            f"draws U{{{data.min_shots}..{data.shots}}} of them; set data.min_shots=data.shots "
+            f"algo={name} adapts on the context points and needs at least one, but "
+            f"data={data_name} draws U{{{data.min_shots}..{data.shots}}} of them; set "
+            f"data.min_shots=data.shots "
             f"(a fixed context size of at least 1), or use a neural process (algo=cnp, ...)"
         )
     if data.variable_context:
         raise ConfigError(
-            f"algo={name} adapts on a support set of fixed size, but data=gp draws "
+            f"algo={name} adapts on a support set of fixed size, but data={data_name} draws "
             f"U{{{data.min_shots}..{data.shots}}} context points per task; set data.min_shots="
             f"data.shots"
         )

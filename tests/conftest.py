@@ -145,7 +145,7 @@ def data_root(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     def root(data: str) -> Path:
         if data in PROCEDURAL:
             return request.getfixturevalue("tmp_path")
-        if data == "omniglot":
+        if data in ("omniglot", "omniglot_completion"):
             return request.getfixturevalue("omniglot_root")
         folder = request.getfixturevalue(FIXTURE_ROOTS[data])
         monkeypatch.setenv("METALEARN_CACHE", str(folder / "cache"))

@@ -41,20 +41,24 @@ PROCESSES = sorted(name for name, (_, cls) in REGISTRY.items() if cls.family == 
 IMPOSSIBLE = {
     (name, data): [name, "classification", "omniglot"]
     for name in METRIC + PRETRAINING + UPDATE_RULES
-    for data in ("sinusoid", "gp")
+    for data in ("sinusoid", "gp", "omniglot_completion")
 }
 # data=gp draws U{0..50} context points: an inner loop needs at least one, of a fixed number
-IMPOSSIBLE |= {(name, "gp"): [name, "at least one", "data.min_shots"] for name in BILEVEL}
+IMPOSSIBLE |= {
+    (name, data): [name, "at least one", "data.min_shots"]
+    for name in BILEVEL
+    for data in ("gp", "omniglot_completion")
+}
 # meta-RL: rl2 only on environments, and only rl2 there
 META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp"]
 SUPERVISED_DATA = ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
-SUPERVISED_DATA += ["tieredimagenet", "gp"]
+SUPERVISED_DATA += ["tieredimagenet", "gp", "omniglot_completion"]
 # neural processes predict real values: regression data only
 IMPOSSIBLE |= {
     (name, data): [name, "regression", "data=gp or sinusoid"]
     for name in PROCESSES
     for data in SUPERVISED_DATA + META_RL_DATA
-    if data not in ("sinusoid", "gp")
+    if data not in ("sinusoid", "gp", "omniglot_completion")
 }
 # ConvCNP puts x itself on its grid: sinusoid's default network (MAML's MLP) does not fit
 IMPOSSIBLE[("convcnp", "sinusoid")] = ["convcnp", "model=identity"]
@@ -124,6 +128,8 @@ def test_every_experiment_composes_and_builds(experiment: str, data_root):
             assert built[section][key] == expected, f"{experiment}: {section}.{key}"
     assert run.config.trainer.iterations == smoke["trainer"]["iterations"]
     data, algo = preset.get("data", {}), preset.get("algo", {})
+    if run.metric == "loglik":  # neural-process presets keep the data set's own counts
+        data = {"shots": run.config.data.shots, "query": run.config.data.query} | data
     if run.metric == "reward":  # meta-RL: (actions, steps of a trial, 0)
         shape = (run.config.data.actions, run.config.data.steps, 0)
         assert run.train_shape == run.test_shape == shape
@@ -145,7 +151,7 @@ def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_
     overrides = [f"algo={algo}", f"data={data}", *SMOKE]
     if data not in PROCEDURAL:
         overrides.append(f"data.root={data_root(data)}")
-    if data not in ("omniglot", *PROCEDURAL):
+    if data not in ("omniglot", "omniglot_completion", *PROCEDURAL):
         overrides.append("data.query=5")  # the fixtures have 21 images per class
     raw = compose_config(overrides)
     if (algo, data) in IMPOSSIBLE:
@@ -157,12 +163,12 @@ def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_
     run = build_run(raw)
     assert (run.config.algo.name, run.config.data.name) == (algo, data)
     # Each data set gets its usual network unless model=<name> says otherwise.
-    regression = data in ("sinusoid", "gp")
+    regression = data in ("sinusoid", "gp", "omniglot_completion")
     kind = "rl" if data in META_RL_DATA else "regression" if regression else "images"
     kind = "optimization" if data in OPTIMIZEE_DATA else kind
     models = {"rl": "recurrent", "regression": "mlp", "images": "conv4"}
     models |= {"optimization": "lstm_optimizer"} | (
-        {"regression": "identity"} if data == "gp" else {}
+        {"regression": "identity"} if data in ("gp", "omniglot_completion") else {}
     )
     assert run.config.model.name == models[kind]
     metrics = {"rl": "reward", "regression": "mse", "images": "accuracy"}

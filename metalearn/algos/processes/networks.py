@@ -9,12 +9,14 @@ points, X input features, D width, G grid points (ConvCNP).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalearn.data.tasks import TaskBatch
+from metalearn.errors import ConfigError
 
 MIN_STD = 0.01  # the NPF's predictive std floor: 0.01 + 0.99 * softplus
 LATENT_MIN_STD = 0.1  # Kim et al. 2019: 0.1 + 0.9 * sigmoid
@@ -163,3 +165,83 @@ class ConvCNPNet(nn.Module):
         h = F.relu(h).transpose(1, 2)  # (T, G, channels)
         out = self.decoder(grid, h, xt, None)  # (T, Q, channels)
         return gaussian(self.head(out))
+
+
+class GridConvCNP(nn.Module):
+    """The on-the-grid ConvCNP for images (Gordon et al. 2020, section 5.4): the context's
+    pixels and their mask on the image grid, a convolution with positive weights of each (the
+    density channel, and the data channel normalised by it), a residual 2-D CNN, and a Gaussian
+    per pixel, read at the target pixels. Inputs are pixel coordinates in [-1, 1]^2."""
+
+    def __init__(self, size: int, channels: int, layers: int, kernel_size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.encoder = nn.Parameter(torch.randn(1, 1, kernel_size, kernel_size) * 0.1)
+        self.lift = nn.Conv2d(2, channels, 1)
+        self.blocks = nn.ModuleList(
+            nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+            for _ in range(layers)
+        )
+        self.head = nn.Conv2d(channels, 2, 1)
+
+    def pixels(self, x: Tensor) -> Tensor:
+        """(T, N, 2) coordinates -> (T, N) pixel indices, row * size + column."""
+        index = ((x + 1) / 2 * (self.size - 1)).round().long().clamp(0, self.size - 1)
+        return index[..., 0] * self.size + index[..., 1]
+
+    def forward(self, xc: Tensor, yc: Tensor, mask: Tensor, xt: Tensor) -> tuple[Tensor, Tensor]:
+        t, side = xc.shape[0], self.size
+        weights = mask.to(yc.dtype)
+        grid = yc.new_zeros(t, 2, side * side)  # [mask; mask * y] on the pixel grid
+        where = self.pixels(xc)
+        grid[:, 0].scatter_add_(1, where, weights)
+        grid[:, 1].scatter_add_(1, where, weights * yc[..., 0])
+        kernel = self.encoder.abs().expand(2, 1, -1, -1)  # one positive kernel, per channel
+        h = F.conv2d(grid.view(t, 2, side, side), kernel, padding=kernel.shape[-1] // 2, groups=2)
+        density, data = h[:, :1], h[:, 1:]
+        h = self.lift(torch.cat([density, data / (density + 1e-8)], 1))
+        for block in self.blocks:
+            h = h + block(F.relu(h))
+        out = self.head(F.relu(h)).flatten(2).transpose(1, 2)  # (T, pixels, 2)
+        at = self.pixels(xt)[..., None].expand(-1, -1, 2)
+        return gaussian(out.gather(1, at))
+
+
+def build_networks(cfg: Any, features: int) -> nn.ModuleDict:
+    """The networks of a neural process whose config is `cfg` (NeuralProcessConfig) on inputs
+    with `features` features: ConvCNP's (1-D, or on an image's pixel grid), or the encoders,
+    attention, latent path and decoder the config asks for."""
+    d = cfg.hidden
+    net = nn.ModuleDict()
+    if cfg.convolutional:
+        if features == 2:  # images: on the pixel grid
+            if cfg.grid_size is None:
+                raise ConfigError(
+                    "algo=convcnp on 2-D inputs runs on an image's pixel grid: set "
+                    "algo.grid_size (data=omniglot_completion sets it)"
+                )
+            net["conv"] = GridConvCNP(cfg.grid_size, cfg.channels, cfg.conv_layers, cfg.kernel_size)
+        elif features != 1:
+            raise ConfigError(
+                f"algo=convcnp takes 1-D inputs or an image's pixel coordinates, not "
+                f"{features}-D ones"
+            )
+        else:
+            net["conv"] = ConvCNPNet(
+                tuple(cfg.grid_range),
+                cfg.points_per_unit,
+                cfg.channels,
+                cfg.conv_layers,
+                cfg.kernel_size,
+            )
+    else:
+        if cfg.deterministic:
+            net["encoder"] = mlp([features + 1] + [d] * cfg.layers)
+        if cfg.attention:
+            net["embed"] = mlp([features, d, d])
+            net["attention"] = CrossAttention(d, cfg.heads)
+        if cfg.latent:
+            net["latent"] = LatentEncoder(features + 1, d, cfg.layers)
+        paths = d * (cfg.deterministic + cfg.latent)
+        net["decoder"] = mlp([features + paths] + [d] * (cfg.layers - 1) + [2])
+    return net

@@ -33,15 +33,13 @@ from torch import Tensor, nn
 from metalearn.algos.learner import AlgoConfig, Learner
 from metalearn.algos.metric.episodic import check_outer_lr
 from metalearn.algos.processes.networks import (
-    ConvCNPNet,
-    CrossAttention,
-    LatentEncoder,
+    build_networks,
     context_mask,
     gaussian,
     masked_mean,
-    mlp,
     per_point_loglik,
 )
+from metalearn.data.images.completion import CompletionConfig
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models.mlp import Identity
@@ -77,6 +75,7 @@ class NeuralProcessConfig(AlgoConfig):
     conv_layers: int = 6  # ConvCNP: residual convolution layers
     kernel_size: int = 11  # ConvCNP: convolution width (odd)
     grid_range: list[float] | None = None  # ConvCNP: inputs its grid spans (None: data.x_range)
+    grid_size: int | None = None  # ConvCNP on images: pixels per side (None: data.image_size)
 
     def train_shape(self) -> tuple[int | None, int | None, int | None]:
         return None, None, self.train_query
@@ -129,6 +128,8 @@ class NeuralProcessConfig(AlgoConfig):
             )
         if self.convolutional and self.grid_range is None:  # set here: results.json shows it
             self.grid_range = list(data.x_range)
+        if self.convolutional and isinstance(data, CompletionConfig) and self.grid_size is None:
+            self.grid_size = data.image_size  # the on-the-grid ConvCNP
 
 
 class NeuralProcess(Learner):
@@ -155,31 +156,12 @@ class NeuralProcess(Learner):
         if kind != "regression":
             raise ConfigError(f"algo={cfg.name} predicts real values; pick data=gp or sinusoid")
         self.cfg, self.model, self.kind = cfg, model, kind
-        features, d = model.embedding_dim, cfg.hidden
-        net = nn.ModuleDict()
-        if cfg.convolutional:
-            if not isinstance(model, Identity):
-                raise ConfigError(
-                    f"algo=convcnp puts x itself on its grid; pass model=identity (got "
-                    f"model={type(model).__name__.lower()})"
-                )
-            net["conv"] = ConvCNPNet(
-                tuple(cfg.grid_range),
-                cfg.points_per_unit,
-                cfg.channels,
-                cfg.conv_layers,
-                cfg.kernel_size,
+        if cfg.convolutional and not isinstance(model, Identity):
+            raise ConfigError(
+                f"algo=convcnp puts x itself on its grid; pass model=identity (got "
+                f"model={type(model).__name__.lower()})"
             )
-        else:
-            if cfg.deterministic:
-                net["encoder"] = mlp([features + 1] + [d] * cfg.layers)
-            if cfg.attention:
-                net["embed"] = mlp([features, d, d])
-                net["attention"] = CrossAttention(d, cfg.heads)
-            if cfg.latent:
-                net["latent"] = LatentEncoder(features + 1, d, cfg.layers)
-            paths = d * (cfg.deterministic + cfg.latent)
-            net["decoder"] = mlp([features + paths] + [d] * (cfg.layers - 1) + [2])
+        net = build_networks(cfg, model.embedding_dim)
         anchor = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0))
         self.net = net.to(anchor.device)
 
