@@ -179,3 +179,4 @@ def test_image_completion_on_real_omniglot(omniglot_root, tmp_path):
     train(run, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["data"] == "omniglot_completion" and results["metric"] == "loglik"
+    assert (tmp_path / "plots" / "completions.png").stat().st_size > 0

@@ -105,6 +105,33 @@ def plot_gp_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
     return save(fig, path)
 
 
+def plot_completions(run: Run, path: Path, tasks: int = 4) -> Path:
+    """Image completion: for a few test images, the context pixels (grey: unseen), the
+    predictive mean and std at every pixel, and the image."""
+    ways, shots, query = run.test_shape
+    batch = next(
+        run.tasks.episodes(
+            "test", tasks, ways, shots, query, seed=run.config.eval.seed, batch_size=tasks
+        )
+    )
+    side = run.config.data.image_size
+    fig, axes = plt.subplots(tasks, 4, figsize=(6, 1.6 * tasks), squeeze=False)
+    for t in range(tasks):
+        count = int(batch.info["context"][t])
+        support = Split(batch.support.x[t, :count], batch.support.y[t, :count])
+        mean, std = run.algo.predict_distribution(support, batch.query.x[t])
+        seen = torch.full((side * side,), 0.5)
+        where = ((support.x + 1) / 2 * (side - 1)).round().long().cpu()
+        seen[where[:, 0] * side + where[:, 1]] = support.y[:, 0].float().cpu()
+        images = [seen, mean.float().cpu(), std.float().cpu(), batch.query.y[t, :, 0].cpu()]
+        titles = [f"{count} context pixels", "mean", "std", "image"]
+        for ax, image, title in zip(axes[t], images, titles, strict=True):
+            ax.imshow(image.view(side, side), cmap="gray_r", vmin=0, vmax=1)
+            ax.set_axis_off()
+            ax.set_title(title, fontsize=7)
+    return save(fig, path)
+
+
 def band(ax, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, color: str, label: str):
     """A predictive mean and its central 90% interval (mean +- 1.645 std)."""
     x, mean, std = x[:, 0].cpu(), mean.float().cpu(), std.float().cpu()

@@ -12,6 +12,7 @@ from typing import Any
 
 from metalearn.data.gp import GPTasks
 from metalearn.data.images.base import ImageTaskConfig
+from metalearn.data.images.completion import CompletionTasks
 from metalearn.errors import MetalearnError
 from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.hardware import describe
@@ -20,7 +21,12 @@ from metalearn.records import checkpoint
 from metalearn.records.calibration import calibration_report, plot_reliability
 from metalearn.records.logger import Logger
 from metalearn.records.optimizers import format_optimizer_table, plot_optimizer, test_optimizer
-from metalearn.records.plots import plot_gp_tasks, plot_learning_curves, plot_sinusoid_tasks
+from metalearn.records.plots import (
+    plot_completions,
+    plot_gp_tasks,
+    plot_learning_curves,
+    plot_sinusoid_tasks,
+)
 from metalearn.records.regression import EXTRA_COLUMNS, gp_oracle, regression_rows
 from metalearn.records.rl import format_rl_table, plot_rl, test_rl
 from metalearn.run import Run
@@ -239,6 +245,8 @@ def write_plots(run: Run, run_dir: Path) -> list[Path]:
         plots.append(plot_sinusoid_tasks(run, run_dir / "plots" / "adapted_curves.png"))
     if isinstance(run.tasks, GPTasks):
         plots.append(plot_gp_tasks(run, run_dir / "plots" / "predictive_bands.png"))
+    if isinstance(run.tasks, CompletionTasks) and run.metric == "loglik":
+        plots.append(plot_completions(run, run_dir / "plots" / "completions.png"))
     return plots
 
 
