@@ -126,7 +126,7 @@ def plot_completions(run: Run, path: Path, tasks: int = 4) -> Path:
         images = [seen, mean.float().cpu(), std.float().cpu(), batch.query.y[t, :, 0].cpu()]
         titles = [f"{count} context pixels", "mean", "std", "image"]
         for ax, image, title in zip(axes[t], images, titles, strict=True):
-            ax.imshow(image.view(side, side), cmap="gray_r", vmin=0, vmax=1)
+            ax.imshow(image.view(side, side).numpy(), cmap="gray_r", vmin=0, vmax=1)
             ax.set_axis_off()
             ax.set_title(title, fontsize=7)
     return save(fig, path)
@@ -134,7 +134,7 @@ def plot_completions(run: Run, path: Path, tasks: int = 4) -> Path:
 
 def band(ax, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, color: str, label: str):
     """A predictive mean and its central 90% interval (mean +- 1.645 std)."""
-    x, mean, std = x[:, 0].cpu(), mean.float().cpu(), std.float().cpu()
+    x, mean, std = (t.float().cpu().numpy() for t in (x[:, 0], mean, std))
     ax.plot(x, mean, color=color, label=label)
     ax.fill_between(x, mean - 1.645 * std, mean + 1.645 * std, color=color, alpha=0.2)
 
