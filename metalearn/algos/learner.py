@@ -55,6 +55,9 @@ class Learner:
     # (data=gp pads them; a learner without this needs data.min_shots = data.shots >= 1).
     metric: ClassVar[str | None] = None
     variable_context: ClassVar[bool] = False
+    # regression: `predict_distribution(support, x) -> (mean, std)`, a Gaussian predictive
+    # (neural processes, ensembles), which the records draw as bands
+    predictive: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -55,6 +55,9 @@ def plot_sinusoid_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
             ax.plot(
                 x.cpu(), run.algo.predict(support, x, steps=steps).cpu(), label=f"{steps} steps"
             )
+        if run.algo.predictive:  # the predictive's 90% band after the test's steps
+            mean, std = run.algo.predict_distribution(support, x)
+            band(ax, x, mean, std, "tab:purple", f"90% band, {run.test_steps} steps")
         ax.plot(support.x.cpu(), support.y.cpu(), "o", color="tab:red", label=f"K={shots}")
         ax.set_title(f"A={amplitude:.2f}, phase={phase:.2f}")
     axes[0][0].legend(fontsize=7)
@@ -85,7 +88,7 @@ def plot_gp_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
             info | {"context": torch.tensor([count], device=run.device)},
         )
         band(ax, x, mean[0], var[0].sqrt(), "k", "GP oracle")
-        if run.metric == "loglik":
+        if run.algo.predictive:
             m, sd = run.algo.predict_distribution(support, x)
             band(ax, x, m, sd, "tab:blue", run.config.algo.name)
         elif count:

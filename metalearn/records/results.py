@@ -245,7 +245,7 @@ def write_plots(run: Run, run_dir: Path) -> list[Path]:
         plots.append(plot_sinusoid_tasks(run, run_dir / "plots" / "adapted_curves.png"))
     if isinstance(run.tasks, GPTasks):
         plots.append(plot_gp_tasks(run, run_dir / "plots" / "predictive_bands.png"))
-    if isinstance(run.tasks, CompletionTasks) and run.metric == "loglik":
+    if isinstance(run.tasks, CompletionTasks) and run.algo.predictive:
         plots.append(plot_completions(run, run_dir / "plots" / "completions.png"))
     return plots
 

@@ -73,6 +73,8 @@ def mean_squared_error(prediction: Tensor, target: Tensor) -> Tensor:
 class EnsembleMAML(Bilevel):
     """EMAML: M MAMLs adapted independently, trained on the sum of their query losses."""
 
+    predictive = True  # on regression
+
     def __init__(self, cfg: ParticlesConfig, model: nn.Module, kind: str, task_batching: str):
         super().__init__(cfg, model, kind, task_batching)
         self.particles = stack_initialisations(model, cfg.particles)

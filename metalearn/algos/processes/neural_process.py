@@ -150,6 +150,7 @@ class NeuralProcess(Learner):
     outer_schedule = "constant"
     compiled = "meta_loss"
     metric = "loglik"
+    predictive = True
     variable_context = True
 
     def __init__(self, cfg: NeuralProcessConfig, model: nn.Module, kind: str, task_batching: str):
@@ -170,7 +171,7 @@ class NeuralProcess(Learner):
         t, n = x.shape[:2]
         return self.model(x.flatten(0, 1)).view(t, n, self.model.embedding_dim)
 
-    def predictive(
+    def distribution(
         self, context: Split, mask: Tensor, xt: Tensor, samples: int, targets: Split | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Mean and std (S, T, Q) at target inputs xt (T, Q, 1) given the context; latent
@@ -222,7 +223,7 @@ class NeuralProcess(Learner):
         models, and latent ones outside ELBO training) or the ELBO; and the predictions."""
         elbo = training and self.cfg.latent and self.cfg.objective == "elbo"
         targets = batch.query if elbo else None
-        mean, std, kl = self.predictive(
+        mean, std, kl = self.distribution(
             batch.support, context_mask(batch), batch.query.x, self._samples(training), targets
         )
         return per_point_loglik(mean, std, batch.query.y[..., 0], kl), {"mean": mean, "std": std}
@@ -257,7 +258,9 @@ class NeuralProcess(Learner):
         with torch.no_grad():
             mask = torch.ones(support.x.shape[:1], dtype=torch.bool, device=support.x.device)
             context = Split(support.x[None], support.y[None])
-            mean, std, _ = self.predictive(context, mask[None], query_x[None], self._samples(False))
+            mean, std, _ = self.distribution(
+                context, mask[None], query_x[None], self._samples(False)
+            )
             mixture_mean = mean.mean(0)
             variance = (std**2 + mean**2).mean(0) - mixture_mean**2
             return mixture_mean[0], variance.clamp_min(0).sqrt()[0]
