@@ -62,12 +62,12 @@ def test_emaml_with_one_particle_is_maml(batching: str):
     assert torch.allclose(a["score"], b["score"], atol=1e-12)
 
 
-def test_svgd_with_one_particle_is_mamls_inner_loop():
+@pytest.mark.parametrize("log_posterior", ["mean", "sum"])
+def test_svgd_with_one_particle_is_mamls_inner_loop(log_posterior: str):
     options = {"inner_lr": 0.05, "inner_steps": 3, "test_inner_steps": 3}
     maml = MAML(MAMLConfig(**options), tiny_mlp(), "regression", "loop")
-    bmaml = BMAML(
-        ParticlesConfig(name="bmaml", particles=1, **options), tiny_mlp(), "regression", "loop"
-    )
+    cfg = ParticlesConfig(name="bmaml", particles=1, log_posterior=log_posterior, **options)
+    bmaml = BMAML(cfg, tiny_mlp(), "regression", "loop")
     batch = sinusoids()
     support = Split(batch.support.x[0], batch.support.y[0])
     params, buffers = maml.params()

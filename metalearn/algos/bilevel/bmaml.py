@@ -8,7 +8,9 @@ initialisation) move together by SVGD (Liu & Wang 2016) on the task's posterior:
                                          + grad_{theta_j} k(theta_j, theta_m)],
 
 with log p(theta | D) = -L(theta; D) (the same mean loss MAML descends, so that with one
-particle, where k = 1 and its gradient is 0, a step is MAML's step), the RBF kernel
+particle, where k = 1 and its gradient is 0, a step is MAML's step; `algo.log_posterior=sum`
+takes -N L, the loss summed over the N examples, with the step lr / N: one particle still steps
+as MAML, and the kernel's repulsion weighs 1/N against the data), the RBF kernel
 k(a, b) = exp(-||a - b||^2 / h) over all weights flattened, and the median heuristic
 h = med(||theta_j - theta_m||^2) / log(M + 1) (Liu & Wang's reference code; the median over
 all M^2 pairs, held constant in the gradient).
@@ -65,6 +67,9 @@ class BMAML(EnsembleMAML):
             grads = {k: g.detach() for k, g in grads.items()}
         flat = torch.cat([params[k].flatten(1) for k in names], 1)
         log_grad = -torch.cat([grads[k].flatten(1) for k in names], 1)
+        if self.cfg.log_posterior == "sum":  # -N L, stepped by lr / N
+            examples = support.y.shape[0]
+            log_grad, lr = examples * log_grad, lr / examples
         moved = flat + lr * svgd_direction(flat, log_grad)
         out, start = {}, 0
         for k in names:

@@ -40,11 +40,19 @@ class ParticlesConfig(BilevelConfig):
     name: str = "emaml"
     particles: int = 5  # M: sets of weights, each with its own initialisation
     leader_steps: int = 1  # bmaml: SVGD steps of the leader on support and query (chaser loss)
+    # bmaml: log p(theta | D) as -L (the mean loss, 'mean': one particle steps as MAML) or as
+    # -N L (the loss summed over the N examples, 'sum', with the step inner_lr / N, so that one
+    # particle still steps as MAML and the kernel's repulsion weighs 1/N against the data)
+    log_posterior: str = "mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.particles < 1:
             raise ConfigError(f"algo.particles must be at least 1, got {self.particles}")
+        if self.log_posterior not in ("mean", "sum"):
+            raise ConfigError(
+                f"algo.log_posterior must be 'mean' or 'sum', got {self.log_posterior!r}"
+            )
         if self.leader_steps < 1:
             raise ConfigError(f"algo.leader_steps must be at least 1, got {self.leader_steps}")
         if self.bn_mode != "transductive":
