@@ -6,7 +6,7 @@ model's own initialiser, M times). A task adapts every particle; the prediction 
 ensemble's: the mean of the particles' outputs for regression, the mean of their class
 probabilities for classification (as log-probabilities, which every loss and the calibration
 report read as logits). EMAML (Yoon et al. 2018's baseline) adapts the particles independently
-with MAML's inner loop and meta-trains the sum of their query losses: with M = 1 it is MAML.
+with MAML's inner loop and meta-trains the mean of their query losses: with M = 1 it is MAML.
 
 For regression, evaluation also reports the predictive NLL and the 90% interval's coverage of
 a Gaussian whose variance is the particles' spread at each query point plus the observation
@@ -79,7 +79,7 @@ def mean_squared_error(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 class EnsembleMAML(Bilevel):
-    """EMAML: M MAMLs adapted independently, trained on the sum of their query losses."""
+    """EMAML: M MAMLs adapted independently, trained on the mean of their query losses."""
 
     predictive = True  # on regression
 
