@@ -27,6 +27,8 @@ def describe(config: dict) -> str:
     name = algo["name"]
     if "particles" in algo:
         name += f" (M = {algo['particles']})"
+    if algo.get("log_posterior") == "sum":
+        name += ", log p = -N L"
     if algo.get("latent"):
         name += f", {algo['objective']}"
     if data["name"] == "gp":
