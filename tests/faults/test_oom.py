@@ -1,8 +1,8 @@
 """Out of memory in second-order MAML (and BMAML with many particles), for real: a subprocess
-caps its own address space (RLIMIT_AS) a little above what it holds after building the run, then meta-trains tasks whose
-second-order graph needs far more. The allocator fails, and training stops with an error that
-names the iteration, the peak memory and the settings that need less (first order, gradient
-checkpointing, a smaller meta-batch)."""
+caps its own address space (RLIMIT_AS) a little above what it holds after building the run,
+then meta-trains tasks whose second-order graph needs far more. The allocator fails, and
+training stops with an error that names the iteration, the peak memory and the settings that
+need less (first order, gradient checkpointing, fewer particles, a smaller meta-batch)."""
 
 import subprocess
 import sys
