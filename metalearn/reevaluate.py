@@ -15,6 +15,7 @@ from metalearn.records.results import (
     tested_results,
     write_curve_plots,
     write_json,
+    write_plots,
 )
 
 FIXED_GROUPS = ("algo", "model")  # the weights decide these; asking for others is an error
@@ -98,6 +99,7 @@ def evaluate_checkpoint(composed: dict[str, Any], overrides: list[str], run_dir:
         results, curves = tested_results(run, val=None, train=None)
         results["checkpoint"] = str(path)
         write_curve_plots(run, curves, run_dir / "plots", results)
+        write_plots(run, run_dir)  # the test tasks' plots (adapted curves, bands, completions)
         print(result_table(results))
     write_json(run_dir / "results.json", results)
     return results
