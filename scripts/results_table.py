@@ -115,19 +115,25 @@ def row(name: str, run_dir: Path) -> str:
         ours = " / ".join(cell(by_choice[i]["accuracy"], True) for i in (0, 1, -1))
     else:
         ours = cell(results["test"]["accuracy"], True)
+    calibration = results["test"].get("calibration")
+    pooled = calibration["pooled"] if calibration else None
+    scores = f"{pooled['ece']:.4f} / {pooled['nll']:.4f} / {pooled['brier']:.4f}" if pooled else "-"
     what, published = PUBLISHED[name]
     minutes = train["wall_seconds"] / 60
     where = f"{hardware['threads']} CPU threads ({hardware['cpu']}), torch {hardware['torch']}"
     return (
         f"| {what} | `{command}` | {where} | {minutes:.1f} min, {train['iterations']} it "
-        f"| {ours} | {published} |"
+        f"| {ours} | {scores} | {published} |"
     )
 
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/readme")
-    print("| benchmark | command | hardware | training | ours (95% CI) | published |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| benchmark | command | hardware | training | ours (95% CI) "
+        "| calibration: ECE / NLL / Brier, pooled | published |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in PUBLISHED:
         if (root / name / "results.json").is_file():
             print(row(name, root / name))
