@@ -241,7 +241,8 @@ def compile_training(algo: Any, batching: str) -> None:
 def fused_batchnorm_is_exact(algo_cls: type, batching: str) -> bool:
     """The native BatchNorm kernel is exact unless second-order gradients go through it under
     vmap (the torch 2.14 trap described in TaskBatchNorm2d); it is about 1.7x faster on CPU."""
-    return not (algo_cls.differentiates_inner_loop and batching == "vmap")
+    vmapped = batching == "vmap" or algo_cls.vmaps_within_tasks
+    return not (algo_cls.differentiates_inner_loop and vmapped)
 
 
 def _preprocess(data: Any) -> dict | None:

@@ -24,12 +24,15 @@ VALID_NAMES = {
         ["anil", "baseline", "baselinepp", "fomaml", "imaml", "maml", "mamlpp", "matchingnet"]
         + ["metaoptnet_ridge", "metaoptnet_svm", "metasgd", "protonet", "relationnet", "reptile"]
         + ["rfs", "rl2", "icl_transformer", "lstm", "mann", "snail", "l2o", "metalstm"]
+        + ["emaml", "bmaml", "vmaml", "cnp", "acnp", "np", "anp", "convcnp"]
     ),
     "data": sorted(
         ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"]
         + ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "quadratic", "digits_mlp"]
+        + ["gp", "omniglot_completion"]
     ),
-    "model": ["conv4", "lstm_optimizer", "mlp", "mlp_optimizer", "recurrent", "resnet12"],
+    "model": ["conv4", "identity", "lstm_optimizer", "mlp", "mlp_optimizer", "recurrent"]
+    + ["resnet12"],
 }
 # Sinusoid MAML that validates and checkpoints after every iteration, on tiny episodes.
 SINUSOID_EVERY_STEP = [

@@ -71,7 +71,11 @@ def test_vmap_and_the_per_task_loop_give_the_same_meta_gradient(name):
 def test_the_native_batchnorm_kernel_is_exact_where_build_uses_it(name):
     """hardware.task_batching=loop runs the fused kernel (see build.fused_batchnorm_is_exact):
     its meta-gradients equal the primitive BatchNorm's under vmap, second order included."""
-    batching = "vmap" if fused_batchnorm_is_exact(ALGOS[name][1], "vmap") else "loop"
+    algo_cls = ALGOS[name][1]
+    if not fused_batchnorm_is_exact(algo_cls, "loop"):  # particles vmap inside each task
+        assert algo_cls.vmaps_within_tasks and not fused_batchnorm_is_exact(algo_cls, "vmap")
+        return
+    batching = "vmap" if fused_batchnorm_is_exact(algo_cls, "vmap") else "loop"
     batch = image_tasks()
     fused = outer_grads(build(name, tiny_conv(fused=True), batching=batching), batch)
     primitive = outer_grads(build(name, tiny_conv(fused=False)), batch)
@@ -79,7 +83,8 @@ def test_the_native_batchnorm_kernel_is_exact_where_build_uses_it(name):
         torch.testing.assert_close(fused[key], primitive[key], rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("name", BILEVEL)
+# (VMAML draws weights per task and always loops: hardware.task_batching does not apply)
+@pytest.mark.parametrize("name", [n for n in BILEVEL if ALGOS[n][1].batches_tasks])
 def test_evaluate_is_the_same_under_vmap_and_the_loop(name, monkeypatch):
     """Also with test-time adaptation under vmap and the query forwards in a loop (build.py's
     choice on CPU for small support and large query sets), where the loop uses the native

@@ -58,6 +58,9 @@ class Learner:
     # regression: `predict_distribution(support, x) -> (mean, std)`, a Gaussian predictive
     # (neural processes, ensembles), which the records draw as bands
     predictive: ClassVar[bool] = False
+    # vmap inside each task (over particles): BatchNorm's fused kernel is then never exact under
+    # second-order gradients, whatever hardware.task_batching says
+    vmaps_within_tasks: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

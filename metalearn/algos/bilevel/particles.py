@@ -82,6 +82,7 @@ class EnsembleMAML(Bilevel):
     """EMAML: M MAMLs adapted independently, trained on the mean of their query losses."""
 
     predictive = True  # on regression
+    vmaps_within_tasks = True  # over the particles
 
     def __init__(self, cfg: ParticlesConfig, model: nn.Module, kind: str, task_batching: str):
         super().__init__(cfg, model, kind, task_batching)
