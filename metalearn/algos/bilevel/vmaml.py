@@ -50,6 +50,8 @@ class VariationalConfig(BilevelConfig):
             )
         if not self.kl_weight >= 0:
             raise ConfigError(f"algo.kl_weight must be >= 0, got {self.kl_weight}")
+        if len(self.init_logstd) != 2:
+            raise ConfigError(f"algo.init_logstd must be [low, high], got {self.init_logstd}")
         low, high = self.init_logstd
         if not low <= high:
             raise ConfigError(f"algo.init_logstd must be [low, high], got {self.init_logstd}")
