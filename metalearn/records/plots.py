@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from metalearn.data.gp import oracle_predictive  # noqa: E402
 from metalearn.data.tasks import Split  # noqa: E402
 from metalearn.run import Run
 
@@ -67,8 +68,6 @@ def plot_sinusoid_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
 def plot_gp_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
     """A few test functions: their context points and targets, the exact GP posterior's mean and
     90% band, and the learner's (a neural process's band; another learner's mean)."""
-    from metalearn.data.gp import oracle_predictive  # data stays out of the records' imports
-
     ways, shots, query = run.test_shape
     batch = next(
         run.tasks.episodes(
@@ -85,7 +84,7 @@ def plot_gp_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
         mean, var = oracle_predictive(
             Split(support.x[None], support.y[None]),
             x[None],
-            info | {"context": torch.tensor([count], device=run.device)},
+            info,  # its "context" is the count of the unpadded support above
         )
         band(ax, x, mean[0], var[0].sqrt(), "k", "GP oracle")
         if run.algo.predictive:

@@ -41,17 +41,22 @@ print("no error")
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_out_of_memory_in_second_order_maml_names_peak_memory_and_remedies(tmp_path, tally):
+def out_of_memory(tmp_path: Path, *overrides: str) -> str:
+    """Run WORKER with `overrides` under its memory cap; the TrainingError's message."""
     done = subprocess.run(
-        [sys.executable, "-c", WORKER, str(tmp_path)],
+        [sys.executable, "-c", WORKER, str(tmp_path), *overrides],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 3, (done.stdout + done.stderr)[-3000:]
-    message = done.stdout.split("TrainingError: ", 1)[1]
+    return done.stdout.split("TrainingError: ", 1)[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_out_of_memory_in_second_order_maml_names_peak_memory_and_remedies(tmp_path, tally):
+    message = out_of_memory(tmp_path)
     assert message.startswith("out of memory at iteration 1 in second-order maml")
     assert "trainer.meta_batch_size=64" in message
     assert "GiB of host memory (peak resident set)" in message
@@ -66,15 +71,7 @@ def test_out_of_memory_in_second_order_maml_names_peak_memory_and_remedies(tmp_p
 def test_out_of_memory_with_many_particles_names_algo_particles(tmp_path, tally):
     """The same tasks through 16 particles of the same network: the advice names the particle
     count and half of it first."""
-    done = subprocess.run(
-        [sys.executable, "-c", WORKER, str(tmp_path), "algo=bmaml", "algo.particles=16"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 3, (done.stdout + done.stderr)[-3000:]
-    message = done.stdout.split("TrainingError: ", 1)[1]
+    message = out_of_memory(tmp_path, "algo=bmaml", "algo.particles=16")
     assert message.startswith("out of memory at iteration 1 in second-order bmaml")
     assert "with algo.particles=16 sets of weights" in message
     assert message.index("algo.particles=8") < message.index("trainer.meta_batch_size=32")
