@@ -63,7 +63,9 @@ def run_episodes(
     on_batch: Callable[[int], object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-episode query loss and score after each number of inner steps: (episodes, len(steps)),
-    and whatever else the algorithm reports per episode (meta-RL: the regret curve).
+    and whatever else the algorithm reports per episode (meta-RL: the regret curve). A
+    classifier whose `evaluate` returns its query `logits` (episodes, len(steps), Q, C) gets
+    the query `labels` (episodes, Q) beside them, so the calibration report needs no second pass.
     `on_batch(n)` hears of each batch of n episodes done (a progress bar)."""
     cfg: EvalConfig = run.config.eval
     parts: dict[str, list[torch.Tensor]] = {"loss": [], "score": []}
@@ -76,7 +78,10 @@ def run_episodes(
             with run.autocast():
                 out = run.algo.evaluate(batch, steps)
             for key, value in out.items():
+                value = value.float() if key == "logits" else value  # bf16 under autocast
                 parts.setdefault(key, []).append(value.detach().cpu())
+            if "logits" in out:
+                parts.setdefault("labels", []).append(batch.query.y.cpu())
             if on_batch is not None:
                 on_batch(batch.tasks)
     finally:

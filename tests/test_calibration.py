@@ -10,7 +10,13 @@ import torch
 from conftest import compose_config
 
 from metalearn.errors import ConfigError
-from metalearn.records.calibration import fit_temperature, scores, summarize
+from metalearn.records.calibration import (
+    fit_temperature,
+    predicted,
+    predictions,
+    scores,
+    summarize,
+)
 from metalearn.reevaluate import evaluate_checkpoint
 
 
@@ -96,3 +102,34 @@ def test_temperature_without_calibration_is_refused():
     overrides = ["debug=smoke", "eval.calibration=false", "eval.temperature=true"]
     with pytest.raises(ConfigError, match="eval.calibration=true"):
         build_run(compose_config(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algo=maml"],
+        ["algo=maml", "hardware.task_batching=loop"],
+        ["algo=reptile", "algo.test_inner_steps=3"],
+        ["algo=protonet"],
+        ["algo=metaoptnet_ridge"],
+        ["algo=baselinepp"],
+        ["algo=snail"],
+        ["algo=metalstm", "algo.updates=2"],
+        ["algo=emaml", "algo.particles=2"],
+    ],
+    ids=lambda o: "-".join(x.split("=")[1] for x in o[:2]),
+)
+def test_the_test_pass_returns_the_logits_predict_gives(overrides, omniglot_root):
+    """The calibration report reads the query logits that the test pass (`evaluate`) returns;
+    they equal what `predict` gives for each episode on its own (the path `metalearn eval
+    episode.support=...` takes), labels included."""
+    from metalearn.build import build_run
+
+    config = ["data=omniglot", f"data.root={omniglot_root}", "debug=smoke", *overrides]
+    run = build_run(compose_config(config))
+    run.model.train(False)
+    fast = predictions(run, "test", 3)
+    slow = predicted(run, "test", 3)
+    assert fast[0].shape == slow[0].shape == (3, 5 * run.test_shape[2], 5)
+    assert torch.equal(fast[1], slow[1])
+    torch.testing.assert_close(fast[0], slow[0], atol=1e-4, rtol=1e-4)

@@ -15,8 +15,11 @@ accuracy, mean confidence) for `plots/reliability.png`.
 
 `eval.temperature=true` also fits one temperature T on the validation episodes (the NLL of
 logits / T, minimised over log T; Guo et al.'s temperature scaling) and reports the test at T
-beside the raw numbers (`temperature`). The predictions come from each learner's `predict`, the
-same function that `metalearn eval episode.support=...` classifies a user's images with.
+beside the raw numbers (`temperature`). The predictions are the test's own: the query logits
+that a learner's `evaluate` returns beside its scores, so the report costs no second pass over
+the episodes; a learner whose `evaluate` does not return them is asked again, episode by episode,
+through its `predict` (the function `metalearn eval episode.support=...` classifies a user's
+images with).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metalearn.data.tasks import Split
-from metalearn.evaluate import SPLIT_SEED_OFFSET, mean_ci95
+from metalearn.evaluate import SPLIT_SEED_OFFSET, mean_ci95, run_episodes
 
 BINS = 15
 
@@ -97,7 +100,19 @@ def summarize(logits: Tensor, labels: Tensor, bins: int = BINS) -> dict[str, Any
 
 def predictions(run, split: str, episodes: int) -> tuple[Tensor, Tensor]:
     """Every query's logits (T, Q, C) and label (T, Q) on `episodes` fixed episodes of `split`,
-    the test's own episodes, from the learner's `predict`."""
+    the test's own episodes at the run's test steps: from the learner's `evaluate` where it
+    returns them, else episode by episode from its `predict`."""
+    ways, shots, query = run.test_shape
+    out = run_episodes(
+        run, split, episodes=episodes, ways=ways, shots=shots, query=query, steps=[run.test_steps]
+    )
+    if "logits" in out:
+        return out["logits"][:, 0], out["labels"]
+    return predicted(run, split, episodes)
+
+
+def predicted(run, split: str, episodes: int) -> tuple[Tensor, Tensor]:
+    """`predictions`, asked of the learner's `predict` episode by episode."""
     cfg, (ways, shots, query) = run.config.eval, run.test_shape
     seed = cfg.seed + SPLIT_SEED_OFFSET[split]
     logits, labels = [], []
@@ -133,11 +148,12 @@ def fit_temperature(logits: Tensor, labels: Tensor) -> float:
     return float(log_t.detach().exp())
 
 
-def calibration_report(run) -> dict[str, Any]:
+def calibration_report(run, test: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:
     """test.calibration: the raw test predictions' scores and, with eval.temperature, those at
-    the temperature fitted on the validation episodes."""
+    the temperature fitted on the validation episodes. `test`: the test's logits (T, Q, C) and
+    labels (T, Q) where the test pass returned them (else they are predicted here)."""
     cfg = run.config.eval
-    logits, labels = predictions(run, "test", cfg.episodes)
+    logits, labels = test if test is not None else predictions(run, "test", cfg.episodes)
     out: dict[str, Any] = {"bins": BINS, **summarize(logits, labels)}
     if cfg.temperature:
         temperature = fit_temperature(*predictions(run, "val", cfg.val_episodes))

@@ -37,7 +37,7 @@ def test(run: Run) -> dict[str, Any]:
     cfg, (ways, shots, query) = run.config.eval, run.test_shape
     inner = run.algo.inner_loop
     steps = sorted({run.test_steps, *cfg.steps}) if inner else [run.test_steps]
-    breakdown, headline = [], None
+    breakdown, headline, logits = [], None, None
     for k in sorted({shots, *cfg.shots}):
         out = run_episodes(
             run, "test", episodes=cfg.episodes, ways=ways, shots=k, query=query, steps=steps
@@ -56,6 +56,8 @@ def test(run: Run) -> dict[str, Any]:
             breakdown.append(entry)
             if k == shots and step == run.test_steps:
                 headline = entry
+                if "logits" in out:  # the calibration report's predictions
+                    logits = out["logits"][:, column], out["labels"]
     out = {
         run.metric: headline[run.metric],
         "loss": headline["loss"],
@@ -68,7 +70,7 @@ def test(run: Run) -> dict[str, Any]:
     if isinstance(run.tasks, GPTasks):  # the ceiling: the exact posterior on the same tasks
         out["oracle"] = gp_oracle(run, ways, shots, query)
     if run.metric == "accuracy" and cfg.calibration:
-        out["calibration"] = calibration_report(run)
+        out["calibration"] = calibration_report(run, logits)
     return out
 
 

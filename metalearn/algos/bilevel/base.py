@@ -339,7 +339,8 @@ class Bilevel(Learner):
         return run
 
     def evaluate(self, batch: TaskBatch, steps: list[int]) -> dict[str, Tensor]:
-        """Query loss and score per task after each number of test inner steps: (T, len(steps)).
+        """Query loss and score per task after each number of test inner steps: (T, len(steps)),
+        and a classifier's query logits (T, len(steps), Q, C).
 
         Where build.py batches test-time adaptation on the small support sets apart from the
         query forwards (hardware.task_batching=auto on CPU: vmap, then a per-task loop with the
@@ -354,15 +355,18 @@ class Bilevel(Learner):
             )
             return [fast for step, fast in enumerate(trajectory) if step in wanted]
 
-        def queries(_params, buffers, fasts, qx, qy) -> tuple[Tensor, Tensor]:
-            losses, scores = [], []
+        def queries(_params, buffers, fasts, qx, qy) -> tuple[Tensor, ...]:
+            losses, scores, predictions = [], [], []
             for step, fast in zip(wanted, fasts, strict=True):
                 prediction = self.query_forward(fast, buffers, qx, step)
                 losses.append(self.loss(prediction, qy))
                 scores.append(score(self.kind, prediction, qy))
-            return torch.stack(losses), torch.stack(scores)
+                predictions.append(prediction)
+            if self.kind != "classification":
+                return torch.stack(losses), torch.stack(scores)
+            return torch.stack(losses), torch.stack(scores), torch.stack(predictions)
 
-        def task(params, buffers, sx, sy, qx, qy) -> tuple[Tensor, Tensor]:
+        def task(params, buffers, sx, sy, qx, qy) -> tuple[Tensor, ...]:
             return queries(params, buffers, adapt(params, buffers, sx, sy), qx, qy)
 
         params, buffers = self.params()
@@ -376,13 +380,14 @@ class Bilevel(Learner):
                 fasts = self.map_tasks(adapt, support, params, buffers, self.adapt_batching)
                 with native:
                     data = (fasts, *query)
-                    losses, scores = self.map_tasks(queries, data, {}, buffers, "loop")
+                    out = self.map_tasks(queries, data, {}, buffers, "loop")
             else:
                 with native:
                     data = (*support, *query)
-                    losses, scores = self.map_tasks(task, data, params, buffers, self.test_batching)
+                    out = self.map_tasks(task, data, params, buffers, self.test_batching)
         columns = [wanted.index(s) for s in steps]
-        return {"loss": losses[:, columns], "score": scores[:, columns]}
+        names = ("loss", "score", "logits")[: len(out)]  # logits: classifiers only
+        return {name: part[:, columns] for name, part in zip(names, out, strict=True)}
 
     def _two_phases(self, params: Params, copies: int) -> bool:
         """Adapt under vmap, then score in a loop: when build.py chose that and `copies` sets of

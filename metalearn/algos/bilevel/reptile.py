@@ -296,8 +296,8 @@ class Reptile(Bilevel):
             batch.support.x, batch.support.y, wanted[-1], cfg.test_inner_batch
         )
 
-        def task(params, buffers, sx, xs, ys, qx, qy) -> tuple[Tensor, Tensor]:
-            losses, scores = [], []
+        def task(params, buffers, sx, xs, ys, qx, qy) -> tuple[Tensor, ...]:
+            losses, scores, predictions = [], [], []
             run = self.inner_steps(
                 params,
                 buffers,
@@ -313,13 +313,17 @@ class Reptile(Bilevel):
                     prediction = self.test_forward(fast, buffers, sx, qx, step)
                     losses.append(self.loss(prediction, qy))
                     scores.append(score(self.kind, prediction, qy))
-            return torch.stack(losses), torch.stack(scores)
+                    predictions.append(prediction)
+            if self.kind != "classification":
+                return torch.stack(losses), torch.stack(scores)
+            return torch.stack(losses), torch.stack(scores), torch.stack(predictions)
 
         data = (batch.support.x, xs, ys, batch.query.x, batch.query.y)
         with torch.no_grad(), self._test_time():
-            losses, scores = self.map_tasks(task, data, params, buffers)
+            out = self.map_tasks(task, data, params, buffers)
         columns = [wanted.index(s) for s in steps]
-        return {"loss": losses[:, columns], "score": scores[:, columns]}
+        names = ("loss", "score", "logits")[: len(out)]  # logits: classifiers only
+        return {name: part[:, columns] for name, part in zip(names, out, strict=True)}
 
     def predict(self, support: Split, query_x: Tensor, steps: int | None = None) -> Tensor:
         cfg = self.cfg

@@ -114,8 +114,9 @@ def fit_sgd_head(
 ) -> tuple[Tensor, Tensor]:
     """Chen et al.'s test-time head for T tasks at once: weights (T, D, N) and biases (T, N).
 
-    scale None: a linear layer; else a cosine layer of that scale (no bias). Mini-batches come
-    from a fixed generator, so evaluation is deterministic.
+    scale None: a linear layer; else a cosine layer of that scale (no bias). The initial head
+    and the mini-batches come from a fixed generator and are the same for every task, so a
+    task's head does not depend on the tasks evaluated beside it (eval.batch_size).
     """
     tasks, size, dim = support_z.shape
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -125,7 +126,8 @@ def fit_sgd_head(
         u = torch.rand(*shape, generator=generator).to(support_z.device)
         return bound * (2 * u - 1)
 
-    weight, bias = uniform(tasks, dim, ways), uniform(tasks, ways)
+    weight = uniform(dim, ways).expand(tasks, dim, ways).clone()
+    bias = uniform(ways).expand(tasks, ways).clone()
     velocity = [torch.zeros_like(weight), torch.zeros_like(bias)]
     dampening, momentum, decay = 0.9, 0.9, 1e-3
     first = True
@@ -272,12 +274,13 @@ class Baseline(Learner):
         return head_logits(query_z, weight, bias, self.scale)
 
     def evaluate(self, batch: TaskBatch, steps: list[int]) -> dict[str, Tensor]:
-        """Per-task query loss and accuracy, (T, 1), of the head fitted to each support set."""
+        """Per-task query loss and accuracy, (T, 1), and the query logits (T, 1, Q, C), of the
+        head fitted to each support set."""
         logits = self._task_logits(batch.support, batch.query.x, batch.ways)
         pairs = list(zip(logits, batch.query.y, strict=True))
         losses = torch.stack([F.cross_entropy(lg, y) for lg, y in pairs])
         scores = torch.stack([score(self.kind, lg, y) for lg, y in pairs])
-        return {"loss": losses[:, None], "score": scores[:, None]}
+        return {"loss": losses[:, None], "score": scores[:, None], "logits": logits[:, None]}
 
     def predict(self, support: Split, query_x: Tensor, steps: int | None = None) -> Tensor:
         ways = int(support.y.max()) + 1

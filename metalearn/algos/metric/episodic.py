@@ -99,13 +99,14 @@ class EpisodicLearner(Learner):
         return loss, {"loss": loss, "score": accuracy}
 
     def evaluate(self, batch: TaskBatch, steps: list[int]) -> dict[str, Tensor]:
-        """Per-task query loss and accuracy, (T, 1); `steps` does not apply (no inner loop)."""
+        """Per-task query loss and accuracy, (T, 1), and the query logits (T, 1, Q, C); `steps`
+        does not apply (no inner loop)."""
         with torch.no_grad():
             logits = self.logits(batch).float()
         pairs = list(zip(logits, batch.query.y, strict=True))
         losses = torch.stack([self.task_loss(lg, y) for lg, y in pairs])
         scores = torch.stack([score(self.kind, lg, y) for lg, y in pairs])
-        return {"loss": losses[:, None], "score": scores[:, None]}
+        return {"loss": losses[:, None], "score": scores[:, None], "logits": logits[:, None]}
 
     def predict(self, support: Split, query_x: Tensor, steps: int | None = None) -> Tensor:
         """Scores for one task's query inputs; `steps` does not apply (no inner loop)."""

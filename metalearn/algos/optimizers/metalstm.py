@@ -221,16 +221,23 @@ class MetaLSTM(Learner):
         return loss, {"loss": loss.detach(), "score": torch.stack(scores).mean()}
 
     def evaluate(self, batch: TaskBatch, steps: list[int]) -> dict[str, Tensor]:
-        """Per-task query loss and accuracy after algo.test_updates updates, (T, 1); `steps`
-        does not apply (the number of updates is the algorithm's)."""
-        losses, scores = [], []
+        """Per-task query loss and accuracy after algo.test_updates updates, (T, 1), and the
+        query logits (T, 1, Q, C); `steps` does not apply (the number of updates is the
+        algorithm's)."""
+        losses, scores, each = [], [], []
         with torch.no_grad():
             for t in range(batch.tasks):
                 support = Split(batch.support.x[t], batch.support.y[t])
-                logits = self.predict(support, batch.query.x[t])
-                losses.append(F.cross_entropy(logits.float(), batch.query.y[t]))
-                scores.append(score(self.kind, logits.float(), batch.query.y[t]))
-        return {"loss": torch.stack(losses)[:, None], "score": torch.stack(scores)[:, None]}
+                logits = self.predict(support, batch.query.x[t]).float()
+                losses.append(F.cross_entropy(logits, batch.query.y[t]))
+                scores.append(score(self.kind, logits, batch.query.y[t]))
+                each.append(logits)
+        out = {
+            "loss": torch.stack(losses),
+            "score": torch.stack(scores),
+            "logits": torch.stack(each),
+        }
+        return {key: value[:, None] for key, value in out.items()}
 
     def predict(self, support: Split, query_x: Tensor, steps: int | None = None) -> Tensor:
         """One task's query logits, each query normalised with the support steps' statistics."""
