@@ -117,6 +117,46 @@ def test_bmamls_meta_gradient_equals_the_transcription_of_the_paper(particles: i
         assert torch.allclose(flat, theirs[m], atol=1e-10)
 
 
+def test_bmamls_gaussian_posterior_meta_gradient_equals_the_authors_network():
+    """algo.log_posterior=gaussian: the chaser loss's gradient for each particle's weights and
+    precisions, against the transcription of the authors' bnn.py and update_particle
+    (tests/reference/bmaml_svgd.py, second order, 2 inner steps, 1 leader step, 3 particles)."""
+    particles, lr = 3, 1e-3
+    cfg = ParticlesConfig(
+        name="bmaml", particles=particles, inner_lr=lr, inner_steps=2, log_posterior="gaussian"
+    )
+    algo = BMAML(cfg, tiny_mlp(), "regression", "loop")
+    assert algo.particles["log_gamma"].shape == (particles,)
+    batch = sinusoids()
+    params = algo.particles
+    mine = dict(zip(params, meta_gradient(algo, batch), strict=True))
+    model = tiny_mlp()
+    names = [k for k, _ in model.named_parameters()]
+
+    def flat(source, m):  # the authors' order: the network, then log lambda, log gamma
+        parts = [source[k][m].flatten() for k in names]
+        return torch.cat([*parts, source["log_lambda"][m][None], source["log_gamma"][m][None]])
+
+    inits = [flat(params, m).detach().clone().requires_grad_() for m in range(particles)]
+    tasks = [
+        (batch.support.x[t], batch.support.y[t], batch.query.x[t], batch.query.y[t])
+        for t in range(TASKS)
+    ]
+    theirs = bmaml_meta_gradient(model, inits, tasks, "bnn", lr, 2, 1)
+    for m in range(particles):
+        assert torch.allclose(flat(mine, m), theirs[m], atol=1e-10, rtol=1e-8)
+
+
+def test_bmamls_gaussian_posterior_refuses_classification_and_other_learners():
+    with pytest.raises(ConfigError, match="regression"):
+        cfg = ParticlesConfig(name="bmaml", log_posterior="gaussian")
+        BMAML(cfg, tiny_mlp(), "classification", "loop")
+    with pytest.raises(ConfigError, match="BMAML's"):
+        ParticlesConfig(name="emaml", log_posterior="gaussian")
+    with pytest.raises(ConfigError, match="noise_prior"):
+        ParticlesConfig(name="bmaml", log_posterior="gaussian", noise_prior=[2.0, 0.0])
+
+
 def test_particles_start_apart_and_the_ensemble_averages_probabilities():
     torch.manual_seed(0)
     model = MLP(MLPConfig(hidden_sizes=[8]), (4,), 3).double()
@@ -137,6 +177,37 @@ def test_a_finite_sinusoid_task_set_feeds_training_only():
     assert len(set(test.info["amplitude"].tolist())) == 50
     with pytest.raises(ConfigError, match="data.train_tasks"):
         SinusoidConfig(train_tasks=0)
+
+
+def test_bmamls_sinusoids_fix_each_training_tasks_points_and_keep_test_queries_clean():
+    """BMAML's variant: y = A sin(f x - phase) + 0.01 A eps on what a learner sees; a finite
+    training task is the same points at every visit; test queries are the clean function;
+    MAML's family draws exactly the episodes it drew before the frequency and noise existed."""
+    cfg = SinusoidConfig(
+        train_tasks=3, fixed_points=True, noise=0.01, frequency=[0.5, 2.0], phase=[0.0, 6.28]
+    )
+    tasks, gen = SinusoidTasks(cfg, torch.device("cpu")), torch.Generator().manual_seed(0)
+    batch = tasks.sample("train", gen, 60, 1, 4, 6)
+    by_task = {}
+    for t, a in enumerate(batch.info["amplitude"].tolist()):
+        seen = torch.cat([batch.support.x[t], batch.query.x[t], batch.support.y[t]])
+        assert torch.equal(by_task.setdefault(a, seen), seen)  # the same points every visit
+    assert len(by_task) == 3
+    test = next(tasks.episodes("test", 20, 1, 4, 6, seed=1, batch_size=20))
+    a, f, phase = (test.info[k][:, None, None] for k in ("amplitude", "frequency", "phase"))
+    clean = a * torch.sin(f * test.query.x - phase)
+    assert torch.allclose(test.query.y, clean, atol=1e-6)
+    noise = (test.support.y - a * torch.sin(f * test.support.x - phase)) / a
+    assert 0.005 < noise.std() < 0.015 and not (0.5 <= f).logical_and(f <= 2).logical_not().any()
+    plain = SinusoidTasks(SinusoidConfig(), torch.device("cpu"))
+    first = next(plain.episodes("test", 4, 1, 5, 5, seed=3, batch_size=4))
+    x, y = first.support.x, first.support.y
+    a, phase = first.info["amplitude"][:, None, None], first.info["phase"][:, None, None]
+    assert torch.allclose(y, a * torch.sin(x - phase)) and "frequency" not in first.info
+    with pytest.raises(ConfigError, match="data.train_tasks"):
+        SinusoidConfig(fixed_points=True)
+    with pytest.raises(ConfigError, match="data.noise"):
+        SinusoidConfig(noise=-0.1)
 
 
 def test_vmaml_with_a_vanishing_variance_and_no_kl_is_maml():

@@ -1,4 +1,11 @@
-"""Sinusoid regression tasks (Finn et al. 2017, section 5.1): y = A sin(x - phase), no files."""
+"""Sinusoid regression tasks (Finn et al. 2017, section 5.1): y = A sin(x - phase), no files.
+
+BMAML's variant (Yoon et al. 2018, their data_generator.py; `data=sinusoid_bmaml`) also draws a
+frequency, y = A sin(f x - phase) with f ~ U[0.5, 2] and phase ~ U[0, 2 pi], adds noise of std
+0.01 A to the observed targets (support sets, and query sets in meta-training; test queries are
+the clean function), and a finite training set fixes each task's inputs and noise as well as its
+function (`data.fixed_points`).
+"""
 
 import math
 from collections.abc import Iterator
@@ -23,10 +30,15 @@ class SinusoidConfig:
     amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])  # U[low, high]
     phase: list[float] = field(default_factory=lambda: [0.0, 3.141592653589793])  # U[low, high]
     x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])  # inputs U[low, high]
+    frequency: list[float] = field(default_factory=lambda: [1.0, 1.0])  # U[low, high]
+    noise: float = 0.0  # std of the observation noise, as a fraction of the task's amplitude
     # a finite set of training functions (BMAML's |T| = 100, 1000), drawn once from seed 0 of
     # the family; meta-training draws tasks from it (fresh inputs each time), validation and
     # test from the whole family (None: every training task is a fresh function)
     train_tasks: int | None = None
+    # with train_tasks: each training task's inputs and noise are fixed too (BMAML's finite data
+    # sets: a task is its shots + query points, the same at every visit)
+    fixed_points: bool = False
     root: str | None = None  # unused: procedural tasks need no files
     split: str | None = None  # unused: every task is fresh; test tasks come from a fixed seed
 
@@ -43,7 +55,14 @@ class SinusoidConfig:
             raise ConfigError(
                 f"data.train_tasks must be positive (or null), got {self.train_tasks}"
             )
-        for key in ("amplitude", "phase", "x_range"):
+        if self.fixed_points and not self.train_tasks:
+            raise ConfigError(
+                "data.fixed_points=true fixes the points of a finite training set: set "
+                "data.train_tasks as well (BMAML's 100 or 1000)"
+            )
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise ConfigError(f"data.noise must be >= 0 (a fraction of A), got {self.noise}")
+        for key in ("amplitude", "phase", "x_range", "frequency"):
             bounds = getattr(self, key)
             if len(bounds) != 2 or not all(map(math.isfinite, bounds)) or bounds[0] > bounds[1]:
                 raise ConfigError(
@@ -73,32 +92,63 @@ class SinusoidTasks:
             u = torch.rand(shape, generator=generator, device=generator.device)
             return (bounds[0] + (bounds[1] - bounds[0]) * u).to(self.device)
 
-        if split == "train" and self.cfg.train_tasks:  # from the finite set of functions
+        cfg, points = self.cfg, shots + query
+        fixed = split == "train" and cfg.train_tasks and cfg.fixed_points
+        if split == "train" and cfg.train_tasks:  # from the finite set of functions
             pick = torch.randint(
-                self.cfg.train_tasks, (tasks,), generator=generator, device=generator.device
-            )
-            amplitude, phase = (v[pick.to(self.device)] for v in self.finite_set())
+                cfg.train_tasks, (tasks,), generator=generator, device=generator.device
+            ).to(self.device)
+            amplitude, phase, frequency = (v[pick] for v in self.finite_set())
         else:
-            amplitude = uniform((tasks, 1, 1), self.cfg.amplitude)
-            phase = uniform((tasks, 1, 1), self.cfg.phase)
-        x = uniform((tasks, shots + query, 1), self.cfg.x_range)  # (T, K+Q, 1)
-        y = amplitude * torch.sin(x - phase)
+            amplitude = uniform((tasks, 1, 1), cfg.amplitude)
+            phase = uniform((tasks, 1, 1), cfg.phase)
+        if fixed:
+            x, eps = (v[pick] for v in self.finite_points(points))
+        else:
+            x = uniform((tasks, points, 1), cfg.x_range)  # (T, K+Q, 1)
+        # the draws below only where the family has them: MAML's episodes stay as they were
+        if not (split == "train" and cfg.train_tasks) and cfg.frequency[0] < cfg.frequency[1]:
+            frequency = uniform((tasks, 1, 1), cfg.frequency)
+        elif not (split == "train" and cfg.train_tasks):
+            frequency = torch.full_like(amplitude, cfg.frequency[0])
+        y = amplitude * torch.sin(frequency * x - phase)
+        observed = y.clone()
+        if cfg.noise > 0:
+            if not fixed:
+                shape, where = (tasks, points, 1), generator.device
+                eps = torch.randn(shape, generator=generator, device=where).to(self.device)
+            observed = y + cfg.noise * amplitude * eps
+        # targets carry the noise where a learner sees them: support sets, and training queries
+        query_y = observed[:, shots:] if split == "train" else y[:, shots:]
+        info = {"amplitude": amplitude.view(-1), "phase": phase.view(-1)}
+        if cfg.frequency != [1.0, 1.0]:
+            info["frequency"] = frequency.view(-1)
         return TaskBatch(
-            support=Split(x[:, :shots], y[:, :shots]),
-            query=Split(x[:, shots:], y[:, shots:]),
+            support=Split(x[:, :shots], observed[:, :shots]),
+            query=Split(x[:, shots:], query_y),
             ways=1,
-            info={"amplitude": amplitude.view(-1), "phase": phase.view(-1)},
+            info=info,
         )
 
-    def finite_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The amplitudes and phases (|T|, 1, 1) of data.train_tasks functions, from seed 0."""
+    def finite_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The amplitudes, phases and frequencies (|T|, 1, 1) of data.train_tasks functions,
+        from seed 0."""
         generator = torch.Generator().manual_seed(0)
         n = self.cfg.train_tasks
-        draws = [torch.rand((n, 1, 1), generator=generator) for _ in range(2)]
-        bounds = (self.cfg.amplitude, self.cfg.phase)
+        draws = [torch.rand((n, 1, 1), generator=generator) for _ in range(3)]
+        bounds = (self.cfg.amplitude, self.cfg.phase, self.cfg.frequency)
         return tuple(  # type: ignore[return-value]
             (b[0] + (b[1] - b[0]) * u).to(self.device) for u, b in zip(draws, bounds, strict=True)
         )
+
+    def finite_points(self, points: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each finite training task's `points` inputs and standard-normal noise draws
+        (|T|, points, 1), from seed 1: the same at every visit (data.fixed_points)."""
+        generator = torch.Generator().manual_seed(1)
+        n, (low, high) = self.cfg.train_tasks, self.cfg.x_range
+        x = low + (high - low) * torch.rand((n, points, 1), generator=generator)
+        eps = torch.randn((n, points, 1), generator=generator)
+        return x.to(self.device), eps.to(self.device)
 
     def episodes(
         self, split: str, n: int, ways: int, shots: int, query: int, *, seed: int, batch_size: int

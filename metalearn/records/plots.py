@@ -50,7 +50,8 @@ def plot_sinusoid_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
     fig, axes = plt.subplots(1, tasks, figsize=(4 * tasks, 3.2), squeeze=False)
     for t, ax in enumerate(axes[0]):
         amplitude, phase = batch.info["amplitude"][t], batch.info["phase"][t]
-        ax.plot(x.cpu(), (amplitude * torch.sin(x - phase)).cpu(), "k", label="true")
+        frequency = batch.info["frequency"][t] if "frequency" in batch.info else 1.0
+        ax.plot(x.cpu(), (amplitude * torch.sin(frequency * x - phase)).cpu(), "k", label="true")
         support = Split(batch.support.x[t], batch.support.y[t])
         for steps in sorted({0, 1, 10, run.test_steps}):
             ax.plot(

@@ -3,6 +3,11 @@ paper and from the SVGD reference code it builds on (Liu & Wang 2016, dilinwang8
 Variational-Gradient-Descent, `svgd_kernel`: RBF kernel, bandwidth from the median of the
 squared pairwise distances over log(n + 1)).
 
+`bnn_log_posterior` is the authors' Bayesian network for regression (jsikyoon/bmaml, bnn.py
+`log_likelihood_data` and `log_prior_weight`, and bmaml.py `update_particle`): the particle is
+[weights..., log lambda, log gamma], as their flattened dict; the chaser loss leaves the two
+precisions out ("if 'log' in name: continue").
+
 Plain PyTorch on purpose: one nn.Module per particle, flat parameter vectors, Python loops over
 tasks and over particle pairs, a scalar bandwidth. Nothing is shared with metalearn's
 functional implementation but the network."""
@@ -26,12 +31,29 @@ def _unflatten(model: nn.Module, vector: torch.Tensor) -> dict[str, torch.Tensor
     return out
 
 
+def bnn_log_posterior(model, theta, x, y, a_g=2.0, b_g=0.2, a_l=2.0, b_l=2.0):
+    """The authors' log p(theta | D) of one particle theta = [weights..., log_lambda, log_gamma]."""
+    weights, log_lambda, log_gamma = theta[:-2], theta[-2], theta[-1]
+    prediction = functional_call(model, _unflatten(model, weights), (x,))
+    error_y = prediction - y
+    log_lik_data = 0.5 * log_gamma - 0.5 * torch.exp(log_gamma) * error_y**2
+    num_params = weights.shape[0]
+    log_prior_gamma = (a_g - 1) * log_gamma - b_g * torch.exp(log_gamma) + log_gamma
+    log_prior_w = 0.5 * num_params * log_lambda - 0.5 * torch.exp(log_lambda) * (weights**2).sum()
+    log_prior_lambda = (a_l - 1) * log_lambda - b_l * torch.exp(log_lambda) + log_lambda
+    return log_prior_w + log_prior_lambda + log_prior_gamma + log_lik_data.sum()
+
+
 def svgd_step(model, thetas: list[torch.Tensor], x, y, loss, lr, create_graph: bool):
-    """One SVGD step of every particle: theta_m + lr * phi(theta_m), log p = -loss."""
+    """One SVGD step of every particle: theta_m + lr * phi(theta_m), log p = -loss(prediction,
+    y), or `loss` = "bnn": log p = bnn_log_posterior."""
     n = len(thetas)
     grads = []
     for theta in thetas:
-        value = loss(functional_call(model, _unflatten(model, theta), (x,)), y)
+        if loss == "bnn":
+            value = -bnn_log_posterior(model, theta, x, y)
+        else:
+            value = loss(functional_call(model, _unflatten(model, theta), (x,)), y)
         (g,) = torch.autograd.grad(value, theta, create_graph=create_graph)
         grads.append(-g)  # grad log p
     # Liu & Wang's svgd_kernel: h = median(pairwise squared distances) / log(n + 1)
@@ -64,8 +86,10 @@ def bmaml_meta_gradient(model, inits: list[torch.Tensor], tasks, loss, lr, steps
         for _ in range(leader_steps):
             leader = [v.detach().requires_grad_() for v in leader]
             leader = svgd_step(model, leader, both_x, both_y, loss, lr, create_graph=False)
+        weights = slice(0, -2) if loss == "bnn" else slice(None)  # the precisions stay out
         distance = sum(
-            ((c - lead.detach()) ** 2).sum() for c, lead in zip(chaser, leader, strict=True)
+            ((c[weights] - lead[weights].detach()) ** 2).sum()
+            for c, lead in zip(chaser, leader, strict=True)
         )
         total = total + distance / len(inits)
     total = total / len(tasks)

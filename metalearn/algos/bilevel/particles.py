@@ -17,7 +17,7 @@ Shape letters: M particles, B examples.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,16 +42,38 @@ class ParticlesConfig(BilevelConfig):
     leader_steps: int = 1  # bmaml: SVGD steps of the leader on support and query (chaser loss)
     # bmaml: log p(theta | D) as -L (the mean loss, 'mean': one particle steps as MAML) or as
     # -N L (the loss summed over the N examples, 'sum', with the step inner_lr / N, so that one
-    # particle still steps as MAML and the kernel's repulsion weighs 1/N against the data)
+    # particle still steps as MAML and the kernel's repulsion weighs 1/N against the data), or
+    # the authors' Bayesian network for regression ('gaussian', their bnn.py): a Gaussian
+    # likelihood with a learned noise precision gamma, weights ~ N(0, 1/lambda), Gamma priors
+    # on gamma and lambda; both precisions are part of each particle, stepped by inner_lr
     log_posterior: str = "mean"
+    noise_prior: list[float] = field(default_factory=lambda: [2.0, 0.2])  # gamma ~ Gamma(a, b)
+    weight_prior: list[float] = field(default_factory=lambda: [2.0, 2.0])  # lambda ~ Gamma(a, b)
+    noise_precision: float = 100.0  # gamma's initial value (the authors' 1 / m_g)
+    weight_precision: float = 1.0  # lambda's initial value (the authors' 1 / m_l)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.particles < 1:
             raise ConfigError(f"algo.particles must be at least 1, got {self.particles}")
-        if self.log_posterior not in ("mean", "sum"):
+        if self.log_posterior not in ("mean", "sum", "gaussian"):
             raise ConfigError(
-                f"algo.log_posterior must be 'mean' or 'sum', got {self.log_posterior!r}"
+                f"algo.log_posterior must be 'mean', 'sum' or 'gaussian', got "
+                f"{self.log_posterior!r}"
+            )
+        if self.log_posterior != "mean" and self.name != "bmaml":
+            raise ConfigError(
+                f"algo.log_posterior is BMAML's; algo={self.name} adapts each particle on the "
+                f"loss (drop algo.log_posterior={self.log_posterior})"
+            )
+        for key in ("noise_prior", "weight_prior"):
+            value = getattr(self, key)
+            if len(value) != 2 or not all(v > 0 for v in value):
+                raise ConfigError(f"algo.{key} must be [a, b] with a, b > 0, got {value}")
+        if not (self.noise_precision > 0 and self.weight_precision > 0):
+            raise ConfigError(
+                f"algo.noise_precision and algo.weight_precision must be positive, got "
+                f"{self.noise_precision} and {self.weight_precision}"
             )
         if self.leader_steps < 1:
             raise ConfigError(f"algo.leader_steps must be at least 1, got {self.leader_steps}")
