@@ -230,14 +230,24 @@ def test_the_kl_to_the_standard_normal():
     assert torch.allclose(got, expected)
 
 
-@pytest.mark.parametrize("name", ["emaml", "bmaml", "vmaml"])
+@pytest.mark.parametrize("name", ["emaml", "bmaml", "vmaml", "bmaml_sinusoid_yoon"])
 def test_a_particle_run_on_sinusoid_reports_mse_nll_and_coverage(name: str, tmp_path):
-    overrides = [f"algo={name}", "debug=smoke", "hardware.threads=1"]
-    overrides += ["algo.samples=2"] if name == "vmaml" else ["algo.particles=2"]
-    train(build_run(compose_config([*overrides, "data.train_tasks=10"])), tmp_path)
-    test = json.loads((tmp_path / "results.json").read_text())["test"]
+    """Each learner, and BMAML with the authors' network on their sinusoid protocol; results.json
+    names the task batching each does (VMAML loops over its tasks whatever hardware says)."""
+    overrides = [f"algo={name}", "data.train_tasks=10", "algo.particles=2"]
+    if name == "vmaml":
+        overrides = [f"algo={name}", "data.train_tasks=10", "algo.samples=2"]
+    elif name.endswith("yoon"):
+        overrides = [f"experiment={name}", "algo.particles=2", "eval.episodes=10"]
+    overrides += ["debug=smoke", "hardware.threads=1"]
+    train(build_run(compose_config(overrides)), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    test = results["test"]
     assert test["mse"]["mean"] > 0 and test["nll"]["mean"] == test["nll"]["mean"]
     assert 0 <= test["coverage90"]["mean"] <= 1
+    if name == "vmaml":
+        assert results["hardware"]["task_batching"] == "loop"
+        assert results["hardware"]["test_task_batching"] == "loop"
 
 
 @pytest.mark.parametrize("name", ["bmaml", "vmaml"])
