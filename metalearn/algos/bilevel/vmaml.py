@@ -13,6 +13,8 @@ Vampire2.py and HyperNetClasses.NormalVariationalNet):
   of the values; the predictive NLL adds the draws' spread to the support residual, as EMAML).
 
 Draws differ per task, so tasks run one after another (hardware.task_batching does not apply).
+The meta-gradient equals a seeded transcription of the authors' code to 1e-10
+(tests/reference/vampire2.py, in tests/test_bayesian_maml.py).
 """
 
 from dataclasses import dataclass, field
@@ -106,14 +108,18 @@ class VariationalMAML(EnsembleMAML):
         return self.cfg.test_samples if self.testing else self.cfg.samples
 
     def sample(self, params: Params, count: int) -> Params:
-        """`count` draws of the weights (count, *shape) by the reparameterisation."""
-        return {
-            k: v
-            + torch.exp(params[LOGSTD + k])
-            * torch.randn(count, *v.shape, dtype=v.dtype, device=v.device)
-            for k, v in params.items()
-            if not k.startswith(LOGSTD)
-        }
+        """`count` draws of the weights (count, *shape) by the reparameterisation; draw by draw,
+        one eps per weight tensor in the network's order, as the authors' NormalVariationalNet
+        (so a seeded transcription of their code sees the same draws)."""
+        names = [k for k in params if not k.startswith(LOGSTD)]
+        draws = [
+            {
+                k: params[k] + torch.randn_like(params[k]) * torch.exp(params[LOGSTD + k])
+                for k in names
+            }
+            for _ in range(count)
+        ]
+        return {k: torch.stack([d[k] for d in draws]) for k in names}
 
     def outputs(self, params: Params, buffers: Params, x: Tensor) -> Tensor:
         forward = lambda w: functional_call(self.model, (w, buffers), (x,))  # noqa: E731
