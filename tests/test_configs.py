@@ -299,3 +299,11 @@ def test_each_algo_yaml_holds_its_dataclass_defaults_and_nothing_else(name: str)
     assert set(raw) == {f.name for f in dataclasses.fields(config_cls)}
     declared = config_cls.VARIANTS.get(name, {})
     assert from_dict(config_cls, raw, "algo") == config_cls(**{"name": name, **declared})
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_each_learners_metric_says_how_it_is_logged_and_which_way_is_better(name: str):
+    from metalearn.algos.objectives import METRICS
+
+    cls = REGISTRY[name][1]
+    assert cls.metric is None or cls.metric in METRICS

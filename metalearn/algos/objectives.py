@@ -1,6 +1,7 @@
 """Per-task loss and score for each task kind: classification (accuracy) or regression (MSE)."""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -11,6 +12,26 @@ Objective = Callable[[Tensor, Tensor], Tensor]
 def loss_fn(kind: str) -> Objective:
     """The training loss: cross-entropy on labels, or mean squared error on values."""
     return F.cross_entropy if kind == "classification" else F.mse_loss
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a primary metric is logged and compared: its validation key (val/<short>), its
+    training key (train/<train_key>), and which way is better."""
+
+    short: str
+    train_key: str
+    higher_is_better: bool
+
+
+# every primary metric a learner may report (Learner.metric, or metric_name of its task kind)
+METRICS = {
+    "accuracy": Metric("acc", "query_acc", True),
+    "mse": Metric("mse", "query_mse", False),
+    "reward": Metric("reward", "trial_reward", True),
+    "final_loss": Metric("final_loss", "final_loss", False),
+    "loglik": Metric("loglik", "target_loglik", True),  # nats per target point
+}
 
 
 def metric_name(kind: str) -> str:

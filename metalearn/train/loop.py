@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from metalearn.algos.objectives import METRICS
 from metalearn.distributed import SINGLE, Group
 from metalearn.errors import TrainingError
 from metalearn.records import checkpoint
@@ -266,8 +267,7 @@ def _log_train(
         return
     metrics = metrics | ({"skipped": progress.skipped} if progress.skipped else {})
     loss, score = metrics["loss"].item(), metrics["score"].item()
-    names = {"accuracy": "query_acc", "mse": "query_mse", "reward": "trial_reward"}
-    name = (names | {"final_loss": "final_loss", "loglik": "target_loglik"})[run.metric]
+    name = METRICS[run.metric].train_key
     logger.log(
         {
             "train/loss": loss,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from metalearn.algos.objectives import METRICS
 from metalearn.errors import TrainingError
 from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.records import checkpoint
@@ -38,9 +39,8 @@ def validate(
             f"no longer finite; {kept(run_dir)}"
         )
     score, loss = mean_ci95(out["score"][:, -1]), mean_ci95(out["loss"][:, -1])
-    short = {"accuracy": "acc", "mse": "mse", "reward": "reward"}.get(run.metric, run.metric)
-    # higher accuracy and reward, lower MSE and final loss: better
-    sign = -1.0 if run.metric in ("mse", "final_loss") else 1.0
+    short = METRICS[run.metric].short
+    sign = 1.0 if METRICS[run.metric].higher_is_better else -1.0
     value = score["mean"]
     if math.isfinite(score["mean"]) and math.isfinite(loss["mean"]):
         logger.log(
