@@ -133,8 +133,7 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
     ).to(device)
     extra = _learner_needs(algo_cls, algo_cfg, tasks, train_shape, device, training)
     algo = algo_cls(algo_cfg, model, tasks.kind, batching, **extra)
-    # what the learner does (VMAML always loops over its tasks), for results.json
-    batching = getattr(algo, "task_batching", batching)
+    batching = getattr(algo, "task_batching", batching)  # what it does (VMAML: always a loop)
     test_batching = batching
     if algo_cls.batches_tasks:  # test tasks are often larger: `auto` decides for them apart
         hardware, convolutional = config.hardware, model.convolutional

@@ -29,6 +29,10 @@ def describe(config: dict) -> str:
         name += f" (M = {algo['particles']})"
     if algo.get("log_posterior") == "sum":
         name += ", log p = -N L"
+    if algo.get("log_posterior") == "gaussian":
+        name += ", the authors' Gaussian posterior"
+    if "inner_lr" in algo and data["name"] == "sinusoid":
+        name += f", α = {algo['inner_lr']:g}"
     if algo.get("latent"):
         name += f", {algo['objective']}"
     if data["name"] == "gp":
