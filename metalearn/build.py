@@ -120,8 +120,7 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
     if tasks is None:
         tasks = DATASETS[data.name][1](data, device)
         check_task_shapes(config, tasks, train_shape, test_shape)
-    # a head has one output per training way (classification), per action (meta-RL) or one
-    # value (regression)
+    # a head: one output per training way (classification) or action (meta-RL), or one value
     out_features = train_shape[0] if tasks.kind in ("classification", "rl") else 1
     model = model_cls(
         config.model,
