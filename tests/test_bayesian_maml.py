@@ -159,6 +159,16 @@ def test_bmamls_gaussian_posterior_refuses_classification_and_other_learners():
         ParticlesConfig(name="bmaml", log_posterior="gaussian", noise_prior=[2.0, 0.0])
 
 
+def test_the_gaussian_nll_is_normals_and_a_diverged_task_gives_nan_not_an_error():
+    from metalearn.algos.bilevel.particles import gaussian_nll
+
+    mean, std, y = torch.randn(7), torch.rand(7) + 0.1, torch.randn(7)
+    expected = -torch.distributions.Normal(mean, std).log_prob(y).mean()
+    assert torch.allclose(gaussian_nll(mean, std, y), expected)
+    mean[2] = float("nan")
+    assert gaussian_nll(mean, std, y).isnan()
+
+
 def test_particles_start_apart_and_the_ensemble_averages_probabilities():
     torch.manual_seed(0)
     model = MLP(MLPConfig(hidden_sizes=[8]), (4,), 3).double()
