@@ -61,7 +61,8 @@ def plot_sinusoid_tasks(run: Run, path: Path, tasks: int = 4) -> Path:
             mean, std = run.algo.predict_distribution(support, x)
             band(ax, x, mean, std, "tab:purple", f"90% band, {run.test_steps} steps")
         ax.plot(support.x.cpu(), support.y.cpu(), "o", color="tab:red", label=f"K={shots}")
-        ax.set_title(f"A={amplitude:.2f}, phase={phase:.2f}")
+        title = f"A={amplitude:.2f}, phase={phase:.2f}"
+        ax.set_title(title + (f", f={frequency:.2f}" if "frequency" in batch.info else ""))
     axes[0][0].legend(fontsize=7)
     return save(fig, path)
 
