@@ -16,7 +16,7 @@ install:  ## create .venv and install metalearn editable with its dev extras
 reference:  ## install learn2learn, the reference for `metalearn bench` and equivalence tests
 	scripts/install_learn2learn.sh $(VENV)
 
-test:  ## run the test suite (about 12 minutes on 2 cores; real Omniglot from $$METALEARN_DATA)
+test:  ## run the test suite (about 10 to 12 minutes on 2 cores; real Omniglot from $$METALEARN_DATA)
 	$(BIN)/python -m pytest -n auto --maxprocesses=4
 
 test-reference:  ## only the tests against reference code (after `make reference`)
