@@ -93,8 +93,9 @@ class SinusoidTasks:
             return (bounds[0] + (bounds[1] - bounds[0]) * u).to(self.device)
 
         cfg, points = self.cfg, shots + query
-        fixed = split == "train" and cfg.train_tasks and cfg.fixed_points
-        if split == "train" and cfg.train_tasks:  # from the finite set of functions
+        finite = split == "train" and bool(cfg.train_tasks)
+        fixed = finite and cfg.fixed_points
+        if finite:  # from the finite set of functions
             pick = torch.randint(
                 cfg.train_tasks, (tasks,), generator=generator, device=generator.device
             ).to(self.device)
@@ -107,10 +108,10 @@ class SinusoidTasks:
         else:
             x = uniform((tasks, points, 1), cfg.x_range)  # (T, K+Q, 1)
         # the draws below only where the family has them: MAML's episodes stay as they were
-        if not (split == "train" and cfg.train_tasks) and cfg.frequency[0] < cfg.frequency[1]:
-            frequency = uniform((tasks, 1, 1), cfg.frequency)
-        elif not (split == "train" and cfg.train_tasks):
-            frequency = torch.full_like(amplitude, cfg.frequency[0])
+        if not finite:
+            low, high = cfg.frequency
+            draw = low < high
+            frequency = uniform((tasks, 1, 1), cfg.frequency) if draw else amplitude * 0 + low
         y = amplitude * torch.sin(frequency * x - phase)
         observed = y.clone()
         if cfg.noise > 0:

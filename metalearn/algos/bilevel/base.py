@@ -385,8 +385,14 @@ class Bilevel(Learner):
                 with native:
                     data = (*support, *query)
                     out = self.map_tasks(task, data, params, buffers, self.test_batching)
+        return self.by_step(out, wanted, steps)
+
+    @staticmethod
+    def by_step(out: tuple[Tensor, ...], wanted: list[int], steps: list[int]) -> dict[str, Tensor]:
+        """Per-task (loss, score[, logits]) over the `wanted` step counts -> evaluate's dict,
+        columns in the order of `steps` (logits: classifiers only)."""
         columns = [wanted.index(s) for s in steps]
-        names = ("loss", "score", "logits")[: len(out)]  # logits: classifiers only
+        names = ("loss", "score", "logits")[: len(out)]
         return {name: part[:, columns] for name, part in zip(names, out, strict=True)}
 
     def _two_phases(self, params: Params, copies: int) -> bool:

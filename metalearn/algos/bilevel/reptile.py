@@ -321,9 +321,7 @@ class Reptile(Bilevel):
         data = (batch.support.x, xs, ys, batch.query.x, batch.query.y)
         with torch.no_grad(), self._test_time():
             out = self.map_tasks(task, data, params, buffers)
-        columns = [wanted.index(s) for s in steps]
-        names = ("loss", "score", "logits")[: len(out)]  # logits: classifiers only
-        return {name: part[:, columns] for name, part in zip(names, out, strict=True)}
+        return self.by_step(out, wanted, steps)
 
     def predict(self, support: Split, query_x: Tensor, steps: int | None = None) -> Tensor:
         cfg = self.cfg
