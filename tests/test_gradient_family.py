@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("float64")  # conftest: float64 by default
 def build(name: str, model, batching: str = "vmap", **options):
     """The algorithm `name` with its registered config class, small settings for tests."""
     config_cls, algo_cls = ALGOS[name]
-    defaults = {"inner_lr": 0.3, "inner_steps": 2, "first_order": name == "fomaml"}
+    defaults = {"inner_lr": 0.3, "inner_steps": 2, **config_cls.VARIANTS.get(name, {})}
     if name == "reptile":
         # the definition's full-batch steps on the mean loss (the reference's are mini-batches)
         defaults.update(
@@ -43,6 +43,8 @@ def build(name: str, model, batching: str = "vmap", **options):
         )
     if name == "mamlpp":
         defaults.update(first_order_epochs=0, inner_lr=0.2)
+    if name == "mtnet":  # masks of ones whatever the draw: vmap and the loop draw differently
+        defaults.update(mask_logit_init=40.0)
     cfg = config_cls(name=name, **{**defaults, **options})
     return algo_cls(cfg, model, "classification", batching)
 

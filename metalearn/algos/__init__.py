@@ -14,6 +14,7 @@ from metalearn.algos.bilevel.mamlpp import MAMLPlusPlus, MAMLPlusPlusConfig
 from metalearn.algos.bilevel.metasgd import MetaSGD, MetaSGDConfig
 from metalearn.algos.bilevel.particles import EnsembleMAML, ParticlesConfig
 from metalearn.algos.bilevel.reptile import Reptile, ReptileConfig
+from metalearn.algos.bilevel.transforms import GradientTransform, TransformConfig
 from metalearn.algos.bilevel.vmaml import VariationalConfig, VariationalMAML
 from metalearn.algos.blackbox.rl2 import RL2, RL2Config
 from metalearn.algos.blackbox.sequence import SequenceConfig, SequenceLearner
@@ -38,6 +39,9 @@ ALGOS: dict[str, tuple[type, type]] = {
     "emaml": (ParticlesConfig, EnsembleMAML),  # M particles, adapted independently
     "bmaml": (ParticlesConfig, BMAML),  # M particles moved by SVGD, the chaser loss
     "vmaml": (VariationalConfig, VariationalMAML),  # a Gaussian over weights (VAMPIRE)
+    "tnet": (TransformConfig, GradientTransform),  # a learned map per layer: T-Net's T (W x + b)
+    "mtnet": (TransformConfig, GradientTransform),  # T-Net and a learned mask of adapting units
+    "metacurvature": (TransformConfig, GradientTransform),  # Kronecker-factored gradient transform
     "protonet": (ProtoNetConfig, ProtoNet),
     "matchingnet": (MatchingNetConfig, MatchingNet),
     "relationnet": (RelationNetConfig, RelationNet),

@@ -107,6 +107,9 @@ class Bilevel(Learner):
     checkpoint_switch = True
     outer_schedule = "constant"  # the outer learning rate's schedule unless trainer.lr_schedule
     compiled = "objective"
+    # torch.vmap's randomness over the tasks of a batch: a member that draws per task (MT-Net's
+    # masks) says "different"
+    vmap_randomness = "error"
 
     def __init__(self, cfg: BilevelConfig, model: nn.Module, kind: str, task_batching: str):
         if cfg.checkpoint and task_batching != "loop":
@@ -305,7 +308,8 @@ class Bilevel(Learner):
         (or `batching`), and stack the results."""
         if (batching or self.task_batching) == "vmap":
             in_dims = (None, None, *[0] * len(data))
-            return torch.vmap(fn, in_dims=in_dims)(params, buffers, *data)
+            vmapped = torch.vmap(fn, in_dims=in_dims, randomness=self.vmap_randomness)
+            return vmapped(params, buffers, *data)
         if self.compile_tasks and torch.is_grad_enabled():
             fn = self._compiled_task(fn)
         if self.cfg.checkpoint and torch.is_grad_enabled():
