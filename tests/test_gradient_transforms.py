@@ -1,9 +1,12 @@
 """The gradient-transform hook (T-Net, MT-Net, Meta-Curvature) against MAML and against
 hand-written definitions, float64."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from reference.mt_net import tnet_reference
 from test_bilevel import TASKS, image_tasks, reference_meta_grad, tiny_conv
 
 from metalearn.algos.bilevel.inner import adapt
@@ -74,31 +77,6 @@ def mlp_tasks(seed: int = 0) -> TaskBatch:
     )
 
 
-def tnet_reference(model: MLP, maps: list[torch.Tensor], batch: TaskBatch, masks=None):
-    """T-Net written out as its authors' forward_fc_withT: h = relu(T (W h + b)) per layer, an
-    explicit T after each layer; the inner loop a torch.autograd.grad loop on W and b only."""
-    weights = [p for _, p in model.named_parameters()]  # W1, b1, W2, b2, W3, b3
-
-    def forward(ws, x):
-        h = x
-        for i in range(0, len(ws), 2):
-            h = (h @ ws[i].T + ws[i + 1]) @ maps[i // 2].T
-            h = torch.relu(h) if i + 2 < len(ws) else h
-        return h
-
-    total = 0.0
-    for t in range(batch.tasks):
-        fast = weights
-        for _ in range(STEPS):
-            inner = F.cross_entropy(forward(fast, batch.support.x[t]), batch.support.y[t])
-            gs = torch.autograd.grad(inner, fast, create_graph=True)
-            if masks is not None:  # one mask per layer's output units, on W's rows and b
-                gs = [g * masks[i // 2].view(-1, *[1] * (g.dim() - 1)) for i, g in enumerate(gs)]
-            fast = [w - LR * g for w, g in zip(fast, gs, strict=True)]
-        total = total + F.cross_entropy(forward(fast, batch.query.x[t]), batch.query.y[t])
-    return torch.autograd.grad(total / batch.tasks, [*weights, *maps])
-
-
 def tiny_mlp() -> MLP:
     torch.manual_seed(0)
     return MLP(MLPConfig(hidden_sizes=[4, 4]), (3,), 2)
@@ -110,7 +88,7 @@ def test_tnet_meta_gradient_equals_an_explicit_t_layer_after_each_layer():
     perturb(algo)
     ours = grads(algo, batch)
     maps = [algo.meta[f"T.{k}"].detach().clone().requires_grad_() for k in algo.layers]
-    theirs = tnet_reference(tiny_mlp(), maps, batch)
+    theirs = tnet_reference(tiny_mlp(), maps, batch, steps=STEPS, lr=LR)
     names = [k for k, _ in algo.model.named_parameters()] + [f"T.{k}" for k in algo.layers]
     for name, expected in zip(names, theirs, strict=True):
         torch.testing.assert_close(ours[name], expected, rtol=1e-9, atol=1e-11)
@@ -138,7 +116,7 @@ def test_mtnet_meta_gradient_equals_the_reference_under_a_drawn_mask():
     ours = grads(algo, batch)
     maps = [algo.meta[f"T.{k}"].detach().clone().requires_grad_() for k in algo.layers]
     masks = [(algo.meta[f"mask.{k}"] > 0).double() for k in algo.layers]
-    theirs = tnet_reference(tiny_mlp(), maps, batch, masks)
+    theirs = tnet_reference(tiny_mlp(), maps, batch, masks, steps=STEPS, lr=LR)
     names = [k for k, _ in algo.model.named_parameters()] + [f"T.{k}" for k in algo.layers]
     for name, expected in zip(names, theirs, strict=True):
         torch.testing.assert_close(ours[name], expected, rtol=1e-9, atol=1e-11)
@@ -229,3 +207,46 @@ def test_bad_transforms_are_refused_with_what_to_do():
         TransformConfig(name="tnet", transform="metacurvature")
     with pytest.raises(ConfigError, match="checkpoint"):
         learner("mtnet", tiny_mlp(), batching="loop", checkpoint=True)
+
+
+@pytest.mark.reference("learn2learn")
+def test_metacurvature_meta_gradient_equals_learn2learn():
+    """Against learn2learn's GBML with its MetaCurvatureTransform (which follows Park & Oliva's
+    code) on every layer of a conv4 with BatchNorm, factors off identity: the meta-gradients
+    of the weights and of every factor."""
+    import learn2learn as l2l
+
+    model, batch = tiny_conv(), image_tasks()
+    layers = [n for n, m in model.named_modules() if next(m.parameters(False), None) is not None]
+    algo = learner("metacurvature", model, layers=layers)
+    perturb(algo)
+    ours = grads(algo, batch)
+
+    gbml = l2l.algorithms.GBML(copy.deepcopy(model), l2l.optim.MetaCurvatureTransform, lr=LR)
+    names, modules = dict(model.named_parameters()), gbml.compute_update.transforms_modules
+    theirs = dict(zip(names, modules, strict=True))
+    pairs = {}  # our factor name -> their tensor
+    for name, mc in theirs.items():
+        layer, kind = name.rsplit(".", 1)
+        if mc.dim == 1:
+            pairs[f"{kind if kind == 'weight' else 'bias'}.{layer}"] = mc.mc
+        else:  # theirs: mc_in (out x out) G mc_out (in x in), filters by mc_f
+            pairs.update({f"out.{layer}": mc.mc_in, f"in.{layer}": mc.mc_out})
+            if mc.dim == 4:
+                pairs[f"filter.{layer}"] = mc.mc_f
+    assert pairs.keys() == algo.meta.keys()
+    with torch.no_grad():
+        for key, tensor in pairs.items():
+            tensor.copy_(algo.meta[key])
+    total = 0.0
+    for t in range(batch.tasks):
+        clone = gbml.clone()
+        for _ in range(STEPS):
+            clone.adapt(F.cross_entropy(clone(batch.support.x[t]), batch.support.y[t]))
+        total = total + F.cross_entropy(clone(batch.query.x[t]), batch.query.y[t])
+    (total / batch.tasks).backward()
+    their_weights = {f"{n}": p.grad for n, p in gbml.module.named_parameters()}
+    for name, expected in their_weights.items():
+        torch.testing.assert_close(ours[name], expected, rtol=1e-8, atol=1e-10)
+    for key, tensor in pairs.items():
+        torch.testing.assert_close(ours[key], tensor.grad, rtol=1e-8, atol=1e-10)
