@@ -8,6 +8,7 @@ training (the trainer calls backward on the objective and steps its optimiser),
 
 from metalearn.algos.bilevel.anil import ANIL, ANILConfig
 from metalearn.algos.bilevel.bmaml import BMAML
+from metalearn.algos.bilevel.cavia import CAVIA, CAVIAConfig
 from metalearn.algos.bilevel.imaml import IMAML, IMAMLConfig
 from metalearn.algos.bilevel.maml import MAML, MAMLConfig
 from metalearn.algos.bilevel.mamlpp import MAMLPlusPlus, MAMLPlusPlusConfig
@@ -38,6 +39,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "emaml": (ParticlesConfig, EnsembleMAML),  # M particles, adapted independently
     "bmaml": (ParticlesConfig, BMAML),  # M particles moved by SVGD, the chaser loss
     "vmaml": (VariationalConfig, VariationalMAML),  # a Gaussian over weights (VAMPIRE)
+    "cavia": (CAVIAConfig, CAVIA),  # the inner loop adapts a context vector only
     "protonet": (ProtoNetConfig, ProtoNet),
     "matchingnet": (MatchingNetConfig, MatchingNet),
     "relationnet": (RelationNetConfig, RelationNet),
