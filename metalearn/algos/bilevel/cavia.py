@@ -3,10 +3,10 @@ only a context vector fed into the network; the network's weights are meta-learn
 loop alone.
 
 Each task starts from the context phi = 0 (not meta-learned) and takes SGD steps on it,
-phi <- phi - alpha * grad_phi L_support(theta, phi) (their eq. 3), through the one functional
+phi <- phi - alpha * grad_phi L_support(theta, phi), through the one functional
 inner loop (`adapt_steps` with `adapted` = the context); the outer loop differentiates the query
-loss at the adapted context with respect to theta, through the inner steps (eq. 4; second order
-unless `first_order`). How the context enters the network: models/context.py (input
+loss at the adapted context with respect to theta, through the inner steps (second order unless
+`first_order`). How the context enters the network: models/context.py (input
 concatenation for the MLP, FiLM of one conv block).
 
 Followed: lmzintgraf/cavia, regression/cavia.py and cavia_model.py (inner lr 1.0, one step, 5
@@ -101,7 +101,7 @@ class CAVIA(Bilevel):
         return super().inner_options(training) | {"adapted": (CONTEXT,)}
 
     def objective(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """The mean query loss after adapting each task's context (their eq. 4)."""
+        """The mean query loss after adapting each task's context; its gradient clamped."""
         params, buffers = self.params()
         bound = self.cfg.grad_clip_value
         if bound is not None:
