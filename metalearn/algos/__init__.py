@@ -8,6 +8,7 @@ training (the trainer calls backward on the objective and steps its optimiser),
 
 from metalearn.algos.bilevel.anil import ANIL, ANILConfig
 from metalearn.algos.bilevel.bmaml import BMAML
+from metalearn.algos.bilevel.cavia import CAVIA, CAVIAConfig
 from metalearn.algos.bilevel.imaml import IMAML, IMAMLConfig
 from metalearn.algos.bilevel.maml import MAML, MAMLConfig
 from metalearn.algos.bilevel.mamlpp import MAMLPlusPlus, MAMLPlusPlusConfig
@@ -42,6 +43,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "tnet": (TransformConfig, GradientTransform),  # a learned map per layer: T-Net's T (W x + b)
     "mtnet": (TransformConfig, GradientTransform),  # T-Net and a learned mask of adapting units
     "metacurvature": (TransformConfig, GradientTransform),  # Kronecker-factored gradient transform
+    "cavia": (CAVIAConfig, CAVIA),  # the inner loop adapts a context vector only
     "protonet": (ProtoNetConfig, ProtoNet),
     "matchingnet": (MatchingNetConfig, MatchingNet),
     "relationnet": (RelationNetConfig, RelationNet),

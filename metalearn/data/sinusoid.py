@@ -5,6 +5,10 @@ frequency, y = A sin(f x - phase) with f ~ U[0.5, 2] and phase ~ U[0, 2 pi], add
 0.01 A to the observed targets (support sets, and query sets in meta-training; test queries are
 the clean function), and a finite training set fixes each task's inputs and noise as well as its
 function (`data.fixed_points`).
+
+CAVIA's protocol (Zintgraf et al. 2019; lmzintgraf/cavia, regression/cavia.py `eval_cavia` and
+tasks_sine.py `get_input_range`) scores each test task on 100 evenly spaced inputs over [-5, 5]
+instead of random ones: `data.test_points=grid` with `eval.query=100`.
 """
 
 import math
@@ -16,6 +20,8 @@ import torch
 
 from metalearn.data.tasks import Split, TaskBatch
 from metalearn.errors import ConfigError
+
+TEST_POINTS = ("random", "grid")
 
 
 @dataclass
@@ -41,6 +47,10 @@ class SinusoidConfig:
     fixed_points: bool = False
     root: str | None = None  # unused: procedural tasks need no files
     split: str | None = None  # unused: every task is fresh; test tasks come from a fixed seed
+    # the query inputs of validation and test tasks: 'random', U[x_range] like the support
+    # (MAML's protocol), or 'grid', evenly spaced over x_range with both ends (CAVIA's protocol:
+    # 100 points, eval.query=100); meta-training queries stay random
+    test_points: str = "random"
 
     def __post_init__(self) -> None:
         if self.ways != 1:
@@ -62,6 +72,11 @@ class SinusoidConfig:
             )
         if not (math.isfinite(self.noise) and self.noise >= 0):
             raise ConfigError(f"data.noise must be >= 0 (a fraction of A), got {self.noise}")
+        if self.test_points not in TEST_POINTS:
+            raise ConfigError(
+                f"data.test_points must be one of {', '.join(TEST_POINTS)}, got "
+                f"{self.test_points!r}"
+            )
         for key in ("amplitude", "phase", "x_range", "frequency"):
             bounds = getattr(self, key)
             if len(bounds) != 2 or not all(map(math.isfinite, bounds)) or bounds[0] > bounds[1]:
@@ -103,8 +118,13 @@ class SinusoidTasks:
         else:
             amplitude = uniform((tasks, 1, 1), cfg.amplitude)
             phase = uniform((tasks, 1, 1), cfg.phase)
+        grid = split != "train" and cfg.test_points == "grid"
         if fixed:
             x, eps = (v[pick] for v in self.finite_points(points))
+        elif grid:  # random support inputs (T, K, 1), then the same Q grid points for every task
+            line = torch.linspace(*cfg.x_range, query, device=self.device)
+            x = uniform((tasks, shots, 1), cfg.x_range)
+            x = torch.cat([x, line.to(x.dtype).view(1, query, 1).expand(tasks, -1, -1)], 1)
         else:
             x = uniform((tasks, points, 1), cfg.x_range)  # (T, K+Q, 1)
         # the draws below only where the family has them: MAML's episodes stay as they were
