@@ -15,6 +15,7 @@ from metalearn.algos.bilevel.metasgd import MetaSGD, MetaSGDConfig
 from metalearn.algos.bilevel.particles import EnsembleMAML, ParticlesConfig
 from metalearn.algos.bilevel.reptile import Reptile, ReptileConfig
 from metalearn.algos.bilevel.vmaml import VariationalConfig, VariationalMAML
+from metalearn.algos.bilevel.warpgrad import WarpGrad, WarpGradConfig
 from metalearn.algos.blackbox.rl2 import RL2, RL2Config
 from metalearn.algos.blackbox.sequence import SequenceConfig, SequenceLearner
 from metalearn.algos.metric.baseline import Baseline, BaselineConfig
@@ -38,6 +39,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "emaml": (ParticlesConfig, EnsembleMAML),  # M particles, adapted independently
     "bmaml": (ParticlesConfig, BMAML),  # M particles moved by SVGD, the chaser loss
     "vmaml": (VariationalConfig, VariationalMAML),  # a Gaussian over weights (VAMPIRE)
+    "warpgrad": (WarpGradConfig, WarpGrad),  # warp layers meta-learned from replayed points
     "protonet": (ProtoNetConfig, ProtoNet),
     "matchingnet": (MatchingNetConfig, MatchingNet),
     "relationnet": (RelationNetConfig, RelationNet),
