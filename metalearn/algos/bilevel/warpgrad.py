@@ -37,6 +37,9 @@ objective steps on the support set and scores on the query set (theirs: two fres
 batches of the task); Leap's gradient sums all K segments (their buffer holds the weights before
 each step, which leaves the last segment out); the buffer is not saved in checkpoints (by default
 it holds one meta-batch's points, as theirs, so a resumed run loses nothing).
+
+Over 300 lines because the warped network, the replay buffer and the two updates of Algorithm 2
+are one algorithm, read beside the account above of where it follows the authors' code.
 """
 
 import math
