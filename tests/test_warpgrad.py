@@ -240,7 +240,6 @@ def test_bad_settings_and_models_are_refused_saying_what_to_do():
         ({"outer_optimizer": "adam", "warp_lr": 0.01}, "outer_optimizer=sgd"),
         ({"init_objective": "maml"}, "leap, reptile, fomaml, none"),
         ({"bn_mode": "running"}, "transductive"),
-        ({"first_order": False}, "first_order=true"),
         ({"checkpoint": True}, "checkpoint=false"),
         ({"warp_batch": 0}, "algo.warp_batch"),
         ({"buffer_size": 0}, "algo.buffer_size"),

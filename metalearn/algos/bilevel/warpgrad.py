@@ -35,8 +35,10 @@ by outer_lr, their two parameter groups (Adam would normalise the ratio away: re
 Where this departs from the authors' code: episodes instead of Leap's alphabet tasks, so the warp
 objective steps on the support set and scores on the query set (theirs: two fresh training
 batches of the task); Leap's gradient sums all K segments (their buffer holds the weights before
-each step, which leaves the last segment out); the buffer is not saved in checkpoints (by default
-it holds one meta-batch's points, as theirs, so a resumed run loses nothing).
+each step, which leaves the last segment out); BatchNorm normalises with each batch's own
+statistics, as in the rest of the family (theirs: running statistics reset for every task); the
+buffer is not saved in checkpoints (by default it holds one meta-batch's points, as theirs, so a
+resumed run loses nothing).
 
 Over 300 lines because the warped network, the replay buffer and the two updates of Algorithm 2
 are one algorithm, read beside the account above of where it follows the authors' code.
@@ -71,7 +73,7 @@ class WarpGradConfig(BilevelConfig):
     name: str = "warpgrad"
     inner_lr: float = 0.1  # alpha: the inner SGD step (the authors' Omniglot: 0.1)
     inner_steps: int = 5  # K: inner steps per task in meta-training
-    first_order: bool = True  # no meaning here: no graph is ever kept through the inner loop
+    first_order: bool = True  # no meaning here: no graph is kept through the inner loop
     outer_lr: float = 0.1  # the initialisation's meta-learning rate (the authors': SGD, 0.1)
     outer_optimizer: str = "sgd"  # 'sgd' (the authors') or 'adam' (then warp_lr must be null)
     warp_lr: float | None = None  # the warp layers' meta-learning rate (None: outer_lr)
@@ -118,10 +120,10 @@ class WarpGradConfig(BilevelConfig):
                 "algo.warp_lr scales the warp layers' gradient, which Adam normalises away: use "
                 "algo.outer_optimizer=sgd with it, or set algo.warp_lr=null"
             )
-        if not self.first_order or self.checkpoint:
+        if self.checkpoint:
             raise ConfigError(
-                "algo=warpgrad keeps no graph through its inner loop (Algorithm 2): leave "
-                "algo.first_order=true and algo.checkpoint=false"
+                "algo=warpgrad keeps no graph through its inner loop (Algorithm 2), so there is "
+                "nothing to recompute: set algo.checkpoint=false"
             )
 
 
@@ -144,12 +146,12 @@ class WarpedNetwork(nn.Module):
                 "model=conv4 or model=mlp"
             )
         self.task = task
-        weights = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d | nn.Linear)]
-        if not weights or weights[0] != 0:
+        starts = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d | nn.Linear)]
+        if starts[:1] != [0]:
             raise ConfigError(
-                f"{type(task).__name__}'s hidden layers must start with a weight layer"
+                f"algo=warpgrad cuts {type(task).__name__}'s hidden layers into blocks at its "
+                "weight layers (Conv2d, Linear), and its first layer is none"
             )
-        starts = weights
         self.blocks = list(zip(starts, [*starts[1:], len(layers)], strict=True))  # layer ranges
         warped = self.blocks if after_last else self.blocks[:-1]
         if not warped:
@@ -265,14 +267,20 @@ class WarpGrad(Bilevel):
         stepped = {k: v[:, :-1].flatten(0, 1) for k, v in points.items()}  # (T * K, ...)
         data = (batch.support.x, batch.support.y, batch.query.x, batch.query.y)
         self.buffer.add(stepped, tuple(x.repeat_interleave(steps, 0) for x in data))
-        size, count = len(self.buffer), self.cfg.warp_batch
-        count = size if count is None else min(count, size)
-        updates = self.cfg.warp_steps or math.ceil(size / count)
-        stream = mini_batch_stream(size, updates, count, batch.support.x.device)
-        self._replay = iter(stream.view(updates, count))
+        self._replay = self._replay_order(batch.support.x.device)
         warp, metrics = self._warp_objective(next(self._replay))
         init = self._init_surrogate(params, points, grads)
         return init + warp, {"loss": losses.mean(), "score": scores.mean(), **metrics}
+
+    def _replay_order(self, device: torch.device) -> Iterator[Tensor]:
+        """The buffer indices of each warp update: one pass in a random order, in mini-batches of
+        warp_batch (the authors' epochs=1, bsz), or warp_steps mini-batches from reshuffled
+        passes."""
+        size, steps, count = len(self.buffer), self.cfg.warp_steps, self.cfg.warp_batch
+        count = size if count is None else min(count, size)
+        if steps is None:
+            return iter(torch.randperm(size, device=device).split(count))
+        return iter(mini_batch_stream(size, steps, count, device).view(steps, count))
 
     def meta_losses(self, batch: TaskBatch, iteration: int = 0) -> Iterator[tuple[Tensor, dict]]:
         """The first objective, then one warp-only objective per further warp step, each taken
