@@ -17,6 +17,7 @@ from metalearn.algos.bilevel.particles import EnsembleMAML, ParticlesConfig
 from metalearn.algos.bilevel.reptile import Reptile, ReptileConfig
 from metalearn.algos.bilevel.transforms import GradientTransform, TransformConfig
 from metalearn.algos.bilevel.vmaml import VariationalConfig, VariationalMAML
+from metalearn.algos.bilevel.warpgrad import WarpGrad, WarpGradConfig
 from metalearn.algos.blackbox.rl2 import RL2, RL2Config
 from metalearn.algos.blackbox.sequence import SequenceConfig, SequenceLearner
 from metalearn.algos.metric.baseline import Baseline, BaselineConfig
@@ -44,6 +45,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "mtnet": (TransformConfig, GradientTransform),  # T-Net and a learned mask of adapting units
     "metacurvature": (TransformConfig, GradientTransform),  # Kronecker-factored gradient transform
     "cavia": (CAVIAConfig, CAVIA),  # the inner loop adapts a context vector only
+    "warpgrad": (WarpGradConfig, WarpGrad),  # warp layers meta-learned from replayed points
     "protonet": (ProtoNetConfig, ProtoNet),
     "matchingnet": (MatchingNetConfig, MatchingNet),
     "relationnet": (RelationNetConfig, RelationNet),
