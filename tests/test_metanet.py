@@ -104,7 +104,8 @@ def support_set(ways: int = 3, shots: int = 2, image=IMAGE, seed: int = 0):
 def test_fast_weights_are_the_meta_networks_on_per_example_gradients(embedding_loss, float64):
     algo = tiny(embedding_loss=embedding_loss)
     x, y = support_set()
-    # example level (eq. 1-2): W*_i = m(Z, grad_W loss(b(W, x_i), y_i)), BatchNorm over the set
+    # example level (Algorithm 1, lines 7-10): W*_i = m(Z, grad_W loss(b(W, x_i), y_i)), with
+    # BatchNorm over the support set
     losses = F.cross_entropy(algo.base(x), y, reduction="none")
     grads = per_item_gradients(algo.base, losses, algo.base.fast_names)
     expected = through_meta_networks(algo, algo.base, grads, mlp_by_hand)
@@ -113,7 +114,7 @@ def test_fast_weights_are_the_meta_networks_on_per_example_gradients(embedding_l
     for name, weight in memory.items():
         assert weight.shape == (len(y), *algo.base.get_parameter(name).shape)
         torch.testing.assert_close(weight, expected[name], rtol=1e-10, atol=1e-12)
-    # task level (eq. 4-6): Q* = d(G, {grad_Q loss_emb}), the LSTM stepped over the items
+    # task level (lines 2-6): Q* = d(G, {grad_Q loss_emb}), the LSTM stepped over the items
     u = algo.representation
     if embedding_loss == "contrastive":
         losses = pair_losses_by_hand(u(x, key=True), y)
@@ -142,12 +143,10 @@ def test_layer_augmentation_sums_slow_and_fast_outputs_after_a_relu_each(float64
     # a conv layer: slow and fast paths each through BatchNorm and ReLU, summed, then pooled
     conv, norm, pool = net.blocks[0].conv, net.blocks[0].norm, net.blocks[0].pool
     w = torch.randn_like(conv.weight)
-    first = pool(torch.relu(norm(conv(x))) + torch.relu(norm(F.conv2d(x, w, padding=1))))
-    rest = net.features  # the remaining blocks are slow: run them on `first` by hand
-    h = first
-    for block in net.blocks[1:]:
+    h = pool(torch.relu(norm(conv(x))) + torch.relu(norm(F.conv2d(x, w, padding=1))))
+    for block in net.blocks[1:]:  # the other blocks have no fast weight: slow only
         h = block.pool(torch.relu(block.norm(block.conv(h))))
-    torch.testing.assert_close(rest(x, {net.conv_names[0]: w}), h.flatten(1))
+    torch.testing.assert_close(net.features(x, {net.conv_names[0]: w}), h.flatten(1))
 
 
 def test_per_example_fast_weights_equal_one_convolution_per_example(float64):

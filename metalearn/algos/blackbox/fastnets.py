@@ -1,7 +1,7 @@
-"""Meta Networks' parts (Munkhdalai & Yu 2017): layer-augmented networks with slow and fast
-weights (sec. 3.3), and the meta-networks m and d that turn loss gradients into fast weights
-(sec. 3.1), following the authors' Chainer code (tsendeemts/meta-networks, MetaNetFull.py and
-utilsf.py).
+"""Meta Networks' parts (Munkhdalai & Yu 2017): networks with slow and fast weights combined
+by their "layer augmentation", and the meta-networks m and d (their meta learner) that turn
+loss gradients into fast weights, following the authors' Chainer code (tsendeemts/
+meta-networks: MetaNetFull.py and utilsf.py).
 
 - `FastNet`: a convolutional trunk (the layers of model=conv4), then fc1 and fc2. Layer
   augmentation: every conv and linear layer with fast weights computes its slow output and its
@@ -173,7 +173,7 @@ class GradientNets(nn.Module):
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        # m (example level, eq. 1: W*_i = m(Z, grad_i)); the authors' m_l1, m_ll1, meta_lstm_l2
+        # m (example level: W*_i = m(Z, grad_i)); the authors' m_l1, m_ll1, meta_lstm_l2
         self.m = nn.Sequential(
             nn.Linear(2, hidden),
             nn.ReLU(),
@@ -181,7 +181,7 @@ class GradientNets(nn.Module):
             nn.ReLU(),
             nn.Linear(hidden, 1),
         )
-        # d (task level, eq. 3: Q* = d(G, {grad_i})); the authors' meta_lstm_l1, meta_lstm_ll1
+        # d (task level: Q* = d(G, {grad_i})); the authors' meta_lstm_l1, meta_lstm_ll1
         self.d_lstm = nn.LSTM(2, hidden, batch_first=True)
         self.d_out = nn.Linear(hidden, 1)
 
@@ -195,9 +195,10 @@ class GradientNets(nn.Module):
         return self.d_out(out[:, -1])[:, 0]
 
 
-def group_of(weight: Tensor, batched: bool) -> str:
-    """Conv weights (O, C, k, k) and fc weights (O, I) have their own m and d."""
-    return "conv" if weight.dim() - batched == 4 else "fc"
+def group_of(grad: Tensor) -> str:
+    """Per-item gradients of conv weights (T, O, C, k, k) and of fc weights (T, O, I) go to
+    their own m and d."""
+    return "conv" if grad.dim() == 5 else "fc"
 
 
 def flatten_group(grads: Fast, names: list[str]) -> Tensor:

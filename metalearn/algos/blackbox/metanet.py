@@ -2,18 +2,20 @@
 loss gradients, for a base learner and a representation learner (their Algorithm 1).
 
 Per task, with the support set read in label order (see below):
-1. Representation level (eq. 4-6): the meta learner u (slow weights Q) takes the gradient of
-   an embedding loss for each of T items of the support set, grad_i = d loss_emb / dQ; the
-   LSTM d reads them in turn and gives the task's fast weights Q* (`task_fast_weights`).
+1. Representation level (Algorithm 1, lines 2-6): the meta learner u (slow weights Q) takes
+   the gradient of an embedding loss for each of T items of the support set, grad_i =
+   d loss_emb / dQ; the LSTM d reads them in turn and gives the task's fast weights Q*
+   (`task_fast_weights`).
    `embedding_loss=cross_entropy` (Algorithm 1 and the authors' Omniglot code: u's classifier
-   on each support example, T = N*K) or `contrastive` (their eq. 4's alternative: every pair
+   on each support example, T = N*K) or `contrastive` (the paper's pairwise alternative: every pair
    of support examples, auxiliary label 1 for the same class, Hadsell et al.'s loss on u's
    representations with margin 1; T = S(S-1)/2).
-2. Example level (eq. 1-2, Algorithm 1 lines 7-14): the base learner b (slow weights W) takes
+2. Example level (Algorithm 1, lines 7-14): the base learner b (slow weights W) takes
    each support example's cross-entropy gradient grad_i = dL_i/dW; m maps it to W*_i, stored
    in memory M at the key r'_i = u(Q, Q*, x'_i) (`example_fast_weights`).
-3. A query x reads W* = softmax(cos(R, r)) M with its key r = u(Q, Q*, x) (eq. 7-8) and is
-   classified by b(W, W*, x), layer-augmented (sec. 3.3, fastnets.py).
+3. A query x reads W* = softmax(cos(R, r))^T M with its key r = u(Q, Q*, x) (Algorithm 1's
+   loop over the training examples) and is classified by b(W, W*, x), layer-augmented
+   (fastnets.py).
 The outer loss is the queries' cross-entropy; it trains W, Q and the meta-networks m and d
 (Z and G). As in the authors' code the support gradients are inputs, not differentiated
 through (first order): all per-item gradients come from one `torch.func.jacrev` per network,
@@ -26,9 +28,12 @@ the order given.
 
 What differs from the authors' code: the networks are model=conv4 (4 blocks of conv,
 BatchNorm with per-call batch statistics, ReLU and max-pooling; theirs: 5 conv-ReLU-pool
-blocks without BatchNorm), with fc1 (`hidden`) and fc2 on top as theirs; T = N*K single
-examples where theirs reads 5 mini-batches of the support set (the same for 5-way 1-shot); the
-mean, not the sum, of the queries' losses (Adam makes the two alike).
+blocks without BatchNorm), with fc1 (`hidden`) and fc2 on top as theirs. With BatchNorm, an
+example's gradient is that of its loss in one forward pass over the whole support set (theirs:
+each example alone), and the queries are normalised together (transductive, as ProtoNet here),
+each path of a layer with its own statistics. d reads T = N*K single examples where theirs
+reads 5 mini-batches of the support set (the same for 5-way 1-shot). The loss is the mean, not
+the sum, of the queries' losses (Adam makes the two alike).
 Shape letters: T tasks, S = N*K support examples, M queries, H = `hidden`.
 """
 
@@ -163,16 +168,15 @@ class MetaNet(EpisodicLearner):
         return what, ["fewer queries (data.query or algo.train_query)", "model.hidden"], []
 
     # -- meta information: per-item gradients -------------------------------------------------
-    def item_gradients(self, net: FastNet, losses: Any, x: Tensor) -> Fast:
-        """The gradient of each item's loss, `losses(net(x) or u's keys) -> (T,)`, with respect to
-        each of the net's fast-weighted slow weights: {name: (T, *shape)}. Constants for the outer
-        loss (the authors' code feeds them as data)."""
+    def item_gradients(self, net: FastNet, losses: Any, x: Tensor, key: bool = False) -> Fast:
+        """The gradient of each item's loss, `losses(net(x, key=key)) -> (T,)`, with respect to
+        each of the net's fast-weighted slow weights: {name: (T, *shape)}, from one reverse-mode
+        Jacobian (vmap over the items). Constants for the outer loss, as in the authors' code,
+        where they enter m and d as data; all of the net's weights are detached for it."""
         frozen = {name: p.detach() for name, p in net.named_parameters()}
-        representation = net is self.representation and self.cfg.embedding_loss == "contrastive"
 
         def item_losses(weights: Fast) -> Tensor:
-            outputs = functional_call(net, frozen | weights, (x,), {"key": representation})
-            return losses(outputs)
+            return losses(functional_call(net, frozen | weights, (x,), {"key": key}))
 
         weights = {name: frozen[name] for name in net.fast_names}
         with torch.enable_grad():  # also under evaluation's no_grad
@@ -184,36 +188,42 @@ class MetaNet(EpisodicLearner):
         shapes = {name: net.get_parameter(name).shape for name in net.fast_names}
         fast: Fast = {}
         for group in GROUPS:
-            names = [n for n in net.fast_names if group_of(grads[n], batched=True) == group]
+            names = [name for name in net.fast_names if group_of(grads[name]) == group]
             if not names:  # algo.fast_blocks=0: no conv weight is fast
                 continue
             features = log_and_sign(flatten_group(grads, names), self.cfg.gradient_scale)
             nets: GradientNets = self.meta[group]
-            flat = (
-                nets.example_weights(features)
-                if level == "example"
-                else nets.task_weights(features)
-            )
+            if level == "example":
+                flat = nets.example_weights(features)  # (S, P)
+            else:
+                flat = nets.task_weights(features)  # (P,)
             fast |= split_group(flat, names, shapes)
         return fast
 
     def task_fast_weights(self, support_x: Tensor, support_y: Tensor) -> Fast:
-        """Q* from the embedding loss's per-item gradients (eq. 4-6), support in label order."""
-        if self.cfg.embedding_loss == "contrastive":
-            if len(support_y) < 2:
-                raise ConfigError(
-                    "algo.embedding_loss=contrastive needs at least two support examples per "
-                    "task (it compares pairs); use algo.embedding_loss=cross_entropy"
-                )
-            losses = lambda r: contrastive_losses(r, support_y)  # noqa: E731
-        else:
-            losses = lambda logits: F.cross_entropy(logits, support_y, reduction="none")  # noqa: E731
-        grads = self.item_gradients(self.representation, losses, support_x)
+        """Q* = d(G, {grad_Q loss_emb}) (Algorithm 1, lines 2-6), the support set in label order."""
+        contrastive = self.cfg.embedding_loss == "contrastive"
+        if contrastive and len(support_y) < 2:
+            raise ConfigError(
+                "algo.embedding_loss=contrastive needs at least two support examples per task "
+                "(it compares pairs); use algo.embedding_loss=cross_entropy"
+            )
+
+        def losses(outputs: Tensor) -> Tensor:  # u's representations, or its logits
+            if contrastive:
+                return contrastive_losses(outputs, support_y)
+            return F.cross_entropy(outputs, support_y, reduction="none")
+
+        grads = self.item_gradients(self.representation, losses, support_x, key=contrastive)
         return self._generate(self.representation, grads, "task")
 
     def example_fast_weights(self, support_x: Tensor, support_y: Tensor) -> Fast:
-        """The memory M: W*_i = m(Z, grad_i) per support example (eq. 1-2), {name: (S, *shape)}."""
-        losses = lambda logits: F.cross_entropy(logits, support_y, reduction="none")  # noqa: E731
+        """The memory M: W*_i = m(Z, grad_W L_i) per support example (Algorithm 1, lines 7-11),
+        {name: (S, *shape)}."""
+
+        def losses(logits: Tensor) -> Tensor:
+            return F.cross_entropy(logits, support_y, reduction="none")
+
         grads = self.item_gradients(self.base, losses, support_x)
         return self._generate(self.base, grads, "example")
 
@@ -226,8 +236,8 @@ class MetaNet(EpisodicLearner):
         memory = self.example_fast_weights(support_x, support_y)  # M: {name: (S, *shape)}
         keys = self.representation(support_x, task_fast, key=True)  # R: (S, H)
         query_keys = self.representation(query_x, task_fast, key=True)  # (M, H)
-        attention = torch.softmax(cosine(query_keys, keys), -1)  # (M, S), eq. 7
-        read = {  # eq. 8: each query's fast weights, (M, *shape)
+        attention = torch.softmax(cosine(query_keys, keys), -1)  # (M, S): attention over the keys R
+        read = {  # W* = softmax(a)^T M per query, (M, *shape)
             name: (attention @ w.flatten(1)).view(len(query_x), *w.shape[1:])
             for name, w in memory.items()
         }
