@@ -5,9 +5,9 @@ meta-networks: MetaNetFull.py and utilsf.py).
 
 - `FastNet`: a convolutional trunk (the layers of model=conv4), then fc1 and fc2. Layer
   augmentation: every conv and linear layer with fast weights computes its slow output and its
-  fast output separately, each through its own BatchNorm statistics and ReLU, and sums them
-  ("slow and fast outputs summed after ReLU each"); the last layer (fc2) sums them without a
-  ReLU. Fast weights are either one set shared by a batch (the task-level Q*) or one set per
+  fast output separately, each through its own BatchNorm statistics and its own ReLU, and sums
+  them (the authors' Block(x) + Block.call_on_W(x, W*)); the last layer (fc2) sums them without
+  a ReLU. Fast weights are either one set shared by a batch (the task-level Q*) or one set per
   example (a query's W* read from memory), the latter as a grouped convolution.
 - `GradientNets`: per group of layers (conv weights, fc weights, as in the authors' code) the
   example-level m, a coordinatewise MLP 2 -> H -> H -> 1, and the task-level d, a
