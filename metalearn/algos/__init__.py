@@ -18,6 +18,7 @@ from metalearn.algos.bilevel.reptile import Reptile, ReptileConfig
 from metalearn.algos.bilevel.transforms import GradientTransform, TransformConfig
 from metalearn.algos.bilevel.vmaml import VariationalConfig, VariationalMAML
 from metalearn.algos.bilevel.warpgrad import WarpGrad, WarpGradConfig
+from metalearn.algos.blackbox.metanet import MetaNet, MetaNetConfig
 from metalearn.algos.blackbox.rl2 import RL2, RL2Config
 from metalearn.algos.blackbox.sequence import SequenceConfig, SequenceLearner
 from metalearn.algos.metric.baseline import Baseline, BaselineConfig
@@ -59,6 +60,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "lstm": (SequenceConfig, SequenceLearner),
     "snail": (SequenceConfig, SequenceLearner),
     "icl_transformer": (SequenceConfig, SequenceLearner),
+    "metanet": (MetaNetConfig, MetaNet),  # Meta Networks: fast weights from support gradients
     "l2o": (L2OConfig, L2O),  # learned optimisers: model=lstm_optimizer or mlp_optimizer
     "metalstm": (MetaLSTMConfig, MetaLSTM),  # Ravi & Larochelle's meta-learner LSTM
     "cnp": (NeuralProcessConfig, NeuralProcess),  # neural processes: each YAML names its paths
