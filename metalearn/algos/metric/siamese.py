@@ -76,10 +76,11 @@ def pair_logits(distance: nn.Linear, support_z: Tensor, query_z: Tensor) -> Tens
             f"support embeddings of size {support_z.shape[-1]} and query embeddings of size "
             f"{query_z.shape[-1]} do not match the distance's {distance.in_features} weights"
         )
-    with torch.autocast(support_z.device.type, enabled=False):  # in fp32 under bf16
-        weights = distance.weight[0].to(support_z.dtype)
+    dtype = torch.promote_types(support_z.dtype, torch.float32)  # fp32 under bf16, fp64 kept
+    with torch.autocast(support_z.device.type, enabled=False):
+        support_z, query_z = support_z.to(dtype), query_z.to(dtype)
         gaps = (query_z[:, :, None] - support_z[:, None]).abs()  # (T, M, S, D)
-        return gaps @ weights + distance.bias[0].to(support_z.dtype)
+        return gaps @ distance.weight[0].to(dtype) + distance.bias[0].to(dtype)
 
 
 def class_log_odds(pairs: Tensor, support_y: Tensor, ways: int) -> Tensor:
