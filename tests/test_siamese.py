@@ -248,7 +248,7 @@ def test_episode_scope_alphabet_is_refused_on_other_image_data_sets():
 # -- learning --------------------------------------------------------------------------------
 
 
-def test_siamese_learns_omniglot_far_above_chance(tmp_path, omniglot_root):
+def test_siamese_learns_omniglot_above_chance(tmp_path, omniglot_root):
     results = run_train(
         [
             "experiment=siamese_omniglot_5w1s",
