@@ -26,6 +26,7 @@ from metalearn.algos.metric.matchingnet import MatchingNet, MatchingNetConfig
 from metalearn.algos.metric.metaoptnet import MetaOptNet, MetaOptNetConfig
 from metalearn.algos.metric.protonet import ProtoNet, ProtoNetConfig
 from metalearn.algos.metric.relationnet import RelationNet, RelationNetConfig
+from metalearn.algos.metric.siamese import Siamese, SiameseConfig
 from metalearn.algos.optimizers.l2o import L2O, L2OConfig
 from metalearn.algos.optimizers.metalstm import MetaLSTM, MetaLSTMConfig
 from metalearn.algos.processes.neural_process import NeuralProcess, NeuralProcessConfig
@@ -50,6 +51,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "protonet": (ProtoNetConfig, ProtoNet),
     "matchingnet": (MatchingNetConfig, MatchingNet),
     "relationnet": (RelationNetConfig, RelationNet),
+    "siamese": (SiameseConfig, Siamese),  # Koch et al.: pair verification, nearest support image
     "metaoptnet_ridge": (MetaOptNetConfig, MetaOptNet),  # its YAML sets head: ridge
     "metaoptnet_svm": (MetaOptNetConfig, MetaOptNet),
     "baseline": (BaselineConfig, Baseline),

@@ -1,9 +1,13 @@
-"""Training-time augmentation on the device, for whole batches: random crop, flip, colour jitter.
+"""Training-time augmentation on the device, for whole batches: random crop, flip, colour jitter,
+random affine distortions.
 
-The pre-training baselines use these (Chen et al. 2019; Tian et al. 2020: random crop with
-padding, horizontal flip, colour jitter 0.4). Everything is batched tensor arithmetic on the
-batch's device, drawn from torch's global generator (saved and restored on resume).
+The pre-training baselines use the first three (Chen et al. 2019; Tian et al. 2020: random crop
+with padding, horizontal flip, colour jitter 0.4); Siamese networks the affine distortions (Koch
+et al. 2015). Everything is batched tensor arithmetic on the batch's device, drawn from torch's
+global generator (saved and restored on resume).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -67,3 +71,41 @@ def augment(x: Tensor, *, padding: int, flip: bool, jitter: float) -> Tensor:
     if jitter > 0:
         x = colour_jitter(x, jitter)
     return x
+
+
+def random_affine(
+    x: Tensor,
+    *,
+    rotation: float,
+    shear: float,
+    scale: float,
+    translate: float,
+    p: float,
+) -> Tensor:
+    """Distort each image of x (B, C, H, W) by its own random affine map (Koch et al. 2015, 3.3).
+
+    T = (theta, rho_x, rho_y, s_x, s_y, t_x, t_y): theta in [-rotation, rotation] degrees,
+    rho in [-shear, shear], s in [1 - scale, 1 + scale], t in [-translate, translate] as a
+    fraction of the image's side; each of the seven components is kept with probability `p`
+    (else it is the identity's). The map is A = R(theta) Sh(rho) S(s) plus t; each output pixel
+    is read bilinearly from A^-1 (pixel - t), and pixels from outside the image are 0 (no ink).
+    """
+    batch = x.shape[0]
+    options = {"device": x.device, "dtype": torch.float32}
+    low = torch.tensor([-rotation, -shear, -shear, 1 - scale, 1 - scale, -translate, -translate])
+    high = torch.tensor([rotation, shear, shear, 1 + scale, 1 + scale, translate, translate])
+    identity = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0], **options)
+    draw = low.to(**options) + (high - low).to(**options) * torch.rand(batch, 7, **options)
+    keep = torch.rand(batch, 7, **options) < p
+    angle, rho_x, rho_y, s_x, s_y, t_x, t_y = torch.where(keep, draw, identity).unbind(1)
+    angle = angle * (math.pi / 180)
+    cos, sin, one = angle.cos(), angle.sin(), torch.ones_like(angle)
+    rotate = torch.stack([cos, -sin, sin, cos], 1).view(batch, 2, 2)
+    shear_ = torch.stack([one, rho_x, rho_y, one], 1).view(batch, 2, 2)
+    linear = rotate @ shear_ @ torch.diag_embed(torch.stack([s_x, s_y], 1))  # (B, 2, 2)
+    # affine_grid maps output to input coordinates in [-1, 1] (the side spans 2): the inverse
+    inverse = torch.linalg.inv(linear)
+    shift = 2 * torch.stack([t_x, t_y], 1)[..., None]  # (B, 2, 1)
+    theta = torch.cat([inverse, -inverse @ shift], dim=2)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), padding_mode="zeros", align_corners=False)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metalearn.errors import DataError
+from metalearn.errors import ConfigError, DataError
 
 
 @dataclass
@@ -74,11 +74,20 @@ class EpisodeSampler:
     (tieredImageNet, CUB) as the examples of every class one after another, (sum E_c, channels,
     H, W), with `counts` (C,). Images larger than DEVICE_BYTES stay in host memory (a memory-
     mapped cache is paged in as episodes touch it) and only each batch moves to the device.
+
+    With `groups` (C,) (Omniglot's alphabets) a task draws one group of at least N classes, then
+    its N classes within it, both uniformly (Lake et al. 2015's within-alphabet episodes).
     """
 
     DEVICE_BYTES = 4 * 2**30
 
-    def __init__(self, images: Tensor, device: torch.device, counts: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        device: torch.device,
+        counts: Tensor | None = None,
+        groups: Tensor | None = None,
+    ) -> None:
         resident = device.type == "cpu" or images.nbytes <= self.DEVICE_BYTES
         self.images = images.to(device) if resident else images
         self.device = device
@@ -87,6 +96,7 @@ class EpisodeSampler:
             if len(images) != int(self.counts.sum()):
                 raise DataError(f"{len(images)} images but the class counts sum to {counts.sum()}")
             self.offsets = torch.cumsum(self.counts, 0) - self.counts  # first example of each
+        self.groups = None if groups is None else groups.long().cpu()  # (C,) group of each class
 
     @property
     def classes(self) -> int:
@@ -108,6 +118,7 @@ class EpisodeSampler:
                 f"{ways}-way tasks need {ways} classes but the {split} split has {self.classes}; "
                 f"lower data.ways (or algo.train_ways) to at most {self.classes}"
             )
+        self._eligible_groups(ways, split)
         fewest = self.fewest_examples
         if shots + query > fewest:
             where = "per class" if self.counts is None else "in its smallest class"
@@ -125,7 +136,7 @@ class EpisodeSampler:
         self, generator: torch.Generator, tasks: int, ways: int, shots: int, query: int
     ) -> TaskBatch:
         """Draw T fresh tasks with `generator` (which lives on the sampler's device)."""
-        classes = self._draw(generator, (tasks, self.classes), ways)  # (T, N)
+        classes = self._draw_classes(generator, tasks, ways)  # (T, N)
         examples = self._draw_examples(generator, classes, shots + query)  # (T, N, K+Q)
         return self.gather(classes, examples, shots)
 
@@ -148,6 +159,33 @@ class EpisodeSampler:
         """k distinct indices along the last axis: the first k of a random permutation."""
         keys = torch.rand(shape, generator=generator, device=generator.device)
         return keys.argsort(dim=-1)[..., :k].to(self.images.device)
+
+    def _eligible_groups(self, ways: int, split: str = "sampled") -> Tensor | None:
+        """The groups with at least `ways` classes (None: classes are not grouped)."""
+        if self.groups is None:
+            return None
+        sizes = torch.bincount(self.groups)
+        eligible = (sizes >= ways).nonzero().squeeze(1)
+        if len(eligible) == 0:
+            raise ConfigError(
+                f"data.episode_scope=alphabet draws each {ways}-way episode from one alphabet, but "
+                f"no alphabet of the {split} split has {ways} classes (the largest has "
+                f"{int(sizes.max())}); lower data.ways to at most {int(sizes.max())} or set "
+                f"data.episode_scope=all"
+            )
+        return eligible
+
+    def _draw_classes(self, generator: torch.Generator, tasks: int, ways: int) -> Tensor:
+        """N distinct classes per task (T, N): from the whole split, or from one group."""
+        eligible = self._eligible_groups(ways)
+        if eligible is None:  # the same draws as before groups existed: episodes are unchanged
+            return self._draw(generator, (tasks, self.classes), ways)
+        options = {"generator": generator, "device": generator.device}
+        group = eligible.to(generator.device)[torch.randint(len(eligible), (tasks,), **options)]
+        keys = torch.rand((tasks, self.classes), **options)  # group: (T,), uniform over groups
+        # classes of other groups sort last, never drawn: the group has at least N classes
+        keys = keys.masked_fill(self.groups.to(generator.device)[None] != group[:, None], 2.0)
+        return keys.argsort(dim=-1)[..., :ways].to(self.images.device)
 
     def _draw_examples(self, generator: torch.Generator, classes: Tensor, k: int) -> Tensor:
         """k distinct examples of each drawn class: classes (T, N) -> (T, N, k)."""
@@ -185,7 +223,7 @@ class EpisodeSampler:
     ) -> Iterator[TaskBatch]:
         """The same n episodes for a given seed, whatever the model or the batch size."""
         generator = torch.Generator().manual_seed(seed)  # CPU: identical episodes on any device
-        classes = self._draw(generator, (n, self.classes), ways)  # (n, N)
+        classes = self._draw_classes(generator, n, ways)  # (n, N)
         examples = self._draw_examples(generator, classes, shots + query)  # (n, N, K+Q)
         for start in range(0, n, batch_size):
             part = slice(start, start + batch_size)
@@ -202,12 +240,14 @@ class ClassTasks:
         images: dict[str, Tensor],
         device: torch.device,
         counts: dict[str, Tensor] | None = None,
+        groups: dict[str, Tensor] | None = None,
     ) -> None:
-        """images[split]: (C, E, channels, H, W), or (sum E_c, channels, H, W) with
-        counts[split] (C,) for classes of different sizes (see EpisodeSampler)."""
-        counts = counts or {}
+        """images[split]: (C, E, channels, H, W), or (sum E_c, channels, H, W) with counts[split]
+        (C,); groups[split] (C,): that split's episodes within one group (see EpisodeSampler)."""
+        counts, groups = counts or {}, groups or {}
         self.samplers = {
-            split: EpisodeSampler(x, device, counts.get(split)) for split, x in images.items()
+            split: EpisodeSampler(x, device, counts.get(split), groups.get(split))
+            for split, x in images.items()
         }
         train = images["train"]
         self.in_shape = tuple(train.shape[1:] if "train" in counts else train.shape[2:])

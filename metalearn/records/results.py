@@ -97,6 +97,8 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
         "train": train,
         "protocol": {
             "split": config.data.split if images else None,
+            # 'alphabet': validation and test episodes within one alphabet (Lake et al. 2015)
+            "episode_scope": config.data.episode_scope if images else None,
             "image_size": config.data.image_size if images else None,
             "train_ways": run.train_shape[0],
             "train_shots": run.train_shape[1],

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -372,6 +373,11 @@ class OmniglotConfig(ImageTaskConfig):
     )
     image_size: int = 28  # images are resized once to image_size x image_size (ink = 1)
     split_seed: int = 0  # seed of the 'maml' and 'background' splits
+    # 'all', or 'alphabet': each validation and test episode's N classes from one alphabet (Lake
+    # et al. 2015; Koch et al. 2015, section 4.1); training episodes are unchanged
+    episode_scope: str = "all"
+
+    EPISODE_SCOPES: ClassVar[tuple[str, ...]] = ("all", "alphabet")
 
     def __post_init__(self) -> None:
         if self.split not in OMNIGLOT_SPLITS:
@@ -392,4 +398,15 @@ def omniglot_tasks(cfg: OmniglotConfig, device: torch.device) -> ClassTasks:
         seed=cfg.split_seed,
         download=cfg.download,
     )
-    return ClassTasks({split: s.images for split, s in sets.items()}, device)
+    groups = {}
+    if cfg.episode_scope == "alphabet":  # evaluation episodes only (the issue's protocol)
+        groups = {split: alphabet_index(sets[split].names) for split in ("val", "test")}
+    return ClassTasks({split: s.images for split, s in sets.items()}, device, groups=groups)
+
+
+def alphabet_index(names: list[str]) -> torch.Tensor:
+    """Each class's alphabet as an index (C,): "<Alphabet>/characterKK/rotDDD" -> Alphabet's
+    position among the sorted alphabets. A rotated character stays in its own alphabet."""
+    alphabets = [name.split("/")[0] for name in names]
+    index = {alphabet: i for i, alphabet in enumerate(sorted(set(alphabets)))}
+    return torch.tensor([index[alphabet] for alphabet in alphabets], dtype=torch.long)
