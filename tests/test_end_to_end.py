@@ -206,3 +206,15 @@ def test_a_time_budget_stops_the_run_and_the_bar_ends_at_its_iteration(tmp_path,
     err = capsys.readouterr().err
     assert f"{done}/{done} [" in err and "/1000000" not in err.splitlines()[-1]
     assert "validate at 100" in err
+
+
+def test_a_cpu_time_budget_counts_the_process_cpu_time_not_the_wall_clock(tmp_path):
+    """trainer.max_cpu_minutes stops the run once the process's CPU time in training and
+    validation passes it; results.json reports that time beside the wall time."""
+    results = run_train(
+        ["trainer.iterations=1000000", "trainer.max_cpu_minutes=0.03", "trainer.eval_every=100"],
+        tmp_path,
+    )
+    train = results["train"]
+    assert train["stopped_by"] == "max_cpu_minutes" and 0 < train["iterations"] < 1000000
+    assert 1.8 <= train["cpu_seconds"] < 1.8 + 1.0  # one iteration past the budget at most

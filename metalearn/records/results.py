@@ -194,6 +194,8 @@ def finish_run(run: Run, progress: Any, run_dir: Path, logger: Logger) -> dict:
         "wall_seconds": round(seconds, 2),
         # validation's share of it (trainer.eval_every, eval.val_episodes)
         "validation_seconds": round(progress.validation_seconds, 2),
+        # the process's CPU time in both (trainer.max_cpu_minutes budgets it)
+        "cpu_seconds": round(progress.cpu_seconds, 2),
         f"{unit}_per_second": round(progress.iteration * per_step / max(seconds, 1e-9), 2),
         "stopped_by": progress.stopped_by,
         "skipped_meta_batches": progress.skipped,  # trainer.nonfinite=skip

@@ -67,7 +67,7 @@ class TrainingBar:
 
     def close(self, progress: Progress) -> None:
         """The bar ends full when the time budget stopped the run (at its last iteration)."""
-        if progress.stopped_by == "max_minutes" and self.bar.total != progress.iteration:
+        if progress.stopped_by.startswith("max_") and self.bar.total != progress.iteration:
             self.bar.total = progress.iteration
             self.bar.refresh()
         self.bar.close()

@@ -18,6 +18,9 @@ class TrainerConfig:
 
     iterations: int = 1000  # outer (meta) iterations
     max_minutes: float | None = None  # wall-clock budget: stop, validate and test when spent
+    # CPU-time budget of training and validation (the process's, all threads): the same work
+    # whatever else shares the machine; with hardware.threads=1, CPU minutes of one core
+    max_cpu_minutes: float | None = None
     meta_batch_size: int = 32  # tasks per outer step
     eval_every: int = 500  # validate (and checkpoint) every this many iterations
     log_every: int = 20  # write training metrics every this many iterations
@@ -48,11 +51,12 @@ class TrainerConfig:
         for key in ("iterations", "meta_batch_size", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be positive, got {getattr(self, key)}")
-        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
-            raise ConfigError(
-                f"trainer.max_minutes must be positive and finite (null: no limit), got "
-                f"{self.max_minutes}"
-            )
+        for key in ("max_minutes", "max_cpu_minutes"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value < math.inf:
+                raise ConfigError(
+                    f"trainer.{key} must be positive and finite (null: no limit), got {value}"
+                )
         if self.lr_decay_every is not None and self.lr_decay_every < 1:
             raise ConfigError(f"trainer.lr_decay_every must be positive, got {self.lr_decay_every}")
         if not 0 < self.lr_decay <= 1:

@@ -93,12 +93,13 @@ def _loop(
 ) -> None:
     trainer = run.config.trainer
     budget = math.inf if trainer.max_minutes is None else 60.0 * trainer.max_minutes
+    cpu_budget = math.inf if trainer.max_cpu_minutes is None else 60.0 * trainer.max_cpu_minutes
     shown = trainer.progress and group.main
     bar = TrainingBar(run.name, trainer.iterations, progress, budget, shown)
     params = [p for p in run.algo.parameters() if p.requires_grad]
     window_start, window_tasks = time.perf_counter(), 0
     while progress.iteration < trainer.iterations:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         set_lr(optimizer, run, progress.iteration)
         batch, size = _sample(run, generator)
         skipped, metrics, scalars = _outer_steps(
@@ -107,22 +108,25 @@ def _loop(
         progress.iteration += 1
         window_tasks += batch.tasks
         progress.seconds += time.perf_counter() - started
+        progress.cpu_seconds += time.process_time() - cpu_started
         bar.advance(progress)
         if progress.iteration % trainer.log_every == 0:
             rate = window_tasks / (time.perf_counter() - window_start)
             _log_train(run, logger, bar, metrics, skipped, progress, optimizer, rate, batch.unit)
             window_start, window_tasks = time.perf_counter(), 0
-        over_budget = budget < math.inf and group.agree(progress.seconds >= budget)
+        exhausted = progress.seconds >= budget, progress.cpu_seconds >= cpu_budget
+        over_budget = min(budget, cpu_budget) < math.inf and group.agree(any(exhausted))
         if progress.iteration % trainer.eval_every == 0 or over_budget:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             if group.main:  # the others wait for it at the next all-reduce
                 validate(run, progress, logger, run_dir, optimizer, generator, bar)
             spent = time.perf_counter() - started
             progress.seconds += spent
             progress.validation_seconds += spent
+            progress.cpu_seconds += time.process_time() - cpu_started
             window_start, window_tasks = time.perf_counter(), 0  # tasks/s counts training only
         if over_budget:
-            progress.stopped_by = "max_minutes"
+            progress.stopped_by = "max_minutes" if progress.seconds >= budget else "max_cpu_minutes"
             break
         if scalars[3] > 0:  # a stop signal reached some rank
             _stop_now(run, progress, run_dir, optimizer, generator, group, stop)

@@ -20,11 +20,12 @@ class Progress:
     iteration: int = 0
     seconds: float = 0.0  # training wall time so far, summed over restarts
     validation_seconds: float = 0.0  # the part of `seconds` spent validating
+    cpu_seconds: float = 0.0  # the process's CPU time in training and validation (all threads)
     best_value: float | None = None  # best validation score so far
     best_iteration: int | None = None
     best_val: dict | None = None  # the best validation's summary for results.json
     validated_at: int = -1  # iteration of the latest validation
-    stopped_by: str = "iterations"  # or "max_minutes"
+    stopped_by: str = "iterations"  # or "max_minutes", "max_cpu_minutes"
     skipped: int = 0  # meta-batches dropped for a non-finite loss or gradient (nonfinite=skip)
 
 
