@@ -1,6 +1,6 @@
 """Few-shot GNN (Garcia & Bruna 2018): the batched graphs equal a node-by-node loop over the
-paper's definitions, each query's logits ignore the support order and the other queries, and
-it learns real Omniglot tasks (5- and 20-way) from a few iterations."""
+paper's definitions, each query's logits ignore the support order and the other queries, it
+learns real 5-way Omniglot tasks in a few iterations, and the 20-way preset trains and tests."""
 
 import contextlib
 
@@ -50,7 +50,7 @@ def normalised(norm: torch.nn.BatchNorm1d, h):
 
 
 def reference_adjacency(module, x):
-    """Paper eq. 3, one pair at a time: A_ij = softmax over j != i of MLP(|x_i - x_j|)."""
+    """The learned adjacency, one pair at a time: A_ij = softmax_{j != i} MLP(|x_i - x_j|)."""
     n = x.shape[0]
     linears = [m for m in module.mlp if isinstance(m, torch.nn.Linear)]
     norms = [m for m in module.mlp if isinstance(m, torch.nn.BatchNorm1d)]
@@ -69,7 +69,7 @@ def reference_adjacency(module, x):
 
 
 def reference_conv(conv, adjacency, x):
-    """Paper eq. 2 with the operators {I, A}, node by node: BN(W [x_i, sum_j A_ij x_j] + b)."""
+    """The graph convolution with operators {I, A}, per node: BN(W [x_i, sum_j A_ij x_j] + b)."""
     rows = []
     for i in range(x.shape[0]):
         propagated = sum(adjacency[i, j] * x[j] for j in range(x.shape[0]))

@@ -1,30 +1,32 @@
 """Few-shot graph neural networks (Garcia & Bruna 2018): label propagation on a learned graph.
 
-Each query makes one graph (paper section 3, t = 1): node 0 is the query, nodes 1..N*K the
-support set, each node the embedding concatenated with its label's one-hot (the query's label
-unknown: uniform 1/N, paper section 4.1, or zeros as the authors' code has it, `query_label`).
-Each layer learns an adjacency from the nodes' features, A_ij = softmax_j≠i MLP(|x_i - x_j|)
-(paper eq. 3), and a graph convolution maps [x_i, sum_j A_ij x_j] (the operator family
-{I, A}, eq. 2) to new features that are concatenated to the old ones (dense connections). A last
-adjacency and graph convolution give N logits, read at the query node, trained by cross-entropy.
+Each query makes one graph (the paper's few-shot setting, one image to classify per task): node
+0 is the query, nodes 1..N*K the support set, each node an embedding concatenated with its
+label's one-hot (the query's label is unknown: uniform 1/N as in the paper, or zeros as in the
+authors' code; `query_label`). Each layer learns an adjacency from the nodes' features,
+A_ij = softmax over j != i of MLP(|x_i - x_j|) (paper, section 4), and a graph convolution maps
+[x_i, sum_j A_ij x_j] (the operator family {I, A}) to new features concatenated to the old
+ones (dense connections). A last adjacency and graph convolution give N logits, read at the
+query node and trained by cross-entropy.
 
 Followed: the authors' code, vgsatorras/few-shot-gnn (models/gnn_iclr.py: `Wcompute`, `Gconv`,
 `GNN_nl_omniglot`; models/models.py: `MetricNN`, `EmbeddingOmniglot`): two layers of nf/2 = 48
-new features each; the adjacency MLP as its 1x1 convolutions, of widths (2, 1.5, 1, 1) x its
-input width (the last one: x the previous layer's), each with BatchNorm and leaky ReLU (slope
+new features each; the adjacency MLP as their 1x1 convolutions, of widths (2, 1.5, 1, 1) x its
+input width (the last one's: x the previous layer's), each with BatchNorm and leaky ReLU (slope
 0.01), dropout 0.3 in the last one only, self-edges masked before the softmax; BatchNorm after
 every graph convolution, the last included (their Omniglot model); leaky ReLU between layers.
 
 Differences, all deliberate:
 - the embedding is the project's `model` (conv4) followed by their `fc_last` head: a linear map
   without bias to `embedding_size` (their 64 on Omniglot), BatchNorm and leaky ReLU;
-- metalearn episodes hold Q queries per class: every query gets its own graph (B = T*N*Q graphs
-  of N*K + 1 nodes, the support nodes repeated per graph, batched in one call), so no query
-  sees another through the graph. At evaluation (their `.eval()`) the BatchNorm layers of this
-  head use the running statistics of meta-training and dropout is off, so one query's logits do
-  not depend on another's; in meta-training, as in theirs, batch statistics are shared by the
-  meta-batch's graphs. The conv4 embedding keeps the project's per-task batch statistics;
-- their queries' label features are zeros (`zero_pad`); the paper's and our default are 1/N.
+- metalearn episodes hold Q queries per class, so every query gets its own graph (B = T*N*Q
+  graphs of N*K + 1 nodes, the support nodes repeated per graph, in one batched call) and no
+  query sees another through the graph. At evaluation (their `.eval()`) this head's BatchNorm
+  uses the running statistics of meta-training and dropout is off, so given the embeddings one
+  query's logits do not depend on another's; in meta-training, as in theirs, the meta-batch's
+  graphs share BatchNorm's batch statistics. The conv4 embedding keeps the project's per-task
+  batch statistics (transductive, as for every metric learner here);
+- their query nodes' label features are zeros (`zero_pad`); the paper's and our default, 1/N.
 """
 
 import contextlib
@@ -95,7 +97,7 @@ class GNNConfig(AlgoConfig):
 
 
 class Adjacency(nn.Module):
-    """Their Wcompute: (B, n, F) nodes -> (B, n, n) row-stochastic A, A_ii = 0 (paper eq. 3)."""
+    """Their Wcompute: (B, n, F) nodes -> (B, n, n) row-stochastic A, A_ii = 0."""
 
     def __init__(self, in_features: int, width: int, dropout: float) -> None:
         super().__init__()
