@@ -27,7 +27,8 @@ def build(name: str, model, **options):
         options.setdefault("head", name.removeprefix("metaoptnet_"))
     if name == "siamese":  # no random distortions: evaluate's loss is meta_loss's, and random
         options.setdefault("distortions", False)  # pixel patterns are not the characters they fit
-    return algo_cls(config_cls(name=name, **options), model, "classification", "loop")
+    ways = {"ways": 3} if algo_cls.needs_ways else {}  # the GNN: label features of fixed width
+    return algo_cls(config_cls(name=name, **options), model, "classification", "loop", **ways)
 
 
 def tiny_conv(pooled_blocks: int = 4) -> Conv4:
@@ -166,7 +167,8 @@ def test_gradients_reach_every_parameter_and_evaluate_gives_one_column(name):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in algo.parameters())
     out = algo.evaluate(batch, [0])
     assert out["loss"].shape == out["score"].shape == (batch.tasks, 1)
-    torch.testing.assert_close(out["loss"].mean(), loss.detach(), rtol=1e-4, atol=1e-6)
+    if name != "gnn":  # the GNN tests with running BatchNorm statistics and no dropout (theirs)
+        torch.testing.assert_close(out["loss"].mean(), loss.detach(), rtol=1e-4, atol=1e-6)
     assert 0 <= metrics["score"] <= 1
     logits = algo.predict(Split(batch.support.x[0], batch.support.y[0]), batch.query.x[0])
     assert logits.shape == (batch.query.x.shape[1], batch.ways)
@@ -183,13 +185,22 @@ def test_state_dict_round_trips_every_learned_module(name):
         assert torch.equal(a, b)
 
 
+# The GNN learns its metric through learned adjacencies and starts on a plateau: in 60 steps it
+# needs narrower layers (without dropout) and a larger step
+# (options, outer lr) where the default 3e-3 over 60 steps is not enough: the GNN's narrower
+# layers; the Siamese verifier learns from same/different pairs, which rank a task's classes
+# more slowly per episode than a loss over the classes does
+LEARNING = {
+    "gnn": ({"hidden": 32, "embedding_size": 32, "adjacency_dropout": 0.0}, 1e-2),
+    "siamese": ({}, 1e-2),
+}
+
+
 @pytest.mark.parametrize("name", METRIC)
 def test_each_learns_a_separable_task_family_beyond_chance(name):
     torch.manual_seed(0)
-    # the Siamese verifier learns from same/different pairs, which rank a task's classes more
-    # slowly per episode than a loss over the classes does: a larger step in the same 60
-    lr = 1e-2 if name == "siamese" else 3e-3
-    algo = build(name, model_for(name), outer_lr=lr)
+    options, lr = LEARNING.get(name, ({}, 3e-3))
+    algo = build(name, model_for(name), outer_lr=lr, **options)
     optimizer = torch.optim.Adam(algo.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
     test = separable_tasks(torch.Generator().manual_seed(99), tasks=16)

@@ -22,6 +22,7 @@ from metalearn.algos.blackbox.metanet import MetaNet, MetaNetConfig
 from metalearn.algos.blackbox.rl2 import RL2, RL2Config
 from metalearn.algos.blackbox.sequence import SequenceConfig, SequenceLearner
 from metalearn.algos.metric.baseline import Baseline, BaselineConfig
+from metalearn.algos.metric.gnn import GNN, GNNConfig
 from metalearn.algos.metric.matchingnet import MatchingNet, MatchingNetConfig
 from metalearn.algos.metric.metaoptnet import MetaOptNet, MetaOptNetConfig
 from metalearn.algos.metric.protonet import ProtoNet, ProtoNetConfig
@@ -54,6 +55,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "siamese": (SiameseConfig, Siamese),  # Koch et al.: pair verification, nearest support image
     "metaoptnet_ridge": (MetaOptNetConfig, MetaOptNet),  # its YAML sets head: ridge
     "metaoptnet_svm": (MetaOptNetConfig, MetaOptNet),
+    "gnn": (GNNConfig, GNN),  # Garcia & Bruna: one graph per query, learned adjacency
     "baseline": (BaselineConfig, Baseline),
     "baselinepp": (BaselineConfig, Baseline),  # its YAML sets classifier: cosine
     "rfs": (BaselineConfig, Baseline),  # its YAML sets the RFS recipe (logistic test head)
