@@ -65,9 +65,12 @@ def train(run: Run, run_dir: Path, group: Group | None = None) -> dict:
     from metalearn.distributed import SINGLE
     from metalearn.records.logger import Logger, NullLogger
     from metalearn.records.results import finish_run
+    from metalearn.train.config import OnlineConfig
     from metalearn.train.loop import meta_train, start
 
     group = group or SINGLE
+    if isinstance(run.config.trainer, OnlineConfig):
+        return train_online(run, run_dir, group)
     at = start(run, run_dir, group)
     if group.main:
         logger = Logger(
@@ -89,10 +92,38 @@ def train(run: Run, run_dir: Path, group: Group | None = None) -> dict:
     return group.share(results)
 
 
+def train_online(run: Run, run_dir: Path, group: Group) -> dict:
+    """trainer=online: FTML and its baselines over one stream of tasks (train/online.py), in one
+    process; results.json holds each method's curve and regret, plots/online.png draws them."""
+    from metalearn.errors import ConfigError
+    from metalearn.records.logger import Logger
+    from metalearn.train import online
+
+    if group.world > 1:
+        raise ConfigError("trainer=online runs in one process: start it without torchrun")
+    at = online.start(run, run_dir)
+    resume_step = at.standing.rounds if at.resumed else None
+    logger = Logger(
+        run.config.logger,
+        run_dir,
+        run_name=run.name,
+        config=run.config_dict,
+        resume_step=resume_step,
+    )
+    try:
+        results = online.run_stream(run, at, run_dir, logger)
+    except BaseException:
+        logger.close(exit_code=1)
+        raise
+    logger.close()
+    return results
+
+
 def sweep_value(results: dict) -> float:
-    """The best validation metric; a run whose every validation diverged scores the worst
-    value instead of NaN (which would fail the trial, and Hydra's Optuna sweeper with it)."""
-    value = results["val"][results["metric"]]["mean"]
+    """The best validation metric (an online run, which validates nothing: its FTML score over
+    the stream); a run whose every validation diverged scores the worst value instead of NaN
+    (which would fail the trial, and Hydra's Optuna sweeper with it)."""
+    value = (results["val"] or results["test"])[results["metric"]]["mean"]
     if math.isnan(value):
         return math.inf if results["metric"] in ("mse", "final_loss") else -math.inf
     return value
