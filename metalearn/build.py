@@ -158,7 +158,7 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
         test_steps=_test_steps(config, algo_cls),
         metric=algo_cls.metric or metric_name(tasks.kind),
         preprocess=_preprocess(data),
-        name=f"{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
+        name=f"{_loop_name(config)}{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
     )
 
 
@@ -199,6 +199,11 @@ def _test_steps(config: RunConfig, algo_cls: type) -> int:
     if algo_cls.inner_loop:
         return config.algo.test_inner_steps
     return config.data.steps if config.data.task_kind == "optimization" else 0
+
+
+def _loop_name(config: RunConfig) -> str:
+    """The run name's prefix: none for the default loop, 'online-' for FTML's stream."""
+    return "" if config.trainer.name == "default" else f"{config.trainer.name}-"
 
 
 def _task_name(data: Any) -> str:

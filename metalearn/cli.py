@@ -69,7 +69,9 @@ def train(run: Run, run_dir: Path, group: Group | None = None) -> dict:
     from metalearn.train.loop import meta_train, start
 
     group = group or SINGLE
-    if isinstance(run.config.trainer, OnlineConfig):
+    if isinstance(run.config.trainer, OnlineConfig):  # FTML over a task stream, one process
+        from metalearn.train.online import train_online
+
         return train_online(run, run_dir, group)
     at = start(run, run_dir, group)
     if group.main:
@@ -90,33 +92,6 @@ def train(run: Run, run_dir: Path, group: Group | None = None) -> dict:
         raise
     logger.close()
     return group.share(results)
-
-
-def train_online(run: Run, run_dir: Path, group: Group) -> dict:
-    """trainer=online: FTML and its baselines over one stream of tasks (train/online.py), in one
-    process; results.json holds each method's curve and regret, plots/online.png draws them."""
-    from metalearn.errors import ConfigError
-    from metalearn.records.logger import Logger
-    from metalearn.train import online
-
-    if group.world > 1:
-        raise ConfigError("trainer=online runs in one process: start it without torchrun")
-    at = online.start(run, run_dir)
-    resume_step = at.standing.rounds if at.resumed else None
-    logger = Logger(
-        run.config.logger,
-        run_dir,
-        run_name=run.name,
-        config=run.config_dict,
-        resume_step=resume_step,
-    )
-    try:
-        results = online.run_stream(run, at, run_dir, logger)
-    except BaseException:
-        logger.close(exit_code=1)
-        raise
-    logger.close()
-    return results
 
 
 def sweep_value(results: dict) -> float:

@@ -3,7 +3,7 @@ results.json, plots/online.png and the markdown table (scripts/online_table.py p
 
 Regret after t rounds (Finn et al. 2019, eq. 4): sum_{s<=t} f_s(method's model on task s) -
 sum_{s<=t} f_s(U_s(w*)), with f_s the query loss of task s (cross-entropy or MSE) and w* the best
-fixed prior in hindsight, approximated by FTML's last prior (train/online.py's `hindsight`).
+fixed prior in hindsight, approximated by FTML's last prior (`hindsight`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from metalearn.data.stream import TaskStream
 from metalearn.evaluate import mean_ci95
 from metalearn.records.logger import Logger
 from metalearn.records.plots import plot_online
@@ -30,6 +31,25 @@ COMPARATOR = (
     "FTML's last prior (its meta-objective's leader over every task played), adapted to each "
     "task with U_t on the round's own support set and scored on its held-out query"
 )
+
+
+def hindsight(run: Run, stream: TaskStream, played: int) -> dict[str, list[float]]:
+    """The regret's comparator: the learner as it stands at the end (FTML's last prior, the
+    meta-leader over every task played) met with U_t on each of the first `played` tasks' own
+    support set and scored on its held-out query; per task, the loss and the score."""
+    _, shots, query = run.test_shape
+    size, out = run.config.eval.batch_size, {"loss": [], "score": []}
+    run.model.train(False)
+    try:
+        for first in range(0, played, size):
+            indices = torch.arange(first, min(first + size, played))
+            with run.autocast():
+                scored = run.algo.evaluate(stream.meeting(indices, shots, query), [run.test_steps])
+            for key in out:
+                out[key] += scored[key][:, 0].float().tolist()
+    finally:
+        run.model.train(True)
+    return out
 
 
 def curves(records: dict, comparator: dict, metric: str) -> dict[str, dict[str, Any]]:

@@ -43,10 +43,11 @@ from metalearn.algos.objectives import METRICS, loss_fn, score
 from metalearn.config import as_dict
 from metalearn.data.stream import TaskStream, task_seed
 from metalearn.data.tasks import Split, TaskBatch
-from metalearn.errors import TrainingError
+from metalearn.distributed import SINGLE, Group
+from metalearn.errors import ConfigError, TrainingError
 from metalearn.records import checkpoint
 from metalearn.records.logger import Logger
-from metalearn.records.online import finish_online
+from metalearn.records.online import finish_online, hindsight
 from metalearn.run import Run
 from metalearn.train.faults import grads_finite, kept, nonfinite_fault
 from metalearn.train.schedule import outer_optimizer
@@ -73,6 +74,24 @@ def start(run: Run, run_dir: Path) -> Online:
     return at
 
 
+def train_online(run: Run, run_dir: Path, group: Group = SINGLE) -> dict:
+    """Play the stream (fresh, or resumed from last.pt) with its log in metrics.jsonl and W&B,
+    then return results.json's dict (records/online.py writes it, with plots/online.png)."""
+    if group.world > 1:
+        raise ConfigError("trainer=online runs in one process: start it without torchrun")
+    at = start(run, run_dir)
+    resumed = at.standing.rounds if at.resumed else None
+    options = {"run_name": run.name, "config": run.config_dict, "resume_step": resumed}
+    logger = Logger(run.config.logger, run_dir, **options)
+    try:
+        results = run_stream(run, at, run_dir, logger)
+    except BaseException:
+        logger.close(exit_code=1)
+        raise
+    logger.close()
+    return results
+
+
 def run_stream(run: Run, at: Online, run_dir: Path, logger: Logger) -> dict:
     """Play the stream's remaining rounds, then score the hindsight comparator and write
     results.json and plots/online.png. A stop signal saves last.pt after the round it came in
@@ -90,7 +109,8 @@ def run_stream(run: Run, at: Online, run_dir: Path, logger: Logger) -> dict:
         logger.close(exit_code=1)
         signal.raise_signal(stop.signum)
         raise SystemExit(128 + stop.signum)  # a handler that returned: stop all the same
-    return finish_online(run, at.records, hindsight(run, at), as_dict(at.standing), run_dir, logger)
+    best = hindsight(run, at.stream, at.standing.rounds)  # the regret's comparator
+    return finish_online(run, at.records, best, as_dict(at.standing), run_dir, logger)
 
 
 def play(run: Run, at: Online, logger: Logger, run_dir: Path, stop: StopRequest) -> None:
@@ -268,24 +288,3 @@ def joint_steps(
         optimizer.step()
         losses.append(loss.detach().float())
     return torch.stack(losses).mean().item()
-
-
-def hindsight(run: Run, at: Online) -> dict[str, list[float]]:
-    """The regret's comparator (eq. 4): the best fixed prior in hindsight, approximated by FTML's
-    last prior (the meta-leader over every task played), met with U_t on each round's own data."""
-    _, shots, query = run.test_shape
-    played, size = at.standing.rounds, run.config.eval.batch_size
-    out = {"loss": [], "score": []}
-    run.model.train(False)
-    try:
-        for first in range(0, played, size):
-            meeting = at.stream.meeting(
-                torch.arange(first, min(first + size, played)), shots, query
-            )
-            with run.autocast():
-                scored = run.algo.evaluate(meeting, [run.test_steps])
-            for key in out:
-                out[key] += scored[key][:, 0].float().tolist()
-    finally:
-        run.model.train(True)
-    return out
