@@ -105,10 +105,11 @@ class TrainerConfig:
 class OnlineConfig(TrainerConfig):
     """Online meta-learning (`trainer=online`, FTML: Finn et al. 2019): a seeded stream of tasks
     from the training split, one per round, each scored after k = algo.test_inner_steps updates
-    before it joins the buffer. Of the keys it shares with the default loop it reads
-    meta_batch_size (tasks per meta-update, drawn from the buffer), optimizer, hypergrad_lr,
-    clip_grad_norm, max_minutes, log_every (rounds), resume and progress; iterations and
-    eval_every stay for the presets that set them (tuned/) and are not read."""
+    before it joins the buffer; metrics.jsonl gets a line per round. Of the keys it shares with
+    the default loop it reads meta_batch_size (tasks per meta-update, drawn from the buffer),
+    optimizer, hypergrad_lr, clip_grad_norm, max_minutes, resume and progress; iterations,
+    eval_every, log_every and max_skipped stay for the presets that set them (tuned/) and are
+    not read."""
 
     name: str = "online"
     tasks: int = 100  # T: the stream's length, one new task per round
@@ -117,9 +118,8 @@ class OnlineConfig(TrainerConfig):
     # round scores on the first data.shots + data.query of each class, the buffer redraws them
     pool: int = 20
     meta_steps: int = 10  # FTML's meta-gradient steps after each round (Algorithm 1's N_meta)
-    joint_steps: int | None = (
-        None  # TOE's and FTL's joint-training steps per round (None: meta_steps)
-    )
+    # TOE's and FTL's joint-training steps per round (None: meta_steps)
+    joint_steps: int | None = None
     scratch_steps: int | None = None  # from scratch: SGD steps on the task (None: k, as the others)
     checkpoint_every: int = 10  # rounds between saves of last.pt (and after the last round)
 
