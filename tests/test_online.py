@@ -19,6 +19,7 @@ from metalearn.cli import train
 from metalearn.data.stream import TaskStream
 from metalearn.errors import CheckpointError, ConfigError
 from metalearn.evaluate import run_episodes
+from metalearn.tools.summarize import summarize
 from metalearn.train import online
 from metalearn.train.state import METHODS
 
@@ -155,6 +156,8 @@ def test_a_tiny_sinusoid_stream_runs_end_to_end_with_a_curve_for_each_method(tmp
         runpy.run_path(argv[0], run_name="__main__")
     table = table.getvalue()
     assert "| FTML |" in table and "| from scratch |" in table and "regret" in table
+    (row,) = summarize(tmp_path)  # `metalearn summarize` reads an online run like any other
+    assert row["test_mean"] == results["test"]["mse"]["mean"] and row["iterations"] == 0
 
 
 def test_ftml_learns_a_stream_that_training_from_scratch_cannot(tmp_path):

@@ -124,10 +124,12 @@ def format_online_table(results: dict) -> str:
     def number(value: float) -> str:
         return f"{100 * value:.2f}%" if percent else f"{value:.3f}"
 
+    task = results["task"]
+    shape = f"{task['ways']}-way, " if percent else ""  # regression: one output
     title = (
         f"{results['algo']} on a stream of {stream['tasks']} {results['data']} tasks "
-        f"({results['task']['ways']}-way, {results['task']['shots']} shots): {metric} after "
-        f"k={stream['inner_steps']} updates on each new task (95% CI over tasks)"
+        f"({shape}{task['shots']} shots): {metric} after k={stream['inner_steps']} updates on "
+        f"each new task (95% CI over tasks)"
     )
     header = f"| method | {metric} | first quarter | last quarter | cumulative loss | regret |"
     rows = [title, "", header, "|" + " --- |" * 6]
