@@ -35,7 +35,7 @@ from metalearn.models import MODELS
 from metalearn.records import checkpoint
 from metalearn.records.logger import LoggerConfig
 from metalearn.run import Run, RunConfig
-from metalearn.train.config import TrainerConfig
+from metalearn.train.config import OnlineConfig, TrainerConfig
 
 # name -> (config class, function(config, device) -> task source)
 DATASETS: dict[str, tuple[type, Any]] = {
@@ -64,6 +64,8 @@ PREPROCESS = {
     "fc100": CIFAR_PREPROCESS,
     "cub": CUB_PREPROCESS,
 }
+# trainer.name -> its config: the default loop (train/loop.py) or online meta-learning (FTML)
+TRAINERS: dict[str, type] = {"default": TrainerConfig, "online": OnlineConfig}
 SECTIONS = ("algo", "data", "model", "hardware", "logger", "trainer", "eval", "seed")
 
 
@@ -85,13 +87,14 @@ def parse_config(raw: dict) -> RunConfig:
             f"unknown top-level key(s) {', '.join(extra)}; valid: {', '.join(SECTIONS)}"
         )
     check_seed(raw["seed"], "seed")
+    trainer = {"name": "default", **raw["trainer"]}  # configs saved before trainer had names
     return RunConfig(
         algo=from_dict(_pick(ALGOS, "algo", raw["algo"])[0], raw["algo"], "algo"),
         data=from_dict(_pick(DATASETS, "data", raw["data"])[0], raw["data"], "data"),
         model=from_dict(_pick(MODELS, "model", raw["model"])[0], raw["model"], "model"),
         hardware=from_dict(HardwareConfig, raw["hardware"], "hardware"),
         logger=from_dict(LoggerConfig, raw["logger"], "logger"),
-        trainer=from_dict(TrainerConfig, raw["trainer"], "trainer"),
+        trainer=from_dict(_pick(TRAINERS, "trainer", trainer), trainer, "trainer"),
         eval=from_dict(EvalConfig, raw["eval"], "eval"),
         seed=raw["seed"],
     )
@@ -155,7 +158,7 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
         test_steps=_test_steps(config, algo_cls),
         metric=algo_cls.metric or metric_name(tasks.kind),
         preprocess=_preprocess(data),
-        name=f"{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
+        name=f"{_loop_name(config)}{algo_cfg.name}-{data.name}-{_task_name(data)}-seed{config.seed}",
     )
 
 
@@ -196,6 +199,11 @@ def _test_steps(config: RunConfig, algo_cls: type) -> int:
     if algo_cls.inner_loop:
         return config.algo.test_inner_steps
     return config.data.steps if config.data.task_kind == "optimization" else 0
+
+
+def _loop_name(config: RunConfig) -> str:
+    """The run name's prefix: none for the default loop, 'online-' for FTML's stream."""
+    return "" if config.trainer.name == "default" else f"{config.trainer.name}-"
 
 
 def _task_name(data: Any) -> str:

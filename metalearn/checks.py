@@ -8,6 +8,7 @@ from metalearn.data.gp import GPConfig
 from metalearn.data.images.completion import CompletionConfig
 from metalearn.errors import ConfigError, DataError
 from metalearn.run import RunConfig
+from metalearn.train.config import OnlineConfig
 
 
 def check_task_shapes(config: RunConfig, tasks: Any, train_shape: tuple, test_shape: tuple):
@@ -87,6 +88,40 @@ def check_combination(
     check_task_chunk(config, algo_cls)
     check_learned_rate(config, algo_cls)
     check_context(config, algo_cls)
+    if isinstance(config.trainer, OnlineConfig):
+        check_online(config, algo_cls, shapes)
+
+
+def check_online(config: RunConfig, algo_cls: type, shapes: tuple[tuple, tuple]) -> None:
+    """trainer=online (FTML) meta-learns a prior that k gradient steps adapt to each new task:
+    a learner of the MAML family, k >= 1, and tasks whose pools hold their shots and queries."""
+    name, trainer = config.algo.name, config.trainer
+    if algo_cls.family != "bilevel" or not algo_cls.inner_loop:
+        raise ConfigError(
+            f"trainer=online runs FTML, which meta-learns an initialisation that gradient steps "
+            f"adapt; algo={name} is a {algo_cls.family} learner: use algo=maml (or fomaml, "
+            f"metasgd, anil)"
+        )
+    if config.data.task_kind not in ("classification", "regression"):
+        raise ConfigError(
+            f"trainer=online streams supervised tasks; data={config.data.name} holds "
+            f"{config.data.task_kind} problems: use data=sinusoid or omniglot"
+        )
+    if config.algo.test_inner_steps < 1:
+        raise ConfigError(
+            f"trainer=online scores each new task after k = algo.test_inner_steps updates, which "
+            f"must be at least 1, got {config.algo.test_inner_steps}"
+        )
+    if config.hardware.task_chunk is not None:
+        raise ConfigError("hardware.task_chunk splits trainer=default's meta-batches; set it null")
+    (_, shots, query), (_, test_shots, test_query) = shapes
+    need = max(shots + query, test_shots + test_query)
+    if trainer.pool < need:
+        raise ConfigError(
+            f"trainer.pool={trainer.pool} examples per task and class cannot hold the {need} "
+            f"that a task's support and query take (data.shots + data.query, or algo.train_query "
+            f"and eval.query where set); raise trainer.pool to at least {need}"
+        )
 
 
 CONTEXT_SETS = (GPConfig, CompletionConfig)  # data sets whose context sizes vary per task

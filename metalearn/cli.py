@@ -65,9 +65,14 @@ def train(run: Run, run_dir: Path, group: Group | None = None) -> dict:
     from metalearn.distributed import SINGLE
     from metalearn.records.logger import Logger, NullLogger
     from metalearn.records.results import finish_run
+    from metalearn.train.config import OnlineConfig
     from metalearn.train.loop import meta_train, start
 
     group = group or SINGLE
+    if isinstance(run.config.trainer, OnlineConfig):  # FTML over a task stream, one process
+        from metalearn.train.online import train_online
+
+        return train_online(run, run_dir, group)
     at = start(run, run_dir, group)
     if group.main:
         logger = Logger(
@@ -90,9 +95,10 @@ def train(run: Run, run_dir: Path, group: Group | None = None) -> dict:
 
 
 def sweep_value(results: dict) -> float:
-    """The best validation metric; a run whose every validation diverged scores the worst
-    value instead of NaN (which would fail the trial, and Hydra's Optuna sweeper with it)."""
-    value = results["val"][results["metric"]]["mean"]
+    """The best validation metric (an online run, which validates nothing: its FTML score over
+    the stream); a run whose every validation diverged scores the worst value instead of NaN
+    (which would fail the trial, and Hydra's Optuna sweeper with it)."""
+    value = (results["val"] or results["test"])[results["metric"]]["mean"]
     if math.isnan(value):
         return math.inf if results["metric"] in ("mse", "final_loss") else -math.inf
     return value

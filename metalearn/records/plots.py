@@ -176,3 +176,32 @@ def plot_loss_curves(curves: dict[str, torch.Tensor], path: Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return save(fig, path, dpi=120)
+
+
+def plot_online(results: dict, path: Path) -> Path:
+    """An online run's two curves against the task's index in the stream: each method's score
+    on the new task after k updates (faint: every task; bold: a running mean), and its
+    cumulative regret against the hindsight comparator (results.json's `comparator`)."""
+    metric, k = results["metric"], results["stream"]["inner_steps"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method, entry in results["methods"].items():
+        scores = torch.tensor(entry["score"], dtype=torch.float64)
+        index = torch.arange(1, len(scores) + 1)
+        window = max(1, len(scores) // 10)
+        smooth = scores.cumsum(0)
+        smooth = (smooth - torch.nn.functional.pad(smooth, (window, 0))[: len(scores)]) / (
+            index.clamp(max=window)
+        )
+        (line,) = left.plot(index, smooth, linewidth=2.0 if method == "ftml" else 1.3, label=method)
+        left.plot(index, scores, color=line.get_color(), alpha=0.25, linewidth=0.8)
+        right.plot(index, entry["regret"], color=line.get_color(), label=method)
+    left.set_title(f"{metric} after k={k} updates (running mean of {max(1, len(index) // 10)})")
+    left.set_xlabel("task index")
+    left.set_ylabel(metric)
+    right.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--")
+    right.set_title("cumulative regret (loss) vs the hindsight prior")
+    right.set_xlabel("task index")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save(fig, path, dpi=110)

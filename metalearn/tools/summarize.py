@@ -105,7 +105,8 @@ def summarize(root: Path) -> list[dict[str, Any]]:
         metric = members[0]["results"]["metric"]
         test = [m["results"]["test"][metric] for m in members]
         mean, ci = mean_ci([t["mean"] for t in test])
-        val = [m["results"].get("val", {}).get(metric, {}).get("mean") for m in members]
+        # (an online run validates nothing: its val is null)
+        val = [(m["results"].get("val") or {}).get(metric, {}).get("mean") for m in members]
         train = [m["results"].get("train") or {} for m in members]
         rows.append(
             {

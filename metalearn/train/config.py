@@ -1,8 +1,10 @@
-"""The trainer's settings (`trainer.*`), checked when the config is parsed."""
+"""The trainer's settings (`trainer.*`), checked when the config is parsed: the default loop's
+(`trainer=default`) and online meta-learning's (`trainer=online`), which adds its stream's."""
 
 import math
 from dataclasses import dataclass
 
+from metalearn.config import check_seed
 from metalearn.errors import ConfigError
 
 SCHEDULES = ("constant", "step", "cosine", "linear")  # trainer.lr_schedule (schedule.py)
@@ -16,6 +18,7 @@ OPTIMIZERS = ("adam", "sgd", "sgdn", "adam_hd", "sgd_hd", "sgdn_hd")
 class TrainerConfig:
     """Budget, schedule and checkpointing of meta-training."""
 
+    name: str = "default"  # which loop: 'default' (train/loop.py) or 'online' (train/online.py)
     iterations: int = 1000  # outer (meta) iterations
     max_minutes: float | None = None  # wall-clock budget: stop, validate and test when spent
     # CPU-time budget of training and validation (the process's, all threads): the same work
@@ -99,4 +102,59 @@ class TrainerConfig:
         if not 0 <= self.hypergrad_lr < math.inf:
             raise ConfigError(
                 f"trainer.hypergrad_lr must be >= 0 and finite, got {self.hypergrad_lr}"
+            )
+
+
+@dataclass
+class OnlineConfig(TrainerConfig):
+    """Online meta-learning (`trainer=online`, FTML: Finn et al. 2019): a seeded stream of tasks
+    from the training split, one per round, each scored after k = algo.test_inner_steps updates
+    before it joins the buffer; metrics.jsonl gets a line per round. Of the keys it shares with
+    the default loop it reads meta_batch_size (tasks per meta-update, drawn from the buffer),
+    optimizer, hypergrad_lr, clip_grad_norm, max_minutes, resume and progress; iterations,
+    eval_every, log_every and max_skipped stay for the presets that set them (tuned/) and are
+    not read."""
+
+    name: str = "online"
+    tasks: int = 100  # T: the stream's length, one new task per round
+    stream_seed: int | None = None  # seed of the stream's tasks (None: the run's seed)
+    # each task's own data: examples per class (classification) or points (regression); the
+    # round scores on the first data.shots + data.query of each class, the buffer redraws them
+    pool: int = 20
+    meta_steps: int = 10  # FTML's meta-gradient steps after each round (Algorithm 1's N_meta)
+    # TOE's and FTL's joint-training steps per round (None: meta_steps)
+    joint_steps: int | None = None
+    scratch_steps: int | None = None  # from scratch: SGD steps on the task (None: k, as the others)
+    checkpoint_every: int = 10  # rounds between saves of last.pt (and after the last round)
+
+    def seed_of_stream(self, run_seed: int) -> int:
+        """The seed the stream's tasks are drawn from: stream_seed, else the run's."""
+        return run_seed if self.stream_seed is None else self.stream_seed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tasks < 1:
+            raise ConfigError(
+                f"trainer.tasks is the stream's length and must be at least 1, got {self.tasks}"
+            )
+        for key in ("pool", "meta_steps", "joint_steps", "scratch_steps", "checkpoint_every"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"trainer.{key} must be at least 1, got {value}")
+        if self.stream_seed is not None:
+            check_seed(self.stream_seed, "trainer.stream_seed")
+        if self.lr_schedule not in (None, "constant") or self.lr_decay_every is not None:
+            raise ConfigError(
+                "trainer=online keeps FTML's outer rate constant (algo.outer_lr, Adam); set "
+                "trainer.lr_schedule=null and trainer.lr_decay_every=null"
+            )
+        if self.max_cpu_minutes is not None:
+            raise ConfigError(
+                "trainer=online budgets wall time only: use trainer.max_minutes, and set "
+                "trainer.max_cpu_minutes=null"
+            )
+        if self.nonfinite != "stop":
+            raise ConfigError(
+                "trainer=online stops at a non-finite meta-gradient (a skipped update would "
+                "change the prior that meets the next task); set trainer.nonfinite=stop"
             )
