@@ -12,6 +12,7 @@ import torch
 from conftest import compose_config, real_data_root
 
 from metalearn import hardware
+from metalearn.algos import ALGOS
 from metalearn.build import build_run
 from metalearn.cli import train
 from metalearn.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -20,12 +21,7 @@ from metalearn.reevaluate import evaluate_checkpoint
 
 BASE = ["debug=smoke", "hardware.threads=1"]
 VALID_NAMES = {
-    "algo": sorted(
-        ["anil", "baseline", "baselinepp", "fomaml", "imaml", "maml", "mamlpp", "matchingnet"]
-        + ["metaoptnet_ridge", "metaoptnet_svm", "metasgd", "protonet", "relationnet", "reptile"]
-        + ["rfs", "rl2", "icl_transformer", "lstm", "mann", "snail", "l2o", "metalstm"]
-        + ["emaml", "bmaml", "vmaml", "cnp", "acnp", "np", "anp", "convcnp"]
-    ),
+    "algo": sorted(ALGOS),  # every registered learner (a new one needs no line here)
     "data": sorted(
         ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"]
         + ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "quadratic", "digits_mlp"]
