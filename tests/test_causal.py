@@ -132,7 +132,8 @@ def test_the_associative_and_interventional_expectations_equal_monte_carlo(nodes
 
 def quiz_choice(policy, nodes: int, weights: np.ndarray, quiz_node: int) -> int:
     """The node a reference agent picks in the quiz of one trial on this graph."""
-    tasks = tasks_of(nodes=nodes, test_graphs=3, val_graphs=3)
+    separate = nodes == 3  # both action spaces: quiz actions after the information ones, or not
+    tasks = tasks_of(nodes=nodes, test_graphs=3, val_graphs=3, separate_quiz_actions=separate)
     env = trials_on(tasks, torch.from_numpy(weights).float(), quiz_node, 1).env()
     observation, _ = env.reset()
     policy.start(env, observation, seed=0)
@@ -140,7 +141,8 @@ def quiz_choice(policy, nodes: int, weights: np.ndarray, quiz_node: int) -> int:
         actions = policy.act()
         observation, reward, done, _, _ = env.step(actions)
         policy.observe(actions, reward, observation, done)
-    return int(policy.act()[0]) - (nodes - 1) + 1
+    offset = nodes - 1 if env.batch.cfg.separate_quiz_actions else 0
+    return int(policy.act()[0]) - offset + 1
 
 
 def test_a_hidden_confounder_fools_the_associative_agent_but_not_the_interventional_one():
@@ -194,7 +196,7 @@ def test_the_same_seed_gives_the_same_trials_whatever_the_batch_size():
 
 
 def test_the_trial_shows_the_quiz_node_last_and_charges_wrong_phase_actions():
-    tasks = tasks_of()
+    tasks = tasks_of(separate_quiz_actions=True)  # the paper's information and quiz actions
     (batch,) = tasks.episodes("test", 64, seed=0, batch_size=64)
     env = batch.env()
     observation, _ = env.reset()
@@ -208,6 +210,15 @@ def test_the_trial_shows_the_quiz_node_last_and_charges_wrong_phase_actions():
         assert torch.equal(observation[:, 4:], quiz if t == 3 else torch.zeros(64, 4))
     _, reward, done, _, info = env.step(info_action)  # an information action in the quiz
     assert torch.equal(reward, torch.full((64,), -10.0)) and done.all() and info["trial_over"]
+    (shared,) = tasks_of().episodes("test", 64, seed=0, batch_size=64)  # N - 1 actions
+    env = shared.env()
+    assert env.single_action_space.n == 4
+    env.reset()
+    for t in range(4):
+        observation, reward, *_ = env.step(torch.full((64,), t))  # do(X_{t+1} = 5)
+        assert (observation[:, t] == 5.0).all() and not reward.any()
+    _, reward, *_ = env.step(torch.full((64,), 2))  # the quiz: choose X3
+    assert torch.equal(reward, env.values[:, 3])
 
 
 def test_observational_trials_ignore_the_actions():
@@ -225,7 +236,7 @@ def test_counterfactual_quizzes_reuse_the_last_information_steps_noise():
     """With every noise of the last information step seen (the hidden root has no children, no
     intervention then), the counterfactual expectation is exactly the quiz's outcome; and the
     abduction equals Gaussian conditioning of the noise on what the step showed."""
-    tasks = tasks_of(variant="counterfactual")
+    tasks = tasks_of(variant="counterfactual", separate_quiz_actions=True)
     weights = weights_of({(1, 2): 1, (2, 3): -1, (1, 4): 1, (3, 4): 1})
     batch = trials_on(tasks, weights, 2, 100)
     env = batch.env()
