@@ -26,6 +26,7 @@ from metalearn.data.images.tieredimagenet import TieredImageNetConfig, tieredima
 from metalearn.data.optimizees import DigitsMLPConfig, DigitsTasks, QuadraticConfig, QuadraticTasks
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalearn.envs.bandits import BanditConfig, BanditTasks, DependentBanditConfig
+from metalearn.envs.causal import CausalConfig, CausalTasks
 from metalearn.envs.harlow import HarlowConfig, HarlowTasks
 from metalearn.envs.tabular_mdp import MDPTasks, TabularMDPConfig
 from metalearn.errors import CheckpointError, ConfigError
@@ -52,6 +53,7 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "dependent_bandit": (DependentBanditConfig, BanditTasks),
     "harlow": (HarlowConfig, HarlowTasks),
     "tabular_mdp": (TabularMDPConfig, MDPTasks),
+    "causal": (CausalConfig, CausalTasks),  # causal-reasoning quizzes (Dasgupta et al. 2019)
     "quadratic": (QuadraticConfig, QuadraticTasks),  # optimizees for learned optimisers
     "digits_mlp": (DigitsMLPConfig, DigitsTasks),
 }

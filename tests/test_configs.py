@@ -50,7 +50,7 @@ IMPOSSIBLE |= {
     for data in ("gp", "omniglot_completion")
 }
 # meta-RL: rl2 only on environments, and only rl2 there
-META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp"]
+META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "causal"]
 SUPERVISED_DATA = ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
 SUPERVISED_DATA += ["tieredimagenet", "gp", "omniglot_completion"]
 # neural processes predict real values: regression data only

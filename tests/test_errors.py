@@ -24,7 +24,8 @@ VALID_NAMES = {
     "algo": sorted(ALGOS),  # every registered learner (a new one needs no line here)
     "data": sorted(
         ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"]
-        + ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "quadratic", "digits_mlp"]
+        + ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "causal", "quadratic"]
+        + ["digits_mlp"]
         + ["gp", "omniglot_completion"]
     ),
     "model": ["conv4", "identity", "lstm_optimizer", "mlp", "mlp_optimizer", "recurrent"]

@@ -121,6 +121,11 @@ class TrialTasks:
     def check(self, split: str, *_shape: int) -> None:
         """Any number of trials fits: the family is infinite."""
 
+    def subsets(self, batch) -> dict[str, Tensor]:
+        """name -> which of the batch's trials (T,) bool form a subset the test also reports
+        apart (the causal quiz: trials with a hidden confounder); none by default."""
+        return {}
+
     def episodes(self, split: str, n: int, *_shape: int, seed: int, batch_size: int) -> Iterator:
         """n fixed trials: the same for a given seed whatever the batch size."""
         batch = self.sample(split, torch.Generator().manual_seed(seed), n)

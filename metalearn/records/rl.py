@@ -18,17 +18,17 @@ def test_rl(run: Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.T
     every baseline policy of the task family (the same trials, rewards and action uniforms),
     and each policy's mean curve for the plot: cumulative regret by step (P,), or, where a
     step's reward is 1 for a correct choice (`tasks.per_step_accuracy`, Harlow), the accuracy
-    by step, which then also goes to each policy's breakdown, one entry per step."""
+    by step, which then also goes to each policy's breakdown, one entry per step; and, where
+    the family names subsets of its trials (`tasks.subsets`), one breakdown entry per subset."""
     cfg = run.config.eval
     agent = run_episodes(run, "test", episodes=cfg.episodes, ways=0, shots=0, query=0, steps=[0])
     # the agent's score is its trial reward, its loss the regret (RL2.evaluate)
     agent |= {"reward": agent["score"][:, 0], "regret": agent["loss"][:, 0]}
     played = {run.config.algo.name: agent}
+    seed = cfg.seed + SPLIT_SEED_OFFSET["test"]
     for name, policy in run.tasks.baselines().items():
         parts: dict[str, list[torch.Tensor]] = {}
-        trials = run.tasks.episodes(
-            "test", cfg.episodes, seed=cfg.seed + SPLIT_SEED_OFFSET["test"], batch_size=cfg.episodes
-        )
+        trials = run.tasks.episodes("test", cfg.episodes, seed=seed, batch_size=cfg.episodes)
         for batch in trials:
             for key, value in play(batch.env(), policy, seed=cfg.seed).items():
                 parts.setdefault(key, []).append(value.cpu())
@@ -36,7 +36,7 @@ def test_rl(run: Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.T
     accuracy = run.tasks.per_step_accuracy
     summaries, curves = {}, {}
     for name, out in played.items():
-        summaries[name] = {"reward": mean_ci95(out["reward"]), "regret": mean_ci95(out["regret"])}
+        summaries[name] = summary(out)
         per_step = out["rewards"] if accuracy else out["curve"]  # (episodes, P)
         curves[name] = per_step.double().mean(0)
         if accuracy:
@@ -44,8 +44,30 @@ def test_rl(run: Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.T
                 {"trial": t + 1, "accuracy": mean_ci95(per_step[:, t])}
                 for t in range(per_step.shape[1])
             ]
+    for name, entries in subset_breakdown(run, played, seed).items():
+        summaries[name].setdefault("breakdown", []).extend(entries)
     test = summaries.pop(run.config.algo.name) | {"episodes": cfg.episodes}
     return test, summaries, curves
+
+
+def subset_breakdown(run: Run, played: dict[str, dict], seed: int) -> dict[str, list[dict]]:
+    """policy -> reward and regret on each subset of the test trials that the task family
+    reports apart (`tasks.subsets`; the causal quiz: trials with a hidden confounder)."""
+    n = run.config.eval.episodes
+    (trials,) = run.tasks.episodes("test", n, seed=seed, batch_size=n)  # the same trials, in order
+    breakdown: dict[str, list[dict]] = {name: [] for name in played}
+    for subset, rows in run.tasks.subsets(trials).items():
+        rows = rows.cpu()
+        for name, out in played.items():
+            if rows.any():
+                entry = {"subset": subset, "episodes": int(rows.sum()), **summary(out, rows)}
+                breakdown[name].append(entry)
+    return breakdown
+
+
+def summary(out: dict[str, torch.Tensor], rows: torch.Tensor | slice = slice(None)) -> dict:
+    """Mean reward and regret with their 95% intervals over the chosen trials."""
+    return {"reward": mean_ci95(out["reward"][rows]), "regret": mean_ci95(out["regret"][rows])}
 
 
 def format_rl_table(results: dict) -> str:
@@ -56,13 +78,19 @@ def format_rl_table(results: dict) -> str:
         f"test reward and regret ({results['algo']} on {results['data']}, {setting}, "
         f"{test['episodes']} fixed trials, 95% CI)"
     )
-    rows = [f"{'policy':>16}{'total reward':>20}{'regret':>20}"]
+    policies = [(results["algo"], test), *results["baselines"].items()]
+    lines = list(policies)
+    for name, entry in policies:  # subsets of the trials (the causal quiz's confounded ones)
+        for part in (p for p in entry.get("breakdown", []) if "subset" in p):
+            lines.append((f"{name}, {part['subset']} ({part['episodes']})", part))
+    width = max(16, *(len(label) + 2 for label, _ in lines))
+    rows = [f"{'policy':>{width}}{'total reward':>20}{'regret':>20}"]
 
     def cell(value: dict) -> str:
         return f"{value['mean']:.2f} ± {value['ci95']:.2f}"
 
-    for name, entry in [(results["algo"], test), *results["baselines"].items()]:
-        rows.append(f"{name:>16}{cell(entry['reward']):>20}{cell(entry['regret']):>20}")
+    for label, entry in lines:
+        rows.append(f"{label:>{width}}{cell(entry['reward']):>20}{cell(entry['regret']):>20}")
     return "\n".join([title, *rows])
 
 
