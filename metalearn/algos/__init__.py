@@ -31,6 +31,8 @@ from metalearn.algos.metric.siamese import Siamese, SiameseConfig
 from metalearn.algos.optimizers.l2o import L2O, L2OConfig
 from metalearn.algos.optimizers.metalstm import MetaLSTM, MetaLSTMConfig
 from metalearn.algos.processes.neural_process import NeuralProcess, NeuralProcessConfig
+from metalearn.algos.rl.maml_trpo import MAMLTRPO, MAMLTRPOConfig
+from metalearn.algos.rl.promp import ProMP, ProMPConfig
 
 # name -> (config class, algorithm class); build.py is the only reader.
 ALGOS: dict[str, tuple[type, type]] = {
@@ -60,6 +62,9 @@ ALGOS: dict[str, tuple[type, type]] = {
     "baselinepp": (BaselineConfig, Baseline),  # its YAML sets classifier: cosine
     "rfs": (BaselineConfig, Baseline),  # its YAML sets the RFS recipe (logistic test head)
     "rl2": (RL2Config, RL2),
+    "maml_trpo": (MAMLTRPOConfig, MAMLTRPO),  # gradient-based meta-RL: a Gaussian policy
+    "emaml_trpo": (MAMLTRPOConfig, MAMLTRPO),  # its YAML sets exploration: true (E-MAML)
+    "promp": (ProMPConfig, ProMP),
     "mann": (SequenceConfig, SequenceLearner),  # each YAML names its sequence core
     "lstm": (SequenceConfig, SequenceLearner),
     "snail": (SequenceConfig, SequenceLearner),
