@@ -124,7 +124,7 @@ def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # task families generated on the fly: no files, any root does
-PROCEDURAL = ("sinusoid", "bandit", "dependent_bandit", "harlow", "tabular_mdp")
+PROCEDURAL = ("sinusoid", "bandit", "dependent_bandit", "harlow", "tabular_mdp", "navigation")
 PROCEDURAL += ("quadratic", "digits_mlp")  # optimizee problems (digits: scikit-learn's wheel)
 PROCEDURAL += ("gp",)  # Gaussian-process functions
 # data set -> the session fixture holding a protocol-sized copy in its real on-disk format
