@@ -62,14 +62,16 @@ def by_hand_inner_step(theta: dict, played, t: int, lr: float, second_order: boo
 
 def by_hand_meta_gradient(theta: dict, stages, second_order: bool = True) -> torch.Tensor:
     """MAML-TRPO's outer objective task by task (maml_npo.py `init_opt`), differentiated by
-    autograd: the gradient with respect to the first layer's weights."""
+    autograd: the gradient with respect to every parameter, flat."""
     pre, post = stages
     losses = []
     for t in range(TASKS):
         fast = by_hand_inner_step(theta, pre, t, 0.3, second_order)
         logp = by_hand_log_prob(fast, post.observations[t], post.actions[t])
         losses.append(-(torch.exp(logp - post.log_probs[t]) * post.advantages[t]).mean())
-    return torch.autograd.grad(torch.stack(losses).mean(), [theta["body.0.weight"]])[0]
+    return torch.cat(
+        [g.flatten() for g in torch.autograd.grad(torch.stack(losses).mean(), list(theta.values()))]
+    )
 
 
 def test_the_inner_step_is_a_hand_written_policy_gradient_step(float64):
@@ -77,6 +79,9 @@ def test_the_inner_step_is_a_hand_written_policy_gradient_step(float64):
     params = per_task(policy.params(), TASKS)
     played = sample(policy, params, batch, 0, TRAJECTORIES, gamma=0.99, gae_lambda=1.0)
     assert played.valid.all() and played.observations.shape == (TASKS, TRAJECTORIES, HORIZON, 2)
+    advantages = played.advantages.flatten(1)  # centred per task, as rllab's center_adv
+    torch.testing.assert_close(advantages.mean(1), torch.zeros(TASKS), atol=1e-10, rtol=0)
+    torch.testing.assert_close(advantages.std(1, unbiased=False), torch.ones(TASKS))
     fast = adapt(policy, params, played, 0.3, "log_likelihood")
     for t in range(TASKS):
         expected = by_hand_inner_step(policy.params(), played, t, 0.3)
@@ -94,7 +99,8 @@ def test_the_maml_trpo_meta_gradient_is_autograd_through_a_per_task_transcriptio
     algo = MAMLTRPO(MAMLTRPOConfig(**settings()), policy, "rl", "vmap")
     stages = algo.sample_meta_batch(tiny_batch())
     theta = policy.params()
-    (ours,) = torch.autograd.grad(algo.surrogate(theta, stages), [theta["body.0.weight"]])
+    ours = torch.autograd.grad(algo.surrogate(theta, stages), list(theta.values()))
+    ours = torch.cat([g.flatten() for g in ours])
     torch.testing.assert_close(ours, by_hand_meta_gradient(theta, stages), rtol=1e-9, atol=1e-12)
     # the inner step's second-order term is in it: the first-order meta-gradient differs
     first_order = by_hand_meta_gradient(theta, stages, second_order=False)

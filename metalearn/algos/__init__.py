@@ -1,7 +1,8 @@
 """Meta-learning algorithms, each one file with the same small protocol.
 
 An algorithm has `parameters()`, `meta_loss(batch, iteration) -> (objective, metrics)` for
-training (the trainer calls backward on the objective and steps its optimiser),
+training (the trainer calls backward on the objective and steps its optimiser; a learner that
+`steps_itself`, MAML-TRPO, updates its weights in `outer_step(batch, iteration)` instead),
 `evaluate(batch, steps) -> {"loss", "score"}` per task for validation and test,
 `predict(support, query_x)` for one user episode, and `state_dict()/load_state_dict()`.
 """
