@@ -266,6 +266,7 @@ def test_maml_trpo_on_navigation_learns_an_initialisation_that_one_step_adapts(t
 @pytest.mark.parametrize("algo", ["maml_trpo", "promp"])
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(algo, tmp_path):
     common = [f"algo={algo}", "trainer.eval_every=2", "eval.episodes=2", "eval.val_episodes=2"]
+    common += ["data.horizon=10", "algo.trajectories=3"]
     if algo == "promp":
         common += ["algo.promp_steps=2", "algo.adaptive_inner_kl=true"]
     run_train([*common, "trainer.iterations=4"], tmp_path / "whole")
