@@ -9,7 +9,7 @@ from torch import nn
 
 from metalearn.algos import ALGOS
 from metalearn.algos.objectives import metric_name
-from metalearn.checks import check_combination, check_task_shapes, check_train_shape
+from metalearn.checks import check_combination, check_tasks, check_train_shape
 from metalearn.config import as_dict, check_seed, from_dict
 from metalearn.data.gp import GPConfig, GPTasks
 from metalearn.data.images.cifar import PREPROCESS as CIFAR_PREPROCESS
@@ -28,6 +28,7 @@ from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalearn.envs.bandits import BanditConfig, BanditTasks, DependentBanditConfig
 from metalearn.envs.causal import CausalConfig, CausalTasks
 from metalearn.envs.harlow import HarlowConfig, HarlowTasks
+from metalearn.envs.navigation import NavigationConfig, NavigationTasks
 from metalearn.envs.tabular_mdp import MDPTasks, TabularMDPConfig
 from metalearn.errors import CheckpointError, ConfigError
 from metalearn.evaluate import EvalConfig
@@ -54,6 +55,7 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "harlow": (HarlowConfig, HarlowTasks),
     "tabular_mdp": (TabularMDPConfig, MDPTasks),
     "causal": (CausalConfig, CausalTasks),  # causal-reasoning quizzes (Dasgupta et al. 2019)
+    "navigation": (NavigationConfig, NavigationTasks),  # MAML's 2-D point robot
     "quadratic": (QuadraticConfig, QuadraticTasks),  # optimizees for learned optimisers
     "digits_mlp": (DigitsMLPConfig, DigitsTasks),
 }
@@ -124,7 +126,7 @@ def build_run(raw: dict, *, training: bool = True, tasks: Any = None) -> Run:
     torch.manual_seed(config.seed)
     if tasks is None:
         tasks = DATASETS[data.name][1](data, device)
-        check_task_shapes(config, tasks, train_shape, test_shape)
+        check_tasks(config, algo_cls, tasks, train_shape, test_shape)
     # a head: one output per training way (classification) or action (meta-RL), or one value
     out_features = train_shape[0] if tasks.kind in ("classification", "rl") else 1
     model = model_cls(

@@ -10,9 +10,32 @@ from metalearn.errors import ConfigError, DataError
 from metalearn.run import RunConfig
 from metalearn.train.config import OnlineConfig
 
+# what the meta-RL learners act on (a reinforcement learner with the wrong data set reads it)
+META_RL_PAIRS = (
+    "pair algo=rl2 (discrete actions) with data=bandit, dependent_bandit, harlow or "
+    "tabular_mdp, and algo=maml_trpo, emaml_trpo or promp (continuous actions) with "
+    "data=navigation"
+)
 
-def check_task_shapes(config: RunConfig, tasks: Any, train_shape: tuple, test_shape: tuple):
-    """Every split holds enough classes and examples for its tasks, before any training."""
+
+def check_actions(config: RunConfig, algo_cls: type, tasks: Any) -> None:
+    """A meta-RL learner acts in the task family's kind of action space: RL²'s softmax over
+    discrete actions, or a Gaussian policy's continuous ones."""
+    if not algo_cls.reinforcement or algo_cls.continuous_actions == tasks.continuous_actions:
+        return
+    kinds = {True: "continuous", False: "discrete"}
+    raise ConfigError(
+        f"algo={config.algo.name} takes {kinds[algo_cls.continuous_actions]} actions and "
+        f"data={config.data.name} has {kinds[tasks.continuous_actions]} ones; {META_RL_PAIRS}"
+    )
+
+
+def check_tasks(
+    config: RunConfig, algo_cls: type, tasks: Any, train_shape: tuple, test_shape: tuple
+) -> None:
+    """Every split holds enough classes and examples for its tasks, and a meta-RL learner acts
+    in the task family's kind of action space, before any training."""
+    check_actions(config, algo_cls, tasks)
     try:
         tasks.check("train", *train_shape)
     except DataError as error:
@@ -58,18 +81,20 @@ def check_combination(
     if reinforcement != (config.data.task_kind == "rl"):
         raise ConfigError(
             f"algo={name} learns from rewards in environments and data={config.data.name} "
-            f"holds supervised tasks; pair algo=rl2 with data=bandit, dependent_bandit, harlow "
-            f"or tabular_mdp"
+            f"holds supervised tasks; {META_RL_PAIRS}"
             if reinforcement
             else f"algo={name} learns from labelled tasks and data={config.data.name} is a "
-            f"meta-RL environment; use algo=rl2 there, or a supervised data set such as "
+            f"meta-RL environment; {META_RL_PAIRS}, or use a supervised data set such as "
             f"data=omniglot or sinusoid"
         )
-    if reinforcement != model_cls.recurrent:
+    if reinforcement and config.model.name != algo_cls.policy_model:
         raise ConfigError(
-            f"algo={name} needs model=recurrent (its memory is the learner)"
-            if reinforcement
-            else f"model={config.model.name} is a meta-RL agent; algo={name} needs a "
+            f"algo={name} trains model={algo_cls.policy_model}, not model={config.model.name}; "
+            f"set model={algo_cls.policy_model} or leave model= out"
+        )
+    if not reinforcement and model_cls.recurrent:
+        raise ConfigError(
+            f"model={config.model.name} is a meta-RL agent; algo={name} needs a "
             f"supervised network such as model=conv4 or mlp"
         )
     classification = config.data.task_kind == "classification"
@@ -86,6 +111,7 @@ def check_combination(
             "hardware.task_batching=loop or hardware.channels_last=false"
         )
     check_task_chunk(config, algo_cls)
+    check_own_step(config, algo_cls)
     check_learned_rate(config, algo_cls)
     check_context(config, algo_cls)
     if isinstance(config.trainer, OnlineConfig):
@@ -166,6 +192,22 @@ def check_optimizees(config: RunConfig, algo_cls: type, model_cls: type) -> None
             f"mlp_optimizer (model={model} is not one)"
             if optimizes
             else f"model={model} is a learned optimiser, which only algo=l2o trains"
+        )
+
+
+def check_own_step(config: RunConfig, algo_cls: type) -> None:
+    """A learner that takes its outer step itself (MAML-TRPO's trust-region step) has no outer
+    optimiser: the trainer's settings of one would silently do nothing."""
+    trainer = config.trainer
+    settings = ("optimizer", "clip_grad_norm", "lr_schedule", "lr_decay_every", "hypergrad_lr")
+    given = [
+        f"trainer.{k}={getattr(trainer, k)}" for k in settings if getattr(trainer, k) is not None
+    ]
+    if algo_cls.steps_itself and given:
+        raise ConfigError(
+            f"algo={config.algo.name} takes its own outer step (TRPO: a natural-gradient step "
+            f"within a KL trust region, algo.max_kl), with no outer optimiser, so "
+            f"{', '.join(given)} would do nothing; set it null"
         )
 
 

@@ -49,8 +49,10 @@ IMPOSSIBLE |= {
     for name in BILEVEL
     for data in ("gp", "omniglot_completion")
 }
-# meta-RL: rl2 only on environments, and only rl2 there
-META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "causal"]
+# meta-RL: its learners only on environments, and only they there; RL² on the discrete-action
+# families, the gradient-based learners (a Gaussian policy) on continuous ones
+META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "causal", "navigation"]
+CONTINUOUS_DATA = ["navigation"]
 SUPERVISED_DATA = ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
 SUPERVISED_DATA += ["tieredimagenet", "gp", "omniglot_completion"]
 # neural processes predict real values: regression data only
@@ -70,6 +72,13 @@ IMPOSSIBLE |= {
     for name in BILEVEL + METRIC + PRETRAINING + UPDATE_RULES
     for data in META_RL_DATA
 }
+# each meta-RL learner's policy model, which the other kind of action space's default is not
+IMPOSSIBLE |= {
+    (name, data): [name, f"model={REGISTRY[name][1].policy_model}"]
+    for name in REINFORCEMENT
+    for data in META_RL_DATA
+    if REGISTRY[name][1].continuous_actions != (data in CONTINUOUS_DATA)
+}
 # learned optimisers train on optimizee problems, and only they do
 OPTIMIZEE_DATA = ["digits_mlp", "quadratic"]
 IMPOSSIBLE |= {
@@ -86,8 +95,8 @@ IMPOSSIBLE |= {
 GROUPS = {
     "algo": sorted(REGISTRY),
     "data": sorted(SUPERVISED_DATA + META_RL_DATA + OPTIMIZEE_DATA),
-    "model": ["conv4", "conv4_32", "identity", "lstm_optimizer", "mlp", "mlp_optimizer"]
-    + ["recurrent", "resnet12"],
+    "model": ["conv4", "conv4_32", "gaussian_mlp", "gaussian_mlp_maml", "identity"]
+    + ["lstm_optimizer", "mlp", "mlp_optimizer", "recurrent", "resnet12"],
     "hardware": ["auto", "cpu", "cuda"],
     "logger": ["none", "wandb"],
     "debug": ["smoke"],
@@ -130,7 +139,7 @@ def test_every_experiment_composes_and_builds(experiment: str, data_root):
     data, algo = preset.get("data", {}), preset.get("algo", {})
     if run.metric == "loglik":  # neural-process presets keep the data set's own counts
         data = {"shots": run.config.data.shots, "query": run.config.data.query} | data
-    if run.metric == "reward":  # meta-RL: (actions, steps of a trial, 0)
+    if run.metric in ("reward", "return"):  # meta-RL: (actions, steps of a trial, 0)
         shape = (run.config.data.actions, run.config.data.steps, 0)
         assert run.train_shape == run.test_shape == shape
         return
@@ -167,6 +176,7 @@ def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_
     kind = "rl" if data in META_RL_DATA else "regression" if regression else "images"
     kind = "optimization" if data in OPTIMIZEE_DATA else kind
     models = {"rl": "recurrent", "regression": "mlp", "images": "conv4"}
+    models |= {"rl": "gaussian_mlp"} if data in CONTINUOUS_DATA else {}
     models |= {"optimization": "lstm_optimizer"} | (
         {"regression": "identity"} if data in ("gp", "omniglot_completion") else {}
     )
@@ -175,6 +185,7 @@ def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_
     metrics |= {"optimization": "final_loss"} | (
         {"regression": "loglik"} if algo in PROCESSES else {}
     )
+    metrics |= {"rl": "return"} if data in CONTINUOUS_DATA else {}  # after the inner steps
     assert run.metric == metrics[kind]
     assert run.tasks.kind == {"images": "classification"}.get(kind, kind)
     assert run.name.startswith(f"{algo}-{data}-")

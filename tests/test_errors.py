@@ -26,10 +26,10 @@ VALID_NAMES = {
         ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"]
         + ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "causal", "quadratic"]
         + ["digits_mlp"]
-        + ["gp", "omniglot_completion"]
+        + ["gp", "omniglot_completion", "navigation"]
     ),
-    "model": ["conv4", "identity", "lstm_optimizer", "mlp", "mlp_optimizer", "recurrent"]
-    + ["resnet12"],
+    "model": ["conv4", "gaussian_mlp", "identity", "lstm_optimizer", "mlp", "mlp_optimizer"]
+    + ["recurrent", "resnet12"],
 }
 # Sinusoid MAML that validates and checkpoints after every iteration, on tiny episodes.
 SINUSOID_EVERY_STEP = [

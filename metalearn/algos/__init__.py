@@ -1,7 +1,8 @@
 """Meta-learning algorithms, each one file with the same small protocol.
 
 An algorithm has `parameters()`, `meta_loss(batch, iteration) -> (objective, metrics)` for
-training (the trainer calls backward on the objective and steps its optimiser),
+training (the trainer calls backward on the objective and steps its optimiser; a learner that
+`steps_itself`, MAML-TRPO, updates its weights in `outer_step(batch, iteration)` instead),
 `evaluate(batch, steps) -> {"loss", "score"}` per task for validation and test,
 `predict(support, query_x)` for one user episode, and `state_dict()/load_state_dict()`.
 """
@@ -31,6 +32,8 @@ from metalearn.algos.metric.siamese import Siamese, SiameseConfig
 from metalearn.algos.optimizers.l2o import L2O, L2OConfig
 from metalearn.algos.optimizers.metalstm import MetaLSTM, MetaLSTMConfig
 from metalearn.algos.processes.neural_process import NeuralProcess, NeuralProcessConfig
+from metalearn.algos.rl.maml_trpo import MAMLTRPO, MAMLTRPOConfig
+from metalearn.algos.rl.promp import ProMP, ProMPConfig
 
 # name -> (config class, algorithm class); build.py is the only reader.
 ALGOS: dict[str, tuple[type, type]] = {
@@ -60,6 +63,9 @@ ALGOS: dict[str, tuple[type, type]] = {
     "baselinepp": (BaselineConfig, Baseline),  # its YAML sets classifier: cosine
     "rfs": (BaselineConfig, Baseline),  # its YAML sets the RFS recipe (logistic test head)
     "rl2": (RL2Config, RL2),
+    "maml_trpo": (MAMLTRPOConfig, MAMLTRPO),  # gradient-based meta-RL: a Gaussian policy
+    "emaml_trpo": (MAMLTRPOConfig, MAMLTRPO),  # its YAML sets exploration: true (E-MAML)
+    "promp": (ProMPConfig, ProMP),
     "mann": (SequenceConfig, SequenceLearner),  # each YAML names its sequence core
     "lstm": (SequenceConfig, SequenceLearner),
     "snail": (SequenceConfig, SequenceLearner),

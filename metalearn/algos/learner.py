@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-FAMILIES = ("bilevel", "metric", "blackbox", "pretraining", "optimizers", "processes")
+FAMILIES = ("bilevel", "metric", "blackbox", "pretraining", "optimizers", "processes", "rl")
 COMPILED = ("objective", "meta_loss")
 
 
@@ -61,6 +61,15 @@ class Learner:
     # vmap inside each task (over particles): BatchNorm's fused kernel is then never exact under
     # second-order gradients, whatever hardware.task_batching says
     vmaps_within_tasks: ClassVar[bool] = False
+    # meta-RL learners: the model= they train (RL²: 'recurrent', an actor-critic whose memory
+    # learns; MAML-TRPO, E-MAML, ProMP: 'gaussian_mlp', a policy that gradient steps adapt) and
+    # whether they act in continuous action spaces (the task family's must be the same kind)
+    policy_model: ClassVar[str | None] = None
+    continuous_actions: ClassVar[bool] = False
+    # takes its outer step itself, `outer_step(batch, iteration)`, where that step is no
+    # optimiser's gradient step (MAML-TRPO: TRPO's line-searched natural-gradient step): the
+    # trainer then neither backpropagates nor steps an outer optimiser
+    steps_itself: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -83,6 +92,11 @@ class Learner:
         """The (loss, metrics) of each outer step on one meta-batch: one `meta_loss` for most
         learners; one that takes several steps per batch (PPO's epochs) yields each in turn."""
         yield self.meta_loss(batch, iteration)
+
+    def outer_step(self, batch: Any, iteration: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """(`steps_itself` learners) Update the weights on one meta-batch; return the loss before
+        the step (detached) and the training metrics, as `meta_loss` does."""
+        raise NotImplementedError
 
     # -- advice -------------------------------------------------------------------------------
     def nonfinite_causes(self, gradient: bool) -> list[str]:

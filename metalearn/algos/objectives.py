@@ -22,6 +22,9 @@ class Metric:
     short: str
     train_key: str
     higher_is_better: bool
+    # validation also logs it after every number of inner steps, val/<short>_step<k> (how far
+    # adaptation has gone: a meta-RL policy's return before and after each policy-gradient step)
+    by_step: bool = False
 
 
 # every primary metric a learner may report (Learner.metric, or metric_name of its task kind)
@@ -31,6 +34,8 @@ METRICS = {
     "reward": Metric("reward", "trial_reward", True),
     "final_loss": Metric("final_loss", "final_loss", False),
     "loglik": Metric("loglik", "target_loglik", True),  # nats per target point
+    # an episode's undiscounted return, after the test's policy-gradient steps (MAML-TRPO, ...)
+    "return": Metric("return", "return", True, by_step=True),
 }
 
 

@@ -18,8 +18,15 @@ rllab's rollout (`rllab/sampler/utils.py`) ends a path at `done`, and pytorch-ma
 `SyncVectorEnv` steps only the live environments while `BatchEpisodes` pads the rest with zero
 rewards under a mask.
 
+The randomness of a task's trajectories travels with its batch, as the discrete families'
+`action_noise` does (envs/trials.py): each task holds a seed, and `NavigationBatch.action_noise`
+draws from it the standard normals with which a Gaussian policy samples its actions,
+a = mean + std * noise, one stream per stage of adaptation (before it, after each inner step).
+A fixed test task thus gives the same trajectories to the same policy, and a resumed run draws
+exactly the trajectories of the run it continues.
+
 Shape letters: T tasks, N trajectories per task, E = T * N environments (task-major: environment
-e plays task e // N), H the horizon.
+e plays task e // N), H the horizon, A = 2 action dimensions.
 """
 
 import math
@@ -77,25 +84,54 @@ class NavigationConfig:
     def steps(self) -> int:
         return self.horizon
 
+    @property
+    def actions(self) -> int:
+        """The action's dimensions (a velocity in the plane)."""
+        return 2
+
     def describe(self) -> dict[str, Any]:
         """The task's setting, for results.json and run names."""
         return {"goals": [self.goal_low, self.goal_high], "horizon": self.horizon}
 
 
+# task seeds are drawn below SEEDS (torch's CPU generator keeps 32 bits of a seed); stage k of a
+# task draws from seed + k * STAGE_STRIDE mod SEEDS (an odd stride: distinct for every stage)
+SEEDS, STAGE_STRIDE = 2**32, 0x9E3779B9
+
+
 @dataclass
 class NavigationBatch:
-    """T navigation tasks: one goal each, and the dynamics they share."""
+    """T navigation tasks: one goal each, the dynamics they share, and each task's seed of the
+    action noise of its trajectories (None: seeds 0, 1, ..., T - 1)."""
 
     goals: Tensor  # (T, 2)
     cfg: NavigationConfig
+    noise_seeds: Tensor | None = None  # (T,) int64
     unit = "tasks"  # what the trainer's throughput counts
+
+    def __post_init__(self) -> None:
+        if self.noise_seeds is None:
+            self.noise_seeds = torch.arange(self.tasks)
 
     @property
     def tasks(self) -> int:
         return self.goals.shape[0]
 
     def __getitem__(self, part: slice) -> "NavigationBatch":
-        return NavigationBatch(self.goals[part], self.cfg)
+        return NavigationBatch(self.goals[part], self.cfg, self.noise_seeds[part])
+
+    def action_noise(self, stage: int, trajectories: int) -> Tensor:
+        """Standard normals (T, N, H, A) for N trajectories of every task at adaptation stage
+        `stage` (0: before adaptation, k: after k inner steps): a task's draws depend on its seed
+        and the stage alone, not on the batch it sits in."""
+        shape = (trajectories, self.cfg.horizon, self.cfg.actions)
+        seeds = ((self.noise_seeds.cpu() + stage * STAGE_STRIDE) % SEEDS).tolist()
+        dtype = self.goals.dtype
+        noise = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+            for seed in seeds
+        ]
+        return torch.stack(noise).to(self.goals.device)
 
     def env(self, trajectories: int = 1) -> "NavigationEnv":
         """The vectorised environment playing `trajectories` episodes of every task at once."""
@@ -175,6 +211,7 @@ class NavigationTasks:
 
     kind = "rl"
     in_shape = (2,)  # the observation: the agent's position
+    continuous_actions = True  # a Gaussian policy's velocities (RL²'s discrete families: False)
 
     def __init__(self, cfg: NavigationConfig, device: torch.device) -> None:
         self.cfg = cfg
@@ -187,10 +224,12 @@ class NavigationTasks:
     def sample(
         self, split: str, generator: torch.Generator, tasks: int, *_shape
     ) -> NavigationBatch:
-        """T fresh goals (every split draws from the same family)."""
+        """T fresh goals and their noise seeds (every split draws from the same family)."""
         u = torch.rand((tasks, 2), generator=generator, device=generator.device)
+        seeds = torch.randint(SEEDS, (tasks,), generator=generator, device=generator.device)
         low, high = self.cfg.goal_low, self.cfg.goal_high
-        return NavigationBatch((low + (high - low) * u).to(self.device), self.cfg)
+        goals = (low + (high - low) * u).to(self.device)
+        return NavigationBatch(goals, self.cfg, seeds.to(self.device))
 
     def episodes(self, split: str, n: int, *_shape: int, seed: int, batch_size: int) -> Iterator:
         """n fixed tasks: the same goals for a given seed whatever the batch size."""

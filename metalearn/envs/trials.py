@@ -115,6 +115,7 @@ class TrialTasks:
     """What every meta-RL task family shares: infinite, and fixed trials from a seed."""
 
     kind = "rl"
+    continuous_actions = False  # one of `actions` discrete actions per step (RL²'s softmax)
     # a step's reward is 1 for a right choice (Harlow): the records report accuracy by step
     per_step_accuracy = False
 

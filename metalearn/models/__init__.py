@@ -10,6 +10,7 @@ from metalearn.models.learned_optimizers import (
     MLPOptimizerConfig,
 )
 from metalearn.models.mlp import MLP, Identity, IdentityConfig, MLPConfig
+from metalearn.models.policy import GaussianMLPPolicy, GaussianPolicyConfig
 from metalearn.models.recurrent import RecurrentActorCritic, RecurrentConfig
 from metalearn.models.resnet12 import ResNet12, ResNet12Config
 
@@ -20,6 +21,7 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "identity": (IdentityConfig, Identity),  # x itself: neural processes' default on data=gp
     "resnet12": (ResNet12Config, ResNet12),
     "recurrent": (RecurrentConfig, RecurrentActorCritic),
+    "gaussian_mlp": (GaussianPolicyConfig, GaussianMLPPolicy),  # MAML-TRPO, E-MAML, ProMP
     "lstm_optimizer": (LSTMOptimizerConfig, LSTMOptimizer),  # learned optimisers (algo=l2o)
     "mlp_optimizer": (MLPOptimizerConfig, MLPOptimizer),
 }

@@ -156,6 +156,22 @@ def plot_policy_curves(curves: dict[str, torch.Tensor], ylabel: str, path: Path)
     return save(fig, path, dpi=120)
 
 
+def plot_return_vs_steps(breakdown: list[dict], title: str, path: Path) -> Path:
+    """A policy's mean return on the test tasks (95% CI) against its inner steps (0: before
+    adaptation): how much each policy-gradient step adapts it."""
+    steps = [entry["inner_steps"] for entry in breakdown]
+    means = [entry["return"]["mean"] for entry in breakdown]
+    cis = [entry["return"]["ci95"] for entry in breakdown]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.errorbar(steps, means, yerr=cis, marker="o", capsize=4)
+    ax.set_xticks(steps)
+    ax.set_xlabel("inner policy-gradient steps")
+    ax.set_ylabel("return (mean over test tasks, 95% CI)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    return save(fig, path, dpi=120)
+
+
 def save(fig, path: Path, dpi: int = 100) -> Path:
     """Write a figure as PNG (making its folder) and free it."""
     fig.tight_layout()

@@ -88,7 +88,7 @@ def results_dict(run: Run, test_result: dict, val: dict | None, train: dict | No
         "model": config.model.name,
         "task": (
             config.data.describe()
-            if run.metric in ("reward", "final_loss")
+            if run.metric in ("reward", "return", "final_loss")
             else {"ways": ways, "shots": shots, "query": query}
         ),
         "metric": run.metric,
@@ -217,16 +217,14 @@ def write_curve_plots(run: Run, curves: dict, folder: Path, results: dict) -> li
     or each meta-RL policy's regret (Harlow: accuracy) by step."""
     if "calibration" in results.get("test", {}):
         return [plot_reliability(results["test"]["calibration"], folder / "reliability.png")]
-    if not curves:
-        return []
     if run.metric == "final_loss":
-        return [plot_optimizer(curves, folder)]
-    return [plot_rl(run, curves, folder)]
+        return [plot_optimizer(curves, folder)] if curves else []
+    return [plot_rl(run, curves, folder, results)] if curves or run.metric == "return" else []
 
 
 def tested_results(run: Run, val: dict | None, train: dict | None) -> tuple[dict, dict]:
     """results.json's dict after the test, and (meta-RL) each policy's mean regret curve."""
-    if run.metric == "reward":  # reward and regret, beside the baseline policies
+    if run.metric in ("reward", "return"):  # reward and regret beside the baselines, or return
         test_result, baselines, curves = test_rl(run)
         return results_dict(run, test_result, val, train) | {"baselines": baselines}, curves
     if run.metric == "final_loss":  # the learned optimiser beside tuned hand-designed ones
@@ -239,7 +237,8 @@ def result_table(results: dict) -> str:
     """The terminal table of a results.json dict."""
     if results["metric"] == "final_loss":
         return format_optimizer_table(results)
-    return format_rl_table(results) if results["metric"] == "reward" else format_table(results)
+    rl = results["metric"] in ("reward", "return")
+    return format_rl_table(results) if rl else format_table(results)
 
 
 def write_plots(run: Run, run_dir: Path) -> list[Path]:

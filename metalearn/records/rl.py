@@ -1,4 +1,6 @@
-"""The end of a meta-RL run: reward and regret over fixed test trials, beside the baselines."""
+"""The end of a meta-RL run: reward and regret over fixed test trials, beside the baselines (RL²);
+or, for a policy adapted by gradient steps (MAML-TRPO, E-MAML, ProMP), its return on fixed test
+tasks before adaptation and after each inner step."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 
 from metalearn.envs.trials import play
 from metalearn.evaluate import SPLIT_SEED_OFFSET, mean_ci95, run_episodes
-from metalearn.records.plots import plot_policy_curves
+from metalearn.records.plots import plot_policy_curves, plot_return_vs_steps
 from metalearn.run import Run
 
 
@@ -19,7 +21,10 @@ def test_rl(run: Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.T
     and each policy's mean curve for the plot: cumulative regret by step (P,), or, where a
     step's reward is 1 for a correct choice (`tasks.per_step_accuracy`, Harlow), the accuracy
     by step, which then also goes to each policy's breakdown, one entry per step; and, where
-    the family names subsets of its trials (`tasks.subsets`), one breakdown entry per subset."""
+    the family names subsets of its trials (`tasks.subsets`), one breakdown entry per subset.
+    A learner scored by its return after inner steps: see `test_adaptation` (no baselines)."""
+    if run.metric == "return":
+        return *test_adaptation(run), {}
     cfg = run.config.eval
     agent = run_episodes(run, "test", episodes=cfg.episodes, ways=0, shots=0, query=0, steps=[0])
     # the agent's score is its trial reward, its loss the regret (RL2.evaluate)
@@ -70,8 +75,31 @@ def summary(out: dict[str, torch.Tensor], rows: torch.Tensor | slice = slice(Non
     return {"reward": mean_ci95(out["reward"][rows]), "regret": mean_ci95(out["regret"][rows])}
 
 
+def test_adaptation(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """test.return after algo.test_inner_steps policy-gradient steps on eval.episodes fixed test
+    tasks (mean and 95% CI over tasks, each task's score the mean return of its trajectories),
+    and test.breakdown: the same after every number of inner steps from 0 (before adaptation)
+    to test_inner_steps, and eval.steps."""
+    cfg = run.config.eval
+    steps = sorted({*range(run.test_steps + 1), *cfg.steps})
+    out = run_episodes(run, "test", episodes=cfg.episodes, ways=0, shots=0, query=0, steps=steps)
+    breakdown = [
+        {"inner_steps": k, "return": mean_ci95(out["score"][:, i])} for i, k in enumerate(steps)
+    ]
+    test = {
+        "return": breakdown[steps.index(run.test_steps)]["return"],
+        "episodes": cfg.episodes,
+        "trajectories": run.config.algo.trajectories,  # per task, at each stage
+        "breakdown": breakdown,
+    }
+    return test, {}
+
+
 def format_rl_table(results: dict) -> str:
-    """The agent's and the baselines' test reward and regret as a terminal table."""
+    """The agent's and the baselines' test reward and regret as a terminal table (or the
+    return after each number of inner steps)."""
+    if results["metric"] == "return":
+        return format_return_table(results)
     task, test = results["task"], results["test"]
     setting = ", ".join(f"{v} {k}" for k, v in task.items())
     title = (
@@ -94,8 +122,31 @@ def format_rl_table(results: dict) -> str:
     return "\n".join([title, *rows])
 
 
-def plot_rl(run: Run, curves: dict[str, torch.Tensor], folder: Path) -> Path:
-    """plots/accuracy.png where a step's reward is its accuracy (Harlow), else regret.png."""
+def format_return_table(results: dict) -> str:
+    """The test return after each number of inner steps, one row each."""
+    test, steps = results["test"], results["protocol"]["test_inner_steps"]
+    title = (
+        f"test return ({results['algo']} on {results['data']}, {test['episodes']} fixed tasks x "
+        f"{test['trajectories']} trajectories, 95% CI over tasks)"
+    )
+    rows = [f"{'inner steps':>12}{'return':>22}"]
+    for entry in test["breakdown"]:
+        mark = "  <- test" if entry["inner_steps"] == steps else ""
+        value = entry["return"]
+        rows.append(
+            f"{entry['inner_steps']:>12}{value['mean']:>13.2f} ± {value['ci95']:<6.2f}{mark}"
+        )
+    return "\n".join([title, *rows])
+
+
+def plot_rl(run: Run, curves: dict[str, torch.Tensor], folder: Path, results=None) -> Path:
+    """plots/accuracy.png where a step's reward is its accuracy (Harlow), else regret.png; for
+    a policy adapted by gradient steps, plots/return_vs_steps.png."""
+    if run.metric == "return":
+        title = f"{run.config.algo.name} on {run.config.data.name}"
+        return plot_return_vs_steps(
+            results["test"]["breakdown"], title, folder / "return_vs_steps.png"
+        )
     if run.tasks.per_step_accuracy:
         return plot_policy_curves(curves, "accuracy", folder / "accuracy.png")
     return plot_policy_curves(curves, "cumulative regret", folder / "regret.png")

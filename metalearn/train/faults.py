@@ -5,13 +5,18 @@ and what is kept on disk."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from metalearn.errors import TrainingError
 from metalearn.hardware import peak_memory_mib
 from metalearn.run import Run
+
+if TYPE_CHECKING:
+    from metalearn.train.state import Progress
 
 
 def grads_finite(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -44,7 +49,9 @@ def nonfinite_fault(run: Run, batch: Any, loss: torch.Tensor, iteration: int) ->
         )
     forward = not torch.isfinite(loss)
     causes = run.algo.nonfinite_causes(gradient=not forward)
-    if iteration > 1 or not forward:  # a first forward pass has had no outer step before it
+    # a first forward pass has had no outer step before it; a learner that steps itself names
+    # its own step among its causes (MAML-TRPO: the trust region)
+    if (iteration > 1 or not forward) and not run.algo.steps_itself:
         causes.append(f"the outer step (algo.outer_lr={algo.outer_lr}: lower it)")
     if forward:
         where = f"the meta-training loss became {loss.item()} at iteration {iteration} (forward)"
@@ -106,3 +113,26 @@ def kept(run_dir: Path, advice: str | None = None) -> str:
     if last.is_file():
         return f"the last good checkpoint is kept at {last}; {advice}, then trainer.resume=true"
     return f"no checkpoint was saved yet; {advice} and start again"
+
+
+def skip_batch(run: Run, batch: Any, loss: torch.Tensor, progress: Progress, run_dir: Path):
+    """A non-finite loss or gradient: stop (trainer.nonfinite=stop, or too many skipped), or
+    count the dropped meta-batch and warn the first time."""
+    trainer = run.config.trainer
+    fault = nonfinite_fault(run, batch, loss, progress.iteration + 1)
+    if trainer.nonfinite == "stop":
+        raise TrainingError(f"{fault}; {kept(run_dir, 'fix that')}")
+    if progress.skipped >= trainer.max_skipped:
+        raise TrainingError(
+            f"{fault}; that is more than trainer.max_skipped={trainer.max_skipped} "
+            f"skipped meta-batches, so training stops; {kept(run_dir, 'fix that')}"
+        )
+    progress.skipped += 1
+    if progress.skipped == 1:
+        warnings.warn(
+            f"{fault}; trainer.nonfinite=skip: that meta-batch is dropped and "
+            f"training goes on (skipped batches are counted in train/skipped and "
+            f"results.json)",
+            RuntimeWarning,
+            stacklevel=4,
+        )

@@ -9,7 +9,6 @@ import math
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +19,12 @@ from tqdm import tqdm
 
 from metalearn.algos.objectives import METRICS
 from metalearn.distributed import SINGLE, Group
-from metalearn.errors import TrainingError
+from metalearn.errors import ConfigError, TrainingError
 from metalearn.records import checkpoint
 from metalearn.records.logger import Logger
 from metalearn.run import Run
 from metalearn.train.bar import TrainingBar
-from metalearn.train.faults import (
-    grads_finite,
-    kept,
-    memory_advice,
-    nonfinite_fault,
-    out_of_memory,
-)
+from metalearn.train.faults import grads_finite, memory_advice, out_of_memory, skip_batch
 from metalearn.train.schedule import outer_optimizer, set_lr
 from metalearn.train.signals import StopRequest, stop_on_signals
 from metalearn.train.state import Progress, restore, save_last
@@ -52,6 +45,11 @@ class Start:
 def start(run: Run, run_dir: Path, group: Group = SINGLE) -> Start:
     """Check the batch divides among the ranks, then build (or restore) what the loop steps."""
     trainer = run.config.trainer
+    if run.algo.steps_itself and group.world > 1:
+        raise ConfigError(
+            f"algo={run.config.algo.name} takes its own outer step on the whole meta-batch "
+            f"(a trust-region line search), which torchrun cannot split; run it in one process"
+        )
     if run.algo.pretrains:
         group.check_divides(run.config.algo.batch_size, "algo.batch_size")
     else:
@@ -155,12 +153,15 @@ def _outer_steps(
     whether the batch was dropped for a non-finite loss or gradient, the last step's metrics
     and the scalars every rank agreed on (loss, logged loss and score, the stop flag)."""
     trainer = run.config.trainer
-    updates = _backward_passes(run, shard, progress.iteration)
+    if run.algo.steps_itself:  # e.g. TRPO's line search: no backward pass, no optimiser here
+        updates = _own_steps(run, shard, progress.iteration)
+    else:
+        updates = _backward_passes(run, shard, progress.iteration)
     skipped, metrics, scalars = False, {}, None
     while True:
         try:
             optimizer.zero_grad(set_to_none=True)
-            update = next(updates, None)  # its gradients are in .grad
+            update = next(updates, None)  # its gradients are in .grad (steps_itself: no .grad)
             if update is None:
                 break
             loss, metrics = update
@@ -181,7 +182,7 @@ def _outer_steps(
         finite = torch.stack([torch.isfinite(scalars[0]), *grads_finite(params)]).all()
         skipped = not finite.item()  # the update's one host sync; the same on every rank
         if skipped:
-            _skip(run, batch, scalars[0], progress, run_dir)
+            skip_batch(run, batch, scalars[0], progress, run_dir)
             break  # the rest of a dropped batch's updates too
         if trainer.clip_grad_norm is not None:  # the same clipped gradient on every rank
             norm = torch.nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
@@ -189,6 +190,12 @@ def _outer_steps(
         optimizer.step()  # (a skipped batch's gradients are cleared before the next backward)
         metrics = metrics | {"loss": scalars[1], "score": scalars[2]}
     return skipped, metrics, scalars
+
+
+def _own_steps(run: Run, shard, iteration: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    """A learner that `steps_itself` (MAML-TRPO) updates its weights on the meta-batch in one
+    call; the optimiser the loop holds for it (schedule.LearnerSteps) does nothing."""
+    yield run.algo.outer_step(shard, iteration)
 
 
 def _backward_passes(run: Run, shard, iteration: int) -> Iterator[tuple[torch.Tensor, dict]]:
@@ -218,29 +225,6 @@ def _backward_passes(run: Run, shard, iteration: int) -> Iterator[tuple[torch.Te
         for key, value in part_metrics.items():
             metrics[key] = metrics.get(key, 0.0) + share * torch.as_tensor(value).detach().float()
     yield loss, metrics
-
-
-def _skip(run: Run, batch, loss: torch.Tensor, progress: Progress, run_dir: Path) -> None:
-    """A non-finite loss or gradient: stop (trainer.nonfinite=stop, or too many skipped), or
-    count the dropped meta-batch and warn the first time."""
-    trainer = run.config.trainer
-    fault = nonfinite_fault(run, batch, loss, progress.iteration + 1)
-    if trainer.nonfinite == "stop":
-        raise TrainingError(f"{fault}; {kept(run_dir, 'fix that')}")
-    if progress.skipped >= trainer.max_skipped:
-        raise TrainingError(
-            f"{fault}; that is more than trainer.max_skipped={trainer.max_skipped} "
-            f"skipped meta-batches, so training stops; {kept(run_dir, 'fix that')}"
-        )
-    progress.skipped += 1
-    if progress.skipped == 1:
-        warnings.warn(
-            f"{fault}; trainer.nonfinite=skip: that meta-batch is dropped and "
-            f"training goes on (skipped batches are counted in train/skipped and "
-            f"results.json)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
 
 def _stop_now(run: Run, progress: Progress, run_dir: Path, optimizer, generator, group, stop):
@@ -277,7 +261,12 @@ def _log_train(
             "train/loss": loss,
             f"train/{name}": score,
             f"perf/{unit}_per_s": rate,  # tasks, or examples in pre-training
-            "train/outer_lr": optimizer.param_groups[0]["lr"],
+            # (none where the learner steps itself: schedule.LearnerSteps)
+            **(
+                {"train/outer_lr": optimizer.param_groups[0]["lr"]}
+                if optimizer.param_groups
+                else {}
+            ),
             # what else the algorithm reports (iMAML: the fraction of tasks skipped)
             **{f"train/{k}": float(v) for k, v in metrics.items() if k not in ("loss", "score")},
         },

@@ -18,6 +18,8 @@ def outer_optimizer(algo_cfg: AlgoConfig, algo: Any, kind: str | None = None, be
     default) or SGD (Reptile's epsilon step; RFS's and MetaOptNet's momentum SGD), with the
     momentum, weight decay and epsilon it gives. The *_hd kinds learn their rate by hypergradient
     descent at rate `beta` (trainer.hypergrad_lr; None: the authors')."""
+    if algo.steps_itself:  # MAML-TRPO: the learner's own trust-region step, no optimiser's
+        return LearnerSteps()
     settings = algo_cfg.outer_optimizer_settings()
     kind = kind or settings.kind
     params, lr, decay = algo.parameters(), algo_cfg.outer_lr, settings.weight_decay
@@ -36,6 +38,25 @@ def outer_optimizer(algo_cfg: AlgoConfig, algo: Any, kind: str | None = None, be
             params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=decay
         )
     return torch.optim.Adam(params, lr=lr, eps=settings.eps, weight_decay=decay)
+
+
+class LearnerSteps:
+    """The outer 'optimiser' of a learner that takes its outer step itself (`steps_itself`):
+    no parameters, no learning rate, no state; the loop's calls do nothing."""
+
+    param_groups: list[dict] = []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to clear: the learner's step leaves no gradients in .grad."""
+
+    def step(self) -> None:
+        """Nothing to do: the learner has stepped already."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore (the weights are the learner's state)."""
 
 
 def learns_its_rate(optimizer: torch.optim.Optimizer) -> bool:

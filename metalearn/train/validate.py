@@ -24,8 +24,11 @@ def validate(
     save last.pt always and best.pt when it improves."""
     ways, shots, query = run.test_shape
     # with an inner loop, also score the unadapted model: it tells a broken model (stop) from
-    # test-time adaptation that blows up on some episodes (warn, go on)
-    steps = [0, run.test_steps] if run.test_steps else [0]
+    # test-time adaptation that blows up on some episodes (warn, go on); a metric logged by step
+    # is scored after every number of steps
+    metric = METRICS[run.metric]
+    steps = list(range(run.test_steps + 1)) if metric.by_step else [0, run.test_steps]
+    steps = steps if run.test_steps else [0]
     episodes = run.config.eval.val_episodes
     shape = {"ways": ways, "shots": shots, "query": query, "steps": steps}
     if bar is None:
@@ -39,15 +42,17 @@ def validate(
             f"no longer finite; {kept(run_dir)}"
         )
     score, loss = mean_ci95(out["score"][:, -1]), mean_ci95(out["loss"][:, -1])
-    short = METRICS[run.metric].short
-    sign = 1.0 if METRICS[run.metric].higher_is_better else -1.0
+    short = metric.short
+    sign = 1.0 if metric.higher_is_better else -1.0
     value = score["mean"]
     if math.isfinite(score["mean"]) and math.isfinite(loss["mean"]):
+        by_step = zip(steps, out["score"].double().mean(0).tolist(), strict=True)
         logger.log(
             {
                 f"val/{short}": score["mean"],
                 f"val/{short}_ci95": score["ci95"],
                 "val/loss": loss["mean"],
+                **({f"val/{short}_step{k}": v for k, v in by_step} if metric.by_step else {}),
             },
             step=progress.iteration,
         )

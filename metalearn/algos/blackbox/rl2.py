@@ -80,6 +80,7 @@ class RL2(Learner):
     needs_ways = False
     needs_head = True  # the model has one policy output per action
     reinforcement = True  # build.py: needs a meta-RL data set and a recurrent model
+    policy_model = "recurrent"  # softmax over a family's discrete actions
     batches_tasks = False
     differentiates_inner_loop = False
     inner_loop = False

@@ -98,15 +98,18 @@ def trpo_step(
     damping: float = 1e-5,
     backtrack_ratio: float = 0.8,
     max_backtracks: int = 15,
+    fvp: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Params, dict[str, float]]:
     """Minimise `loss(params)` subject to `kl(params) <= max_kl` by one TRPO step.
 
     `loss` is the surrogate loss (a scalar, e.g. `surrogate_loss`), `kl` the mean KL from the old
     policy (fixed inside it) to the policy with the given parameters; either may adapt the
     parameters first (MAML-TRPO) with `torch.func` transforms, which see through the line
-    search's `no_grad`. Returns new parameter tensors (`params` is untouched: the old values
-    when the line search finds no acceptable step) and the step's record: the loss and KL
-    before and after, the step size, the backtracks taken and whether the step was accepted.
+    search's `no_grad`. `fvp`, if given, is v -> (F + damping I) v at the old parameters, F the
+    Hessian of `kl` there (a caller that knows a cheaper exact product); None: double backprop
+    of `kl`. Returns new parameter tensors (`params` is untouched: the old values when the line
+    search finds no acceptable step) and the step's record: the loss and KL before and after,
+    the step size, the backtracks taken and whether the step was accepted.
     """
     old = flatten(params).detach()
 
@@ -119,7 +122,7 @@ def trpo_step(
     x = old.clone().requires_grad_()
     loss_before = loss_at(x)
     (gradient,) = torch.autograd.grad(loss_before, x)
-    fvp = fisher_vector_product(kl_at, old, damping)
+    fvp = fvp or fisher_vector_product(kl_at, old, damping)
     direction = conjugate_gradient(fvp, gradient, cg_iters)  # s = F^-1 g
     step_size = torch.sqrt(2 * max_kl / (direction @ fvp(direction) + 1e-8))
     step_size = torch.nan_to_num(step_size, nan=1.0)  # as maml_rl: a NaN step size becomes 1
