@@ -13,8 +13,10 @@ Followed: the authors' code, vgsatorras/few-shot-gnn (models/gnn_iclr.py: `Wcomp
 `GNN_nl_omniglot`; models/models.py: `MetricNN`, `EmbeddingOmniglot`): two layers of nf/2 = 48
 new features each; the adjacency MLP as their 1x1 convolutions, of widths (2, 1.5, 1, 1) x its
 input width (the last one's: x the previous layer's), each with BatchNorm and leaky ReLU (slope
-0.01), dropout 0.3 in the last one only, self-edges masked before the softmax; BatchNorm after
-every graph convolution, the last included (their Omniglot model); leaky ReLU between layers.
+0.01), dropout 0.3 in the last one only, self-edges masked before the softmax (the last 1x1
+convolution's bias is left out: the softmax over j cancels it, so its gradient is zero); BatchNorm
+after every graph convolution, the last included (their Omniglot model); leaky ReLU between
+layers.
 
 Differences, all deliberate:
 - the embedding is the project's `model` (conv4) followed by their `fc_last` head: a linear map
@@ -110,7 +112,7 @@ class Adjacency(nn.Module):
                 layers.append(nn.Dropout(dropout))
             features = out
         self.mlp = nn.Sequential(*layers)  # 1x1 convolutions over (i, j) pairs in theirs
-        self.out = nn.Linear(features, 1)
+        self.out = nn.Linear(features, 1, bias=False)  # a bias would cancel in the softmax
 
     def forward(self, x: Tensor) -> Tensor:
         graphs, nodes = x.shape[:2]
