@@ -18,19 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from metalearn.models.learned_optimizers import flatten, unflatten
+
 Params = dict[str, Tensor]
-
-
-def flatten(params: Params) -> Tensor:
-    """One vector (P,) of every parameter, in the dict's order."""
-    return torch.cat([p.reshape(-1) for p in params.values()])
-
-
-def unflatten(flat: Tensor, like: Params) -> Params:
-    """The dict `like` with its tensors read from the vector `flat` (P,) (views of it)."""
-    sizes = [p.numel() for p in like.values()]
-    parts = torch.split(flat, sizes)
-    return {k: part.view_as(p) for (k, p), part in zip(like.items(), parts, strict=True)}
 
 
 def conjugate_gradient(
