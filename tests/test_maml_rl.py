@@ -124,6 +124,36 @@ def test_a_trpo_outer_step_moves_the_policy_within_the_trust_region(float64):
     assert after == pytest.approx(metrics["loss_after"].item()) and after < loss
 
 
+def test_the_pretrained_baseline_is_plain_trpo_on_the_pre_update_trajectories(float64):
+    """algo=pretrained_trpo (inner_steps 0): one stage of sampling, the surrogate is the likelihood
+    ratio of theta itself on it, and its Fisher product is the plain KL Hessian's."""
+    policy = tiny_policy()
+    cfg = MAMLTRPOConfig(**settings(name="pretrained_trpo", inner_steps=0, test_inner_steps=1))
+    algo = MAMLTRPO(cfg, policy, "rl", "vmap")
+    (played,) = algo.sample_meta_batch(tiny_batch())
+    theta = policy.params()
+    by_hand = torch.stack(
+        [
+            -(
+                torch.exp(
+                    by_hand_log_prob(theta, played.observations[t], played.actions[t])
+                    - played.log_probs[t]
+                )
+                * played.advantages[t]
+            ).mean()
+            for t in range(TASKS)
+        ]
+    ).mean()
+    torch.testing.assert_close(algo.surrogate(theta, [played]), by_hand, rtol=1e-10, atol=1e-12)
+    x = flatten(theta).detach()
+    reference = fisher_vector_product(lambda y: algo.kl(unflatten(y, theta), [played]), x, 1e-5)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(algo.fisher_product(theta, [played])(v), reference(v))
+    # at test it adapts by MAML's step: the returns after 0 and 1 steps differ
+    returns = algo.evaluate(tiny_batch(seed=1), [0, 1])["score"]
+    assert returns.shape == (TASKS, 2) and (returns[:, 1] != returns[:, 0]).all()
+
+
 @pytest.mark.parametrize("inner_steps", [1, 2])
 def test_the_fisher_product_through_the_inner_steps_is_the_kl_hessians(float64, inner_steps):
     """J^T F J v (maml_trpo.py) equals double backprop through the adaptation (pytorch-maml-rl's
@@ -301,6 +331,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(algo, tmp_p
         (["algo=maml", "data=navigation"], ["meta-RL", "algo=maml_trpo"]),
         (["algo=maml_trpo", "data=navigation", "algo.trajectories=0"], ["algo.trajectories", "20"]),
         (["algo=promp", "data=navigation", "algo.inner_steps=0"], ["algo.inner_steps"]),
+        (["algo=emaml_trpo", "data=navigation", "algo.inner_steps=0"], ["algo.inner_steps >= 1"]),
         (
             ["algo=maml_trpo", "data=navigation", "trainer.optimizer=adam"],
             ["trainer.optimizer=adam", "trust region"],

@@ -65,6 +65,7 @@ ALGOS: dict[str, tuple[type, type]] = {
     "rl2": (RL2Config, RL2),
     "maml_trpo": (MAMLTRPOConfig, MAMLTRPO),  # gradient-based meta-RL: a Gaussian policy
     "emaml_trpo": (MAMLTRPOConfig, MAMLTRPO),  # its YAML sets exploration: true (E-MAML)
+    "pretrained_trpo": (MAMLTRPOConfig, MAMLTRPO),  # inner_steps: 0, MAML's pretrained baseline
     "promp": (ProMPConfig, ProMP),
     "mann": (SequenceConfig, SequenceLearner),  # each YAML names its sequence core
     "lstm": (SequenceConfig, SequenceLearner),

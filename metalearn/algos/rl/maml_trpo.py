@@ -16,6 +16,11 @@ Defaults are pytorch-maml-rl's `configs/maml/2d-navigation.yaml`: alpha 0.1, 20 
 per task, gamma 0.99, lambda 1, max KL 0.01, 10 CG iterations, damping 1e-5, 15 backtracks by
 0.8.
 
+With `inner_steps: 0` (`algo=pretrained_trpo`) the same TRPO step trains the policy on the
+pre-update trajectories of every task, no adaptation: the MAML paper's "pretrained" baseline
+(section 5.3, "pretraining one policy on all of the tasks and then fine-tuning"), adapted at test
+by the same inner steps as MAML (`test_inner_steps: 1`, `eval.steps`).
+
 E-MAML adds the exploration term that MAML's meta-gradient lacks, the dependence of the
 post-update return on the pre-update sampling distribution: the pre-update trajectories'
 log-likelihood weighted by the post-update return, as jonasrothfuss/ProMP
@@ -73,7 +78,10 @@ class MAMLTRPOConfig(MetaPolicyConfig):
         "backtrack_ratio": 0.8,
         "max_backtracks": 15,
     }
-    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {"emaml_trpo": {"exploration": True}}
+    VARIANTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "emaml_trpo": {"exploration": True},
+        "pretrained_trpo": {"inner_steps": 0, "test_inner_steps": 1},
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +89,11 @@ class MAMLTRPOConfig(MetaPolicyConfig):
             raise ConfigError(
                 f"algo.max_kl must be positive and algo.cg_damping >= 0, got {self.max_kl} "
                 f"and {self.cg_damping}"
+            )
+        if self.exploration and self.inner_steps < 1:
+            raise ConfigError(
+                "algo.exploration (E-MAML) weights the pre-update trajectories by the "
+                "post-update return: it needs algo.inner_steps >= 1, got 0"
             )
         if self.cg_iters < 1 or self.max_backtracks < 1 or not 0 < self.backtrack_ratio < 1:
             raise ConfigError(

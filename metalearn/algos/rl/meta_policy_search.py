@@ -33,7 +33,10 @@ class MetaPolicyConfig(AlgoConfig):
 
     name: str = "maml_trpo"
     inner_lr: float = 0.1  # alpha, the fast learning rate (the paper's 0.1 for navigation)
-    inner_steps: int = 1  # policy-gradient steps of adaptation (maml_rl's num_grad_updates)
+    # policy-gradient steps of adaptation in training (maml_rl's num_grad_updates); 0: none, the
+    # policy is trained on the pre-update return of every task (the MAML paper's "pretrained"
+    # baseline, algo=pretrained_trpo) and adapted by the same steps only at test
+    inner_steps: int = 1
     test_inner_steps: int | None = None  # at validation and test (None: inner_steps)
     test_inner_lr: float | None = None  # at validation and test (None: inner_lr)
     trajectories: int = 20  # per task and stage of adaptation (maml_rl's fast_batch_size)
@@ -51,10 +54,10 @@ class MetaPolicyConfig(AlgoConfig):
                 raise ConfigError(
                     f"algo.{key} must be positive and finite, got {getattr(self, key)}"
                 )
-        if self.inner_steps < 1 or self.test_inner_steps < 0:
+        if self.inner_steps < 0 or self.test_inner_steps < 0:
             raise ConfigError(
-                f"algo.inner_steps must be >= 1 (MAML adapts by policy-gradient steps) and "
-                f"algo.test_inner_steps >= 0, got {self.inner_steps} and {self.test_inner_steps}"
+                f"algo.inner_steps and algo.test_inner_steps must be >= 0 (0 in training: the "
+                f"pretrained baseline), got {self.inner_steps} and {self.test_inner_steps}"
             )
         if self.trajectories < 2:
             raise ConfigError(

@@ -63,6 +63,12 @@ class ProMPConfig(MetaPolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.inner_steps < 1:
+            raise ConfigError(
+                f"algo.inner_steps must be >= 1 for ProMP (its objective is built on the "
+                f"pre-update steps; algo=pretrained_trpo trains without adaptation), got "
+                f"{self.inner_steps}"
+            )
         if not self.outer_lr > 0 or self.promp_steps < 1:
             raise ConfigError(
                 f"algo.outer_lr must be positive and algo.promp_steps >= 1, got {self.outer_lr} "
