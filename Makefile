@@ -9,9 +9,9 @@ export METALEARN_DATA ?= $(abspath ../shared/data)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
-install:  ## create .venv and install metalearn editable with its dev extras
+install:  ## create .venv and install metalearn editable with its dev and mujoco extras
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,mujoco]'
 
 reference:  ## install learn2learn, the reference for `metalearn bench` and equivalence tests
 	scripts/install_learn2learn.sh $(VENV)

@@ -27,6 +27,7 @@ from metalearn.data.optimizees import DigitsMLPConfig, DigitsTasks, QuadraticCon
 from metalearn.data.sinusoid import SinusoidConfig, SinusoidTasks
 from metalearn.envs.bandits import BanditConfig, BanditTasks, DependentBanditConfig
 from metalearn.envs.causal import CausalConfig, CausalTasks
+from metalearn.envs.cheetah import CheetahConfig, CheetahTasks
 from metalearn.envs.harlow import HarlowConfig, HarlowTasks
 from metalearn.envs.navigation import NavigationConfig, NavigationTasks
 from metalearn.envs.tabular_mdp import MDPTasks, TabularMDPConfig
@@ -56,6 +57,8 @@ DATASETS: dict[str, tuple[type, Any]] = {
     "tabular_mdp": (TabularMDPConfig, MDPTasks),
     "causal": (CausalConfig, CausalTasks),  # causal-reasoning quizzes (Dasgupta et al. 2019)
     "navigation": (NavigationConfig, NavigationTasks),  # MAML's 2-D point robot
+    "cheetah_velocity": (CheetahConfig, CheetahTasks),  # HalfCheetah-v5 (the [mujoco] extra)
+    "cheetah_direction": (CheetahConfig, CheetahTasks),
     "quadratic": (QuadraticConfig, QuadraticTasks),  # optimizees for learned optimisers
     "digits_mlp": (DigitsMLPConfig, DigitsTasks),
 }

@@ -14,7 +14,7 @@ from metalearn.train.config import OnlineConfig
 META_RL_PAIRS = (
     "pair algo=rl2 (discrete actions) with data=bandit, dependent_bandit, harlow or "
     "tabular_mdp, and algo=maml_trpo, emaml_trpo or promp (continuous actions) with "
-    "data=navigation"
+    "data=navigation, cheetah_velocity or cheetah_direction"
 )
 
 

@@ -125,7 +125,7 @@ def cub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # task families generated on the fly: no files, any root does
 PROCEDURAL = ("sinusoid", "bandit", "dependent_bandit", "harlow", "tabular_mdp", "causal")
-PROCEDURAL += ("navigation",)
+PROCEDURAL += ("navigation", "cheetah_velocity", "cheetah_direction")
 PROCEDURAL += ("quadratic", "digits_mlp")  # optimizee problems (digits: scikit-learn's wheel)
 PROCEDURAL += ("gp",)  # Gaussian-process functions
 # data set -> the session fixture holding a protocol-sized copy in its real on-disk format

@@ -1,6 +1,7 @@
 """Every config group, experiment and (algo, data) pair composes, validates and builds."""
 
 import dataclasses
+import importlib.util
 import subprocess
 import sys
 import types
@@ -52,7 +53,9 @@ IMPOSSIBLE |= {
 # meta-RL: its learners only on environments, and only they there; RL² on the discrete-action
 # families, the gradient-based learners (a Gaussian policy) on continuous ones
 META_RL_DATA = ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "causal", "navigation"]
-CONTINUOUS_DATA = ["navigation"]
+MUJOCO_DATA = ["cheetah_velocity", "cheetah_direction"]  # need the [mujoco] extra
+META_RL_DATA += MUJOCO_DATA
+CONTINUOUS_DATA = ["navigation", *MUJOCO_DATA]
 SUPERVISED_DATA = ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid"]
 SUPERVISED_DATA += ["tieredimagenet", "gp", "omniglot_completion"]
 # neural processes predict real values: regression data only
@@ -157,6 +160,8 @@ def test_every_experiment_composes_and_builds(experiment: str, data_root):
 @pytest.mark.parametrize("data", DATASETS)
 @pytest.mark.parametrize("algo", ALGOS)
 def test_every_algo_data_pair_builds_or_says_why_not(algo: str, data: str, data_root):
+    if data in MUJOCO_DATA and importlib.util.find_spec("mujoco") is None:
+        pytest.skip("MuJoCo is an optional extra: pip install -e '.[mujoco]'")
     overrides = [f"algo={algo}", f"data={data}", *SMOKE]
     if data not in PROCEDURAL:
         overrides.append(f"data.root={data_root(data)}")

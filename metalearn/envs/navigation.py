@@ -99,6 +99,17 @@ class NavigationConfig:
 SEEDS, STAGE_STRIDE = 2**32, 0x9E3779B9
 
 
+def stage_noise(seeds: Tensor, stage: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Standard normals (T, *shape) in `like`'s dtype and device, task t's drawn from its seed
+    and the adaptation stage alone (the action noise of every continuous-control family)."""
+    stream = ((seeds.cpu() + stage * STAGE_STRIDE) % SEEDS).tolist()
+    noise = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=like.dtype)
+        for seed in stream
+    ]
+    return torch.stack(noise).to(like.device)
+
+
 @dataclass
 class NavigationBatch:
     """T navigation tasks: one goal each, the dynamics they share, and each task's seed of the
@@ -125,13 +136,7 @@ class NavigationBatch:
         `stage` (0: before adaptation, k: after k inner steps): a task's draws depend on its seed
         and the stage alone, not on the batch it sits in."""
         shape = (trajectories, self.cfg.horizon, self.cfg.actions)
-        seeds = ((self.noise_seeds.cpu() + stage * STAGE_STRIDE) % SEEDS).tolist()
-        dtype = self.goals.dtype
-        noise = [
-            torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-            for seed in seeds
-        ]
-        return torch.stack(noise).to(self.goals.device)
+        return stage_noise(self.noise_seeds, stage, shape, self.goals)
 
     def env(self, trajectories: int = 1) -> "NavigationEnv":
         """The vectorised environment playing `trajectories` episodes of every task at once."""
