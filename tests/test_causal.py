@@ -322,6 +322,18 @@ def test_rl2_trains_on_causal_quizzes_and_reports_every_baseline(tmp_path):
     }
     subsets = [e["subset"] for e in results["baselines"]["interventional"]["breakdown"]]
     assert set(subsets) <= {"confounded", "unconfounded"} and subsets
+    # the agent minus each baseline, paired trial by trial on the same trials: the mean of the
+    # differences is the difference of the means
+    versus = results["test"]["versus"]
+    assert set(versus) == set(results["baselines"])
+    for name, baseline in results["baselines"].items():
+        for key in ("reward", "regret"):
+            difference = results["test"][key]["mean"] - baseline[key]["mean"]
+            assert versus[name][key]["mean"] == pytest.approx(difference, abs=1e-9)
+    assert versus["counterfactual"]["regret"]["ci95"] == pytest.approx(
+        results["test"]["regret"]["ci95"]  # the optimal baseline's regret is 0 on every trial
+    )
+    assert [e["subset"] for e in versus["random"]["breakdown"]] == subsets
     with pytest.raises(ConfigError, match="data.variant must be one of"):
         build_run(
             compose_config(["algo=rl2", "data=causal", "data.variant=passive", "debug=smoke"])

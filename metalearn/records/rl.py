@@ -49,25 +49,37 @@ def test_rl(run: Run) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.T
                 {"trial": t + 1, "accuracy": mean_ci95(per_step[:, t])}
                 for t in range(per_step.shape[1])
             ]
-    for name, entries in subset_breakdown(run, played, seed).items():
-        summaries[name].setdefault("breakdown", []).extend(entries)
+    subsets = subset_rows(run, seed)
+    for name, out in played.items():
+        for subset, rows in subsets.items():
+            entry = {"subset": subset, "episodes": int(rows.sum()), **summary(out, rows)}
+            summaries[name].setdefault("breakdown", []).append(entry)
+    agent = played.pop(run.config.algo.name)
     test = summaries.pop(run.config.algo.name) | {"episodes": cfg.episodes}
+    test["versus"] = {name: paired(agent, out, subsets) for name, out in played.items()}
     return test, summaries, curves
 
 
-def subset_breakdown(run: Run, played: dict[str, dict], seed: int) -> dict[str, list[dict]]:
-    """policy -> reward and regret on each subset of the test trials that the task family
-    reports apart (`tasks.subsets`; the causal quiz: trials with a hidden confounder)."""
+def subset_rows(run: Run, seed: int) -> dict[str, torch.Tensor]:
+    """subset -> its rows (bool, eval.episodes) among the test trials, for each subset that the
+    task family reports apart (`tasks.subsets`; the causal quiz: trials with a hidden
+    confounder) and that holds any trial."""
     n = run.config.eval.episodes
     (trials,) = run.tasks.episodes("test", n, seed=seed, batch_size=n)  # the same trials, in order
-    breakdown: dict[str, list[dict]] = {name: [] for name in played}
-    for subset, rows in run.tasks.subsets(trials).items():
-        rows = rows.cpu()
-        for name, out in played.items():
-            if rows.any():
-                entry = {"subset": subset, "episodes": int(rows.sum()), **summary(out, rows)}
-                breakdown[name].append(entry)
-    return breakdown
+    subsets = {subset: rows.cpu() for subset, rows in run.tasks.subsets(trials).items()}
+    return {subset: rows for subset, rows in subsets.items() if rows.any()}
+
+
+def paired(agent: dict, baseline: dict, subsets: dict[str, torch.Tensor]) -> dict:
+    """The agent minus a baseline, trial by trial on the same trials: the mean difference of
+    reward and of regret with its 95% interval (a positive reward difference: the agent is
+    better), over all trials and each subset."""
+    difference = {k: agent[k].cpu().double() - baseline[k].double() for k in ("reward", "regret")}
+    breakdown = [
+        {"subset": subset, "episodes": int(rows.sum()), **summary(difference, rows)}
+        for subset, rows in subsets.items()
+    ]
+    return summary(difference) | ({"breakdown": breakdown} if breakdown else {})
 
 
 def summary(out: dict[str, torch.Tensor], rows: torch.Tensor | slice = slice(None)) -> dict:
@@ -119,6 +131,14 @@ def format_rl_table(results: dict) -> str:
 
     for label, entry in lines:
         rows.append(f"{label:>{width}}{cell(entry['reward']):>20}{cell(entry['regret']):>20}")
+    versus = test.get("versus", {})
+    if versus:
+        rows.append(f"{results['algo']} minus each baseline, paired over the same trials:")
+    for name, entry in versus.items():
+        parts = [(name, entry)]
+        parts += [(f"{name}, {p['subset']}", p) for p in entry.get("breakdown", [])]
+        for label, part in parts:
+            rows.append(f"{label:>{width}}{cell(part['reward']):>20}{cell(part['regret']):>20}")
     return "\n".join([title, *rows])
 
 
