@@ -10,7 +10,12 @@ from conftest import compose_config
 
 from metalearn.build import build_run
 from metalearn.envs.causal import CausalConfig, CausalTasks
-from metalearn.envs.causal_baselines import Associative, Counterfactual, Interventional
+from metalearn.envs.causal_baselines import (
+    Associative,
+    BayesObservational,
+    Counterfactual,
+    Interventional,
+)
 from metalearn.envs.causal_graphs import (
     all_graphs,
     associative_means,
@@ -289,6 +294,59 @@ def test_the_reference_agents_rank_as_their_knowledge_on_the_test_graphs():
         if variant == "counterfactual":
             assert reward["counterfactual"] > reward["interventional"] + 0.03, reward
             assert out["counterfactual"]["regret"].abs().max() < 1e-4
+
+
+def test_the_bayes_observational_agent_is_brute_force_bayes_on_every_3_node_graph(float64):
+    """Its quiz choice against a transcription of Bayes' rule: each graph's likelihood of the
+    information phase's samples from the definition (node by node covariance, a multivariate
+    normal per sample), a uniform prior, the posterior mean of E[X | do(X_q = -5)]."""
+    tasks = tasks_of(nodes=3, test_graphs=3, val_graphs=3, variant="observational", info_steps=3)
+    graphs = all_graphs(3).astype(np.float64)
+    (batch,) = tasks.episodes("test", 40, seed=5, batch_size=40)
+    policy = BayesObservational(torch.from_numpy(graphs))
+    env = batch.env()
+    observation, _ = env.reset()
+    policy.start(env, observation, seed=0)
+    samples = []
+    for _ in range(batch.steps - 1):
+        actions = policy.act()
+        observation, reward, done, _, _ = env.step(actions)
+        policy.observe(actions, reward, observation, done)
+        samples.append(observation[:, :2].double().numpy())
+    samples = np.stack(samples, 1)  # (T, S, 2)
+    likelihoods = np.array(
+        [
+            [
+                np.prod(
+                    [
+                        multivariate_normal_density(x, reference_covariance(w, SIGMA)[1:, 1:])
+                        for x in trial
+                    ]
+                )
+                for w in graphs
+            ]
+            for trial in samples
+        ]
+    )
+    posterior = likelihoods / likelihoods.sum(1, keepdims=True)
+    quiz = policy.quiz_node()
+    do_means = np.stack(
+        [
+            interventional_means(torch.from_numpy(graphs), torch.full((27,), q), -5.0).numpy()
+            for q in (1, 2)
+        ]
+    )  # (2, G, N)
+    expected = np.einsum("tg,tgn->tn", posterior, do_means[quiz.numpy() - 1])
+    torch.testing.assert_close(
+        policy.quiz_means().double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-5
+    )
+    assert not np.allclose(posterior, 1 / 27)  # the samples told it something
+
+
+def multivariate_normal_density(x: np.ndarray, covariance: np.ndarray) -> float:
+    k = len(x)
+    quadratic = x @ np.linalg.solve(covariance, x)
+    return float(np.exp(-0.5 * quadratic) / np.sqrt((2 * np.pi) ** k * np.linalg.det(covariance)))
 
 
 @pytest.mark.parametrize(

@@ -216,8 +216,9 @@ class CausalTasks(TrialTasks):
 
     def baselines(self) -> dict:
         """Random choices; the best associative and interventional agents that know the graph
-        (and, in the counterfactual variant, the best counterfactual one)."""
-        return causal_baselines(self.cfg.variant)
+        (and, in the counterfactual variant, the best counterfactual one; in the observational
+        variant, the Bayes-optimal agent that infers the graph from its samples)."""
+        return causal_baselines(self.cfg.variant, self.weights)
 
     def subsets(self, batch: CausalBatch) -> dict[str, Tensor]:
         """Trials whose quiz node shares the hidden root as a parent with another observed node

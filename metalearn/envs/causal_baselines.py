@@ -10,7 +10,12 @@ once the quiz sets X_q = -5 (see envs/causal_graphs.py for the expectations):
 - counterfactual (counterfactual variant): by the expected values of the last information step
   had its intervention been do(X_q = -5), its noise abducted exactly from what that step
   showed: the paper's "optimal counterfactual baseline";
-- random: a uniformly random node (and random information actions).
+- random: a uniformly random node (and random information actions);
+- bayes_observational (observational variant): the best an agent that does not know the graph
+  can do with the information phase's samples: the posterior over every graph given them
+  (uniform prior; causal_graphs.graph_posterior), then the node of highest posterior mean of
+  E[X_i | do(X_q = -5)]. It bounds what the observational RL² agent can learn from its 4
+  samples, where the associative baseline is given the graph itself.
 
 In the information phase the informed agents intervene on each observed node in turn (their
 quiz reasoning needs no data but the counterfactual agent's, which abducts from the last step).
@@ -27,7 +32,9 @@ from torch import Tensor
 from metalearn.envs.causal_graphs import (
     associative_means,
     counterfactual_means,
+    graph_posterior,
     interventional_means,
+    observed_precisions,
 )
 
 if TYPE_CHECKING:  # the types only: causal.py imports this module for its baselines
@@ -100,10 +107,50 @@ class RandomChoice(CausalPolicy):
         return F.one_hot(chosen, self.batch.cfg.nodes).to(self.observation.dtype)
 
 
-def causal_baselines(variant: str) -> dict[str, CausalPolicy]:
-    """name -> policy, scored on the same test trials as a learned agent."""
+class BayesObservational(CausalPolicy):
+    """Infers the graph from the observational samples of the information phase: the posterior
+    over `graphs` (G, N, N; every graph), then the interventional means it averages to."""
+
+    def __init__(self, graphs: Tensor, chunk: int = 256) -> None:
+        self.graphs, self.chunk = graphs, chunk
+        self.precisions, self.logdets = observed_precisions(graphs.double())
+        nodes = graphs.shape[-1]
+        self.means = torch.stack(  # (G, K, N): E[X | do(X_q = quiz value)] for q = 1..K
+            [
+                interventional_means(graphs.double(), torch.full_like(graphs[:, 0, 0], q).long(), 1)
+                for q in range(1, nodes)
+            ],
+            1,
+        )
+
+    def start(self, env: CausalEnv, observation: Tensor, seed: int) -> None:
+        super().start(env, observation, seed)
+        self.samples: list[Tensor] = []
+
+    def observe(self, actions: Tensor, rewards: Tensor, observation: Tensor, done: Tensor) -> None:
+        super().observe(actions, rewards, observation, done)
+        if self.t <= self.batch.steps - 1:  # the sample of an information step
+            self.samples.append(observation[:, : self.batch.cfg.observed].double())
+
+    def quiz_means(self) -> Tensor:
+        cfg, samples = self.batch.cfg, torch.stack(self.samples, 1)  # (T, S, K)
+        node = self.quiz_node()
+        parts = []
+        for start in range(0, len(samples), self.chunk):
+            rows = slice(start, start + self.chunk)
+            posterior = graph_posterior(samples[rows], self.precisions, self.logdets, cfg.noise_std)
+            means = self.means[:, node[rows] - 1]  # (G, t, N), linear in the quiz value
+            parts.append(torch.einsum("tg,gtn->tn", posterior, means) * cfg.quiz_value)
+        return torch.cat(parts).to(self.observation.dtype)
+
+
+def causal_baselines(variant: str, graphs: Tensor | None = None) -> dict[str, CausalPolicy]:
+    """name -> policy, scored on the same test trials as a learned agent (`graphs`: every graph's
+    weights, the support of the observational Bayes agent's posterior)."""
     policies = {"random": RandomChoice(), "associative": Associative()}
     policies["interventional"] = Interventional()
     if variant == "counterfactual":
         policies["counterfactual"] = Counterfactual()
+    if variant == "observational" and graphs is not None:
+        policies["bayes_observational"] = BayesObservational(graphs)
     return policies

@@ -16,6 +16,10 @@ What an agent that knows the graph expects of each node once the quiz sets X_q =
   posterior mean is sum_i w_0i r_i / (1 + sum_i w_0i^2) and E[e_i] = r_i - w_0i E[e_0]; the
   intervened node's noise keeps its prior mean 0. Values are linear in the noise, so the
   expected counterfactual values are the SEM at the expected noise.
+
+What an agent that does not know the graph can infer from observational samples: the posterior
+over graphs (`graph_posterior`), each graph's likelihood that of the samples of the observed
+nodes under its observational Gaussian N(0, sigma^2 Sigma_KK), the hidden node marginalised.
 """
 
 import functools
@@ -121,3 +125,24 @@ def counterfactual_means(
     noise = torch.where(known, residual - weights[:, 0] * root_noise[:, None], 0.0)
     noise[:, 0] = root_noise
     return sem_values(weights, noise, node, value)
+
+
+def observed_precisions(weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Each graph's observational covariance of the observed nodes 1..N-1 at unit noise,
+    Sigma_KK = (M M^T)[1:, 1:] with X = M e: its inverse (G, K, K) and log-determinant (G,)."""
+    n = weights.shape[-1]
+    eye = torch.eye(n, dtype=weights.dtype, device=weights.device).expand_as(weights)
+    mix = torch.linalg.solve_triangular(eye - weights.transpose(1, 2), eye, upper=False)
+    covariance = (mix @ mix.transpose(1, 2))[:, 1:, 1:]
+    return torch.linalg.inv(covariance), torch.linalg.slogdet(covariance).logabsdet
+
+
+def graph_posterior(
+    samples: Tensor, precisions: Tensor, logdets: Tensor, noise_std: float
+) -> Tensor:
+    """P(graph | samples) (T, G) under a uniform prior over the G graphs: samples (T, S, K) of
+    the observed nodes, each N(0, noise_std^2 Sigma_KK(g)) and independent."""
+    scatter = samples.mT @ samples  # (T, K, K): sum_s x_s x_s^T, so sum_s x_s^T P x_s = <P, it>
+    quadratic = scatter.flatten(1) @ precisions.flatten(1).T / noise_std**2  # (T, G)
+    log_likelihood = -0.5 * (quadratic + samples.shape[1] * logdets)
+    return torch.softmax(log_likelihood, dim=1)
