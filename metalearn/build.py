@@ -214,8 +214,13 @@ def _loop_name(config: RunConfig) -> str:
 
 
 def _task_name(data: Any) -> str:
-    if data.task_kind in ("rl", "optimization"):  # e.g. 5arms10pulls, 100steps
-        return "".join(f"{v}{k}" for k, v in data.describe().items())
+    """e.g. 5w1s; 5arms10pulls; 100steps; -0.5to0.5goals100horizon (a range: low 'to' high)."""
+    if data.task_kind in ("rl", "optimization"):
+
+        def value(v: Any) -> str:
+            return "to".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+        return "".join(f"{value(v)}{k}" for k, v in data.describe().items())
     return f"{data.ways}w{data.shots}s"
 
 

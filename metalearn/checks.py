@@ -92,6 +92,12 @@ def check_combination(
             f"algo={name} trains model={algo_cls.policy_model}, not model={config.model.name}; "
             f"set model={algo_cls.policy_model} or leave model= out"
         )
+    if not reinforcement and getattr(model_cls, "policy", False):
+        raise ConfigError(
+            f"model={config.model.name} is a Gaussian policy for continuous-control meta-RL "
+            f"(algo=maml_trpo, emaml_trpo, promp, pretrained_trpo); algo={name} needs a "
+            f"supervised network such as model=conv4 or mlp, or leave model= out"
+        )
     if not reinforcement and model_cls.recurrent:
         raise ConfigError(
             f"model={config.model.name} is a meta-RL agent; algo={name} needs a "

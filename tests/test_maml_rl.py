@@ -329,6 +329,8 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(algo, tmp_p
         ),
         (["algo=rl2", "data=navigation"], ["model=recurrent"]),
         (["algo=maml", "data=navigation"], ["meta-RL", "algo=maml_trpo"]),
+        (["algo=maml", "data=sinusoid", "model=gaussian_mlp"], ["Gaussian policy", "leave model="]),
+        (["algo=protonet", "model=gaussian_mlp_maml"], ["Gaussian policy", "model=conv4"]),
         (["algo=maml_trpo", "data=navigation", "algo.trajectories=0"], ["algo.trajectories", "20"]),
         (["algo=promp", "data=navigation", "algo.inner_steps=0"], ["algo.inner_steps"]),
         (["algo=emaml_trpo", "data=navigation", "algo.inner_steps=0"], ["algo.inner_steps >= 1"]),

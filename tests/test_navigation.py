@@ -125,3 +125,13 @@ def test_environments_are_task_major_and_a_straight_policy_beats_a_random_one():
 def test_impossible_settings_are_config_errors(overrides: dict, key: str):
     with pytest.raises(ConfigError, match=key):
         NavigationConfig(**overrides)
+
+
+def test_the_run_name_spells_the_goal_range_without_brackets():
+    from conftest import compose_config
+
+    from metalearn.build import build_run
+
+    run = build_run(compose_config(["debug=smoke", "algo=maml_trpo", "data=navigation"]))
+    assert run.name.startswith("maml_trpo-navigation--0.5to0.5goals100horizon")
+    assert not set("[], ") & set(run.name)

@@ -82,6 +82,7 @@ class GaussianMLPPolicy(nn.Module):
     convolutional = False
     recurrent = False
     learned_optimizer = False
+    policy = True  # checks.py: a meta-RL learner's Gaussian policy, no supervised network
 
     def __init__(
         self, cfg: GaussianPolicyConfig, in_shape: tuple[int, ...], out_features: int, **_layout
