@@ -1,0 +1,58 @@
+"""Gradient-based meta-RL checkpoints on the same fixed test tasks, paired: each one's return
+after 0..S inner steps, and the first checkpoint's minus every other's, task by task, with 95%
+intervals (the MAML paper's navigation comparison: MAML against the pretrained policy
+fine-tuned with the same step). Every checkpoint must be of the same task family and setting.
+
+Usage: python scripts/paired_returns.py [--episodes 100] [--steps 0,1,2,3] CKPT [CKPT ...]
+(METALEARN_DATA need not be set: the families are procedural.)
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from metalearn.build import build_run
+from metalearn.evaluate import mean_ci95, run_episodes
+from metalearn.records import checkpoint
+
+
+def returns(path: Path, episodes: int, steps: list[int]) -> tuple[str, torch.Tensor]:
+    """(the checkpoint's algo, its mean return per test task after each number of steps)."""
+    state = checkpoint.load(path)
+    run = build_run(state["config"], training=False)
+    run.load_algo_state(state, path)
+    torch.manual_seed(0)
+    out = run_episodes(run, "test", episodes=episodes, ways=0, shots=0, query=0, steps=steps)
+    return run.config.algo.name, out["score"].double().cpu()  # (episodes, len(steps))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--steps", default="0,1,2,3")
+    args = parser.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    settings = {str(p): checkpoint.load(p)["config"]["data"] for p in args.checkpoints}
+    if len({repr(sorted(data.items())) for data in settings.values()}) > 1:
+        raise SystemExit(f"the checkpoints' data settings differ, so their tasks do: {settings}")
+    scored = [returns(path, args.episodes, steps) for path in args.checkpoints]
+
+    def cell(values: torch.Tensor) -> str:
+        summary = mean_ci95(values)
+        return f"{summary['mean']:.2f} ± {summary['ci95']:.2f}"
+
+    print("| checkpoint | " + " | ".join(f"{k} steps" for k in steps) + " |")
+    print("| --- |" + " --- |" * len(steps))
+    for path, (algo, score) in zip(args.checkpoints, scored, strict=True):
+        cells = [cell(score[:, i]) for i in range(len(steps))]
+        print(f"| {algo} ({path}) | " + " | ".join(cells) + " |")
+    (first, first_score), others = scored[0], scored[1:]
+    for algo, score in others:
+        cells = [cell(first_score[:, i] - score[:, i]) for i in range(len(steps))]
+        print(f"| {first} minus {algo}, paired | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
