@@ -1,7 +1,8 @@
 """Gradient-based meta-RL checkpoints on the same fixed test tasks, paired: each one's return
 after 0..S inner steps, its gain over the return before adaptation, and the first checkpoint's
-minus every other's, task by task, with 95% intervals (the MAML paper's navigation comparison: MAML against the pretrained policy
-fine-tuned with the same step). Every checkpoint must be of the same task family and setting.
+minus every other's, task by task, with 95% intervals (the MAML paper's navigation comparison:
+MAML against the pretrained policy fine-tuned with the same step). Every checkpoint must be of
+the same task family and setting.
 
 Usage: python scripts/paired_returns.py [--episodes 100] [--steps 0,1,2,3] CKPT [CKPT ...]
 (METALEARN_DATA need not be set: the families are procedural.)
@@ -48,7 +49,7 @@ def main() -> None:
     for path, (algo, score) in zip(args.checkpoints, scored, strict=True):
         cells = [cell(score[:, i]) for i in range(len(steps))]
         print(f"| {algo} ({path}) | " + " | ".join(cells) + " |")
-    for path, (algo, score) in zip(args.checkpoints, scored, strict=True):  # adaptation's gain
+    for algo, score in scored:  # adaptation's gain
         cells = [cell(score[:, i] - score[:, 0]) for i in range(len(steps))]
         print(f"| {algo}: after k steps minus before, paired | " + " | ".join(cells) + " |")
     (first, first_score), others = scored[0], scored[1:]
