@@ -25,7 +25,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metalearn.records.plots import plt, save  # noqa: E402
 
-KEYS = ("val/acc", "val/mse", "val/reward")
+KEYS = ("val/acc", "val/mse", "val/reward", "val/return")  # return: after the inner steps
 
 
 def curve(run: Path) -> tuple[str, list[tuple[int, float]]]:
@@ -90,6 +90,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--note", default="", help="a paragraph under the table (not echoed)")
     parser.add_argument("--train", default=None, help="also plot training metrics PREFIX*")
     parser.add_argument("--smooth", type=int, default=20, help="logged steps per moving mean")
+    parser.add_argument("--ymin", type=float, default=None, help="the validation axes' lower end")
     args = parser.parse_args(argv)
     published = dict(p.split("=", 1) for p in args.published)
     runs = [(label, Path(path)) for label, path in (r.split("=", 1) for r in args.run)]
@@ -133,6 +134,8 @@ def main(argv: list[str]) -> None:
     for ax, xlabel in ((by_time, "minutes of training (wall clock)"), (by_step, "iteration")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key + unit)
+        if args.ymin is not None:  # a run that collapses would hide the others
+            ax.set_ylim(bottom=args.ymin)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if args.train:

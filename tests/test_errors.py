@@ -26,7 +26,7 @@ VALID_NAMES = {
         ["cifarfs", "cub", "fc100", "miniimagenet", "omniglot", "sinusoid", "tieredimagenet"]
         + ["bandit", "dependent_bandit", "harlow", "tabular_mdp", "causal", "quadratic"]
         + ["digits_mlp"]
-        + ["gp", "omniglot_completion", "navigation"]
+        + ["gp", "omniglot_completion", "navigation", "cheetah_velocity", "cheetah_direction"]
     ),
     "model": ["conv4", "gaussian_mlp", "identity", "lstm_optimizer", "mlp", "mlp_optimizer"]
     + ["recurrent", "resnet12"],
