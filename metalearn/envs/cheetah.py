@@ -35,7 +35,7 @@ from gymnasium.spaces import Box
 from gymnasium.vector import AutoresetMode, VectorEnv
 from torch import Tensor
 
-from metalearn.envs.navigation import SEEDS, stage_noise
+from metalearn.envs.navigation import SEEDS, GoalBatch
 from metalearn.errors import ConfigError
 
 TASKS = ("velocity", "direction")
@@ -118,29 +118,8 @@ def physics(env_id: str, size: int) -> VectorEnv:
 
 
 @dataclass
-class CheetahBatch:
-    """T HalfCheetah tasks: a goal velocity or direction each, and each task's seed."""
-
-    goals: Tensor  # (T,): v_goal, or d in {-1, +1}
-    cfg: CheetahConfig
-    noise_seeds: Tensor | None = None  # (T,) int64 (None: seeds 0, 1, ..., T - 1)
-    unit = "tasks"
-
-    def __post_init__(self) -> None:
-        if self.noise_seeds is None:
-            self.noise_seeds = torch.arange(self.tasks)
-
-    @property
-    def tasks(self) -> int:
-        return self.goals.shape[0]
-
-    def __getitem__(self, part: slice) -> "CheetahBatch":
-        return CheetahBatch(self.goals[part], self.cfg, self.noise_seeds[part])
-
-    def action_noise(self, stage: int, trajectories: int) -> Tensor:
-        """Standard normals (T, N, H, 6) of stage `stage` of every task (navigation.py)."""
-        shape = (trajectories, self.cfg.horizon, self.cfg.actions)
-        return stage_noise(self.noise_seeds, stage, shape, self.goals)
+class CheetahBatch(GoalBatch):
+    """T HalfCheetah tasks: a goal velocity or direction each (T,), and each task's seed."""
 
     def env(self, trajectories: int = 1) -> "CheetahEnv":
         """The environments playing `trajectories` episodes of every task at once."""

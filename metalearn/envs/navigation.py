@@ -111,12 +111,12 @@ def stage_noise(seeds: Tensor, stage: int, shape: tuple[int, ...], like: Tensor)
 
 
 @dataclass
-class NavigationBatch:
-    """T navigation tasks: one goal each, the dynamics they share, and each task's seed of the
-    action noise of its trajectories (None: seeds 0, 1, ..., T - 1)."""
+class GoalBatch:
+    """T continuous-control tasks (navigation, cheetah.py): one goal each, the settings they
+    share, and each task's seed of its trajectories' randomness (None: seeds 0, 1, ..., T - 1)."""
 
-    goals: Tensor  # (T, 2)
-    cfg: NavigationConfig
+    goals: Tensor  # (T, ...)
+    cfg: Any  # with horizon and actions
     noise_seeds: Tensor | None = None  # (T,) int64
     unit = "tasks"  # what the trainer's throughput counts
 
@@ -128,8 +128,8 @@ class NavigationBatch:
     def tasks(self) -> int:
         return self.goals.shape[0]
 
-    def __getitem__(self, part: slice) -> "NavigationBatch":
-        return NavigationBatch(self.goals[part], self.cfg, self.noise_seeds[part])
+    def __getitem__(self, part: slice):
+        return type(self)(self.goals[part], self.cfg, self.noise_seeds[part])
 
     def action_noise(self, stage: int, trajectories: int) -> Tensor:
         """Standard normals (T, N, H, A) for N trajectories of every task at adaptation stage
@@ -137,6 +137,11 @@ class NavigationBatch:
         and the stage alone, not on the batch it sits in."""
         shape = (trajectories, self.cfg.horizon, self.cfg.actions)
         return stage_noise(self.noise_seeds, stage, shape, self.goals)
+
+
+@dataclass
+class NavigationBatch(GoalBatch):
+    """T navigation tasks: one goal (T, 2) each and the dynamics they share."""
 
     def env(self, trajectories: int = 1) -> "NavigationEnv":
         """The vectorised environment playing `trajectories` episodes of every task at once."""
