@@ -1,10 +1,10 @@
 """Gradient-based meta-RL checkpoints on the same fixed test tasks, paired: each one's return
-after 0..S inner steps, its gain over the return before adaptation, and the first checkpoint's
-minus every other's, task by task, with 95% intervals (the MAML paper's navigation comparison:
-MAML against the pretrained policy fine-tuned with the same step). Every checkpoint must be of
-the same task family and setting.
+after 0..S inner steps, its gain over the return before adaptation, and every checkpoint's minus
+the last one's (the baseline), task by task, with 95% intervals (the MAML paper's navigation
+comparison: MAML against the pretrained policy fine-tuned with the same step). Every checkpoint
+must be of the same task family and setting.
 
-Usage: python scripts/paired_returns.py [--episodes 100] [--steps 0,1,2,3] CKPT [CKPT ...]
+Usage: python scripts/paired_returns.py [--episodes 100] [--steps 0,1,2,3] CKPT [CKPT ...] BASELINE
 (METALEARN_DATA need not be set: the families are procedural.)
 """
 
@@ -19,13 +19,15 @@ from metalearn.records import checkpoint
 
 
 def returns(path: Path, episodes: int, steps: list[int]) -> tuple[str, torch.Tensor]:
-    """(the checkpoint's algo, its mean return per test task after each number of steps)."""
+    """(the checkpoint's algo and meta-batch, its mean return per test task after each number of
+    steps)."""
     state = checkpoint.load(path)
     run = build_run(state["config"], training=False)
     run.load_algo_state(state, path)
     torch.manual_seed(0)
     out = run_episodes(run, "test", episodes=episodes, ways=0, shots=0, query=0, steps=steps)
-    return run.config.algo.name, out["score"].double().cpu()  # (episodes, len(steps))
+    label = f"{run.config.algo.name} at meta-batch {state['progress']['iteration']}"
+    return label, out["score"].double().cpu()  # (episodes, len(steps))
 
 
 def main() -> None:
@@ -46,16 +48,16 @@ def main() -> None:
 
     print("| checkpoint | " + " | ".join(f"{k} steps" for k in steps) + " |")
     print("| --- |" + " --- |" * len(steps))
-    for path, (algo, score) in zip(args.checkpoints, scored, strict=True):
+    for path, (label, score) in zip(args.checkpoints, scored, strict=True):
         cells = [cell(score[:, i]) for i in range(len(steps))]
-        print(f"| {algo} ({path}) | " + " | ".join(cells) + " |")
-    for algo, score in scored:  # adaptation's gain
+        print(f"| {label} ({path}) | " + " | ".join(cells) + " |")
+    for label, score in scored:  # adaptation's gain
         cells = [cell(score[:, i] - score[:, 0]) for i in range(len(steps))]
-        print(f"| {algo}: after k steps minus before, paired | " + " | ".join(cells) + " |")
-    (first, first_score), others = scored[0], scored[1:]
-    for algo, score in others:
-        cells = [cell(first_score[:, i] - score[:, i]) for i in range(len(steps))]
-        print(f"| {first} minus {algo}, paired | " + " | ".join(cells) + " |")
+        print(f"| {label}: after k steps minus before, paired | " + " | ".join(cells) + " |")
+    *others, (base, base_score) = scored
+    for label, score in others:
+        cells = [cell(score[:, i] - base_score[:, i]) for i in range(len(steps))]
+        print(f"| {label} minus {base}, paired | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
