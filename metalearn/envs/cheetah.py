@@ -25,7 +25,6 @@ ConfigError that names it.
 
 import importlib.util
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,6 +35,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from torch import Tensor
 
 from metalearn.envs.navigation import SEEDS, GoalBatch
+from metalearn.envs.trials import TrialTasks
 from metalearn.errors import ConfigError
 
 TASKS = ("velocity", "direction")
@@ -175,10 +175,9 @@ class CheetahEnv(VectorEnv):
         return self.tensor(observations), rewards, over, truncated, info
 
 
-class CheetahTasks:
+class CheetahTasks(TrialTasks):
     """Draws goals on the device; `episodes` gives the fixed validation and test tasks."""
 
-    kind = "rl"
     in_shape = (17,)  # HalfCheetah-v5's observation (the torso's x position excluded)
     continuous_actions = True
 
@@ -186,9 +185,6 @@ class CheetahTasks:
         self.cfg = cfg
         self.device = device
         self.action_dim = cfg.actions
-
-    def check(self, split: str, *_shape: int) -> None:
-        """Any number of tasks fits: the family is infinite."""
 
     def sample(self, split: str, generator: torch.Generator, tasks: int, *_shape) -> CheetahBatch:
         """T fresh goals and their seeds (every split draws from the same family)."""
@@ -200,9 +196,3 @@ class CheetahTasks:
         else:
             goals = torch.where(u < 0.5, -1.0, 1.0).to(u.dtype)
         return CheetahBatch(goals.to(self.device), self.cfg, seeds.to(self.device))
-
-    def episodes(self, split: str, n: int, *_shape: int, seed: int, batch_size: int) -> Iterator:
-        """n fixed tasks: the same goals for a given seed whatever the batch size."""
-        batch = self.sample(split, torch.Generator().manual_seed(seed), n)
-        for start in range(0, n, batch_size):
-            yield batch[start : start + batch_size]

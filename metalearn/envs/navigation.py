@@ -30,7 +30,7 @@ e plays task e // N), H the horizon, A = 2 action dimensions.
 """
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,6 +40,7 @@ from gymnasium.spaces import Box
 from gymnasium.vector import AutoresetMode, VectorEnv
 from torch import Tensor
 
+from metalearn.envs.trials import TrialTasks
 from metalearn.errors import ConfigError
 
 
@@ -216,10 +217,9 @@ def rollout(env: NavigationEnv, act: Callable[[Tensor], Tensor]) -> dict[str, Te
     return {key: torch.stack(values, 1) for key, values in steps.items()}
 
 
-class NavigationTasks:
+class NavigationTasks(TrialTasks):
     """Draws goals on the device; `episodes` gives the fixed validation and test tasks."""
 
-    kind = "rl"
     in_shape = (2,)  # the observation: the agent's position
     continuous_actions = True  # a Gaussian policy's velocities (RL²'s discrete families: False)
 
@@ -227,9 +227,6 @@ class NavigationTasks:
         self.cfg = cfg
         self.device = device
         self.action_dim = 2
-
-    def check(self, split: str, *_shape: int) -> None:
-        """Any number of tasks fits: the family is infinite."""
 
     def sample(
         self, split: str, generator: torch.Generator, tasks: int, *_shape
@@ -240,9 +237,3 @@ class NavigationTasks:
         low, high = self.cfg.goal_low, self.cfg.goal_high
         goals = (low + (high - low) * u).to(self.device)
         return NavigationBatch(goals, self.cfg, seeds.to(self.device))
-
-    def episodes(self, split: str, n: int, *_shape: int, seed: int, batch_size: int) -> Iterator:
-        """n fixed tasks: the same goals for a given seed whatever the batch size."""
-        batch = self.sample(split, torch.Generator().manual_seed(seed), n)
-        for start in range(0, n, batch_size):
-            yield batch[start : start + batch_size]
