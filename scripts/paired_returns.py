@@ -16,15 +16,12 @@ Usage: python scripts/paired_returns.py [--episodes 100] [--steps 0,1,2,3] [--ra
 import argparse
 from pathlib import Path
 
-import matplotlib
 import torch
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 from metalearn.build import build_run
 from metalearn.evaluate import mean_ci95, run_episodes
 from metalearn.records import checkpoint
+from metalearn.records.plots import plt, save
 
 
 def returns(
@@ -60,8 +57,7 @@ def plot(path: Path, scored: list[tuple[str, torch.Tensor]], steps: list[int], y
         ax.set_ylim(bottom=ymin)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path, dpi=120)
 
 
 def main() -> None:
