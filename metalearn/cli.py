@@ -64,10 +64,11 @@ def train(run: Run, run_dir: Path, group: Group | None = None) -> dict:
     returns rank 0's results; rank 0 alone logs, writes and tests."""
     from metalearn.distributed import SINGLE
     from metalearn.records.logger import Logger, NullLogger
-    from metalearn.records.results import finish_run
+    from metalearn.records.results import finish_run, git_info
     from metalearn.train.config import OnlineConfig
     from metalearn.train.loop import meta_train, start
 
+    git_info()  # the commit of the code that runs, read now: results.json reports it at the end
     group = group or SINGLE
     if isinstance(run.config.trainer, OnlineConfig):  # FTML over a task stream, one process
         from metalearn.train.online import train_online

@@ -1,5 +1,6 @@
 """Tiny real runs end to end: train, outputs, eval, resume after a kill, multirun, W&B offline."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -76,6 +77,30 @@ def test_default_run_from_the_command_line_writes_the_run_directory(tmp_path):
     assert cells == {(k, s) for k in (5, 10) for s in (0, 1, 5, 10)}
     assert results["hardware"]["torch"] == torch.__version__
     assert len(results["git"]["commit"] or "") == 40
+
+
+def test_results_json_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
+    """git is read once per process, as the run starts: a checkout while it trains (a second
+    worktree moved, a branch switched) does not relabel the code that ran."""
+    from metalearn.records import results as records
+    from metalearn.train import loop
+
+    assert records.git_info() is records.git_info()  # read once per process
+    head = {"commit": "a" * 40}
+
+    @functools.cache
+    def git_now() -> dict:  # git_info as the repository stands when it is first called
+        return {"commit": head["commit"], "dirty": False}
+
+    def train_then_check_out(*args, **kwargs):
+        loop_meta_train(*args, **kwargs)
+        head["commit"] = "b" * 40
+
+    loop_meta_train = loop.meta_train
+    monkeypatch.setattr(records, "git_info", git_now)
+    monkeypatch.setattr(loop, "meta_train", train_then_check_out)
+    results = run_train(["trainer.iterations=2"], tmp_path)
+    assert results["git"]["commit"] == "a" * 40
 
 
 def test_omniglot_protonet_learns_far_above_chance_in_seconds(tmp_path, omniglot_root):

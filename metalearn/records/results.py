@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -142,8 +143,11 @@ def reference_protocol(algo: Any) -> dict | None:
     return {"code": source, "deviations": deviations}
 
 
+@functools.cache
 def git_info() -> dict[str, Any]:
-    """Commit and dirtiness of the source tree this package runs from (None outside git)."""
+    """Commit and dirtiness of the source tree this package runs from (None outside git), read
+    once per process: `cli.train` reads it when the run starts, so a checkout while the run
+    trains does not relabel the code that ran."""
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
