@@ -146,8 +146,7 @@ def reference_protocol(algo: Any) -> dict | None:
 @functools.cache
 def git_info() -> dict[str, Any]:
     """Commit and dirtiness of the source tree this package runs from (None outside git), read
-    once per process: `cli.train` reads it when the run starts, so a checkout while the run
-    trains does not relabel the code that ran."""
+    once per process (`cli.train` reads it as the run starts: a later checkout changes nothing)."""
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
